@@ -1,0 +1,68 @@
+"""The `ghostvis` Typer app: global flags, error rendering, and the subcommand registry."""
+
+import sys
+
+import typer
+from rich.console import Console
+
+from ghostvis_cli import bench, doctor, install, tokenizer_cmd, train
+from ghostvis_core import __version__
+from ghostvis_core.errors import GhostVisError
+
+app = typer.Typer(
+    name="ghostvis",
+    help="Train and serve small vision-language models fast, from one command that knows its machine.",
+    no_args_is_help=True,
+    add_completion=False,
+    suggest_commands=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+err_console = Console(stderr=True)
+
+# --debug is read before Typer parses anything, so an error raised while parsing also honours it.
+_DEBUG = {"enabled": False}
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"ghostvis {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", help="Print the version and exit.", callback=_version_callback, is_eager=True
+    ),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+) -> None:
+    """GhostVis: train and serve small vision-language models fast."""
+    _DEBUG["enabled"] = _DEBUG["enabled"] or debug
+
+
+for _module in (doctor, install, train, bench, tokenizer_cmd):
+    _module.register(app)
+
+
+def is_debug() -> bool:
+    """True when the user asked for tracebacks."""
+    return _DEBUG["enabled"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: user errors become one red line and a non-zero exit."""
+    args = sys.argv[1:] if argv is None else argv
+    _DEBUG["enabled"] = "--debug" in args
+    try:
+        app(args=args, prog_name="ghostvis", standalone_mode=True)
+    except GhostVisError as err:
+        if is_debug():
+            raise
+        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        if is_debug():
+            raise
+        err_console.print("[yellow]interrupted[/]")
+        sys.exit(130)
