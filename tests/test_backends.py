@@ -1,0 +1,256 @@
+"""Backend choices per machine profile: which implementation serves each case, and the reason given."""
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+from conftest import FA2_UNDEFINED_SYMBOL, make_env
+
+from ghostvis_core import backends
+from ghostvis_core.backends import ATTENTION_CASES, BackendPlan, format_banner, plan_backends, plan_for_model
+from ghostvis_core.errors import BackendUnavailableError, ConfigError
+
+
+def _attn(plan: BackendPlan) -> dict[str, str]:
+    return {case: plan.attention[case].backend for case in ATTENTION_CASES}
+
+
+def test_h100_with_flash_attn():
+    plan = plan_backends(make_env("h100", flash_attn="2.8.3"))
+    assert plan.device_type == "cuda"
+    assert _attn(plan) == {
+        "dense": "sdpa_cudnn",
+        "packed": "flash_attn",
+        "decode": "flash_attn",
+        "noncausal": "sdpa_cudnn",
+    }
+    assert plan.attention["dense"].label == "SDPA/cuDNN"
+    assert plan.attention["dense"].reason == "fastest dense causal on Hopper"
+    assert plan.attention["packed"].label == "FlashAttention-2 2.8.3 varlen"
+    assert plan.attention["decode"].label == "FlashAttention-2 2.8.3 kvcache"
+    assert (plan.rms_norm.backend, plan.swiglu.backend) == ("triton", "triton")
+    assert plan.optimizer.backend == "muon"
+    assert plan.optimizer.label == "torch fused AdamW + Muon"
+    assert plan.inference.backend == "native"
+    assert "vllm is not installed" in plan.inference.reason
+
+
+def test_h100_without_flash_attn_uses_flex_for_packed():
+    plan = plan_backends(make_env("h100"))
+    assert _attn(plan) == {
+        "dense": "sdpa_cudnn",
+        "packed": "flex",
+        "decode": "sdpa_flash",
+        "noncausal": "sdpa_cudnn",
+    }
+    assert "flash-attn is not installed: `ghostvis install flash-attn`" in plan.attention["packed"].reason
+    assert plan.attention["packed"].label == "FlexAttention (document mask)"
+
+
+def test_h100_packed_without_triton_falls_back_to_efficient_mask():
+    plan = plan_backends(make_env("h100", triton=None))
+    assert plan.attention["packed"].backend == "sdpa_efficient"
+    assert plan.attention["packed"].label == "SDPA/efficient + block-diagonal mask"
+    assert plan.rms_norm.backend == "torch"
+    assert "triton is not installed" in plan.rms_norm.reason
+
+
+def test_a100_and_4090_prefer_fa2_when_installed():
+    for profile in ("a100", "rtx4090"):
+        plan = plan_backends(make_env(profile, flash_attn="2.8.3"))
+        assert set(_attn(plan).values()) == {"flash_attn"}, profile
+    plan = plan_backends(make_env("a100"))
+    assert _attn(plan) == {
+        "dense": "sdpa_flash",
+        "packed": "flex",
+        "decode": "sdpa_flash",
+        "noncausal": "sdpa_flash",
+    }
+    assert "`ghostvis install flash-attn`" in plan.attention["dense"].reason
+
+
+def test_use_flash_attn_false_skips_fa2_with_reason():
+    plan = plan_backends(make_env("a100", flash_attn="2.8.3"), use_flash_attn=False)
+    assert plan.attention["dense"].backend == "sdpa_flash"
+    assert "use_flash_attn=False" in plan.attention["dense"].reason
+
+
+@pytest.mark.parametrize("profile,sm", [("v100", "sm70"), ("t4", "sm75")])
+def test_pre_ampere(profile, sm):
+    plan = plan_backends(make_env(profile, flash_attn="2.8.3"))
+    assert _attn(plan) == {
+        "dense": "sdpa_efficient",
+        "packed": "flex",
+        "decode": "sdpa_efficient",
+        "noncausal": "sdpa_efficient",
+    }
+    assert (
+        f"FlashAttention-2 needs an Ampere (sm80) or newer GPU; this is {sm}"
+        in plan.attention["dense"].reason
+    )
+    assert plan.rms_norm.backend == "triton"
+    with pytest.raises(BackendUnavailableError, match="needs an Ampere"):
+        plan_backends(make_env(profile, flash_attn="2.8.3"), attn="flash")
+
+
+def test_t4_vllm_ok_v100_not():
+    assert plan_backends(make_env("t4", vllm="0.32.0")).inference.backend == "vllm"
+    plan = plan_backends(make_env("v100", vllm="0.32.0"))
+    assert plan.inference.backend == "native"
+    assert "compute capability 7.5" in plan.inference.reason
+
+
+def test_blackwell():
+    plan = plan_backends(make_env("b200", flash_attn="2.8.3"))
+    assert _attn(plan) == {
+        "dense": "sdpa_cudnn",
+        "packed": "flex",
+        "decode": "sdpa_cudnn",
+        "noncausal": "sdpa_cudnn",
+    }
+    assert "not built for Blackwell (sm100)" in plan.attention["dense"].reason
+
+
+def test_cpu_only():
+    plan = plan_backends(make_env("cpu"))
+    assert plan.device_type == "cpu"
+    assert set(_attn(plan).values()) == {"sdpa_math"}
+    assert "block-diagonal causal mask" in plan.attention["packed"].reason
+    assert plan.rms_norm.backend == plan.swiglu.backend == "torch"
+    assert plan.rms_norm.reason == "Triton kernels need a CUDA GPU"
+    assert plan.optimizer.label == "torch AdamW + Muon"
+    with pytest.raises(BackendUnavailableError, match="needs a CUDA GPU"):
+        plan_backends(make_env("cpu"), attn="flash")
+    with pytest.raises(BackendUnavailableError, match="no CUDA GPU is visible"):
+        plan_backends(make_env("cpu"), device_type="cuda")
+
+
+def test_cpu_triton_only_under_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1"):
+        plan_backends(make_env("cpu"), norm="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    plan = plan_backends(make_env("cpu"), norm="triton")
+    assert plan.rms_norm.backend == plan.swiglu.backend == "triton"
+    assert "interpreter" in plan.rms_norm.reason
+    # auto never picks the interpreter: it is for tests only.
+    assert plan_backends(make_env("cpu")).rms_norm.backend == "torch"
+
+
+def test_cpu_vllm_cpu_build():
+    plan = plan_backends(make_env("cpu", vllm="0.32.0"))
+    assert plan.inference.backend == "vllm"
+    assert "CPU build" in plan.inference.reason
+
+
+def test_windows_gpu():
+    plan = plan_backends(make_env("windows_gpu"))
+    assert plan.attention["dense"].backend == "sdpa_flash"
+    assert plan.attention["packed"].backend == "sdpa_efficient"  # Flex needs Triton, absent on Windows
+    assert plan.rms_norm.backend == "torch"
+    assert plan.inference.backend == "native"
+    assert "only on Linux, not Windows" in plan.inference.reason
+
+
+def test_flash_attn_undefined_symbol_is_diagnosed():
+    env = make_env("h100", flash_attn_error=FA2_UNDEFINED_SYMBOL)
+    fa = env.package("flash_attn")
+    assert not fa.usable
+    assert fa.diagnosis.startswith("built against another torch (undefined symbol)")
+    assert "ghostvis install flash-attn" in fa.diagnosis
+    plan = plan_backends(env)
+    assert plan.attention["packed"].backend == "flex"
+    assert "built against another torch" in plan.attention["packed"].reason
+    with pytest.raises(BackendUnavailableError, match="built against another torch"):
+        plan_backends(env, attn="flash")
+
+
+def test_fa2_float32_not_eligible():
+    plan = plan_backends(make_env("a100", flash_attn="2.8.3"), dtype="float32")
+    assert plan.attention["dense"].backend == "sdpa_efficient"
+    assert "fp16/bf16, not float32" in plan.attention["dense"].reason
+
+
+def test_fa2_head_dim_rules():
+    plan = plan_backends(make_env("a100", flash_attn="2.8.3"), head_dim=100)
+    assert plan.attention["dense"].backend == "sdpa_efficient"
+    assert "multiple of 8, not 100" in plan.attention["dense"].reason
+
+
+def test_explicit_attention_request_per_case():
+    plan = plan_backends(make_env("h100", flash_attn="2.8.3"), attn="cudnn")
+    assert plan.attention["dense"].backend == "sdpa_cudnn"
+    assert plan.attention["dense"].reason == "requested"
+    # cuDNN SDPA has no packed-document mode: that case gets the auto choice and says why.
+    assert plan.attention["packed"].backend == "flash_attn"
+    assert "SDPA/cuDNN has no packed mode" in plan.attention["packed"].reason
+
+
+def test_use_fused_kernels_false():
+    plan = plan_backends(make_env("h100"), use_fused_kernels=False)
+    assert plan.rms_norm.backend == plan.swiglu.backend == "torch"
+    assert plan.rms_norm.reason == "use_fused_kernels=False in the config"
+
+
+def test_apex_norm_and_adam():
+    env = make_env("h100", apex="0.1")
+    assert plan_backends(env).rms_norm.backend == "triton"  # auto never prefers apex (measured slower)
+    plan = plan_backends(env, norm="apex", optimizer="apex_adam")
+    assert plan.rms_norm.backend == "apex"
+    assert plan.optimizer.backend == "apex_adam"
+    assert "no faster than torch fused AdamW" in plan.optimizer.reason
+    broken = make_env("h100", apex="0.1", apex_ext=False)
+    with pytest.raises(BackendUnavailableError, match="fused_layer_norm_cuda"):
+        plan_backends(broken, norm="apex")
+    with pytest.raises(BackendUnavailableError, match="ghostvis install apex"):
+        plan_backends(make_env("h100"), optimizer="apex_adam")
+
+
+def test_optimizer_without_muon():
+    plan = plan_backends(make_env("h100", muon=False, torch_version="2.8.0+cu128"))
+    assert plan.optimizer.backend == "adamw"
+    assert "has no torch.optim.Muon" in plan.optimizer.reason
+    with pytest.raises(BackendUnavailableError, match="torch.optim.Muon"):
+        plan_backends(make_env("h100", muon=False), optimizer="muon")
+
+
+def test_bad_request_names_are_config_errors():
+    with pytest.raises(ConfigError, match="attn_backend='fast'"):
+        plan_backends(make_env("h100"), attn="fast")
+    with pytest.raises(ConfigError, match="norm_backend"):
+        plan_backends(make_env("h100"), norm="liger")
+
+
+def test_banner_shape():
+    text = format_banner(plan_backends(make_env("h100", flash_attn="2.8.3")))
+    lines = text.splitlines()
+    assert lines[0] == "=== GhostVis backends ==="
+    assert lines[1].startswith(
+        "Attention: dense SDPA/cuDNN (fastest dense causal on Hopper); packed FlashAttention-2 2.8.3 varlen"
+    )
+    assert lines[2].startswith("RMSNorm, SwiGLU: Triton fused kernels")
+    assert lines[3].startswith("Optimizer: torch fused AdamW + Muon")
+    assert lines[4].startswith("Inference: GhostVis engine")
+
+
+def test_plan_for_model_reads_config_and_caches(use_profile, caplog):
+    use_profile(make_env("cpu"))
+    config = SimpleNamespace(
+        attn_backend="auto", norm_backend="torch", use_flash_attn=True, use_fused_kernels=True, head_dim=64
+    )
+    plan = plan_for_model(config, "cpu")
+    assert plan is plan_for_model(config, "cpu")
+    assert plan.rms_norm.reason == "requested"
+    backends._LOGGED.clear()
+    with caplog.at_level(logging.INFO, logger="ghostvis"):
+        backends.log_backends_once(plan)
+        backends.log_backends_once(plan)
+    assert [r.message for r in caplog.records].count("=== GhostVis backends ===") == 1
+    backends._PLAN_CACHE.clear()
+
+
+def test_plan_to_dict_roundtrip_keys():
+    d = plan_backends(make_env("t4")).to_dict()
+    assert set(d) == {"device_type", "attention", "rms_norm", "swiglu", "optimizer", "inference"}
+    assert set(d["attention"]) == set(ATTENTION_CASES)
+    assert d["attention"]["dense"]["label"] == "SDPA/efficient"
