@@ -1,0 +1,373 @@
+"""Crash-safe checkpoints: step_NNNNNN/{model.safetensors, optimizer.pt, state.json} inside a run folder.
+
+A checkpoint is written into `.tmp_step_NNNNNN-<pid>/`, every file fsynced, the folder fsynced, then renamed to
+`step_NNNNNN/` and the run folder fsynced. A rename is atomic, so a `step_*` folder was complete when written;
+`state.json` carries a manifest (size + sha256 of every other file) so truncation or corruption after the fact
+is caught on load. Loading never unpickles: safetensors for weights, torch.load(weights_only=True) for the
+optimizer, JSON for the rest. An error while loading never changes anything on disk.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import pickle
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from ghostvis_core.errors import CheckpointError
+from ghostvis_core.log import get_logger
+
+STEP_DIR_RE = re.compile(r"^step_(\d{6,})$")
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+STATE_FILE = "state.json"
+FORMAT_VERSION = 1
+_TIED_KEY = "ghostvis_tied"
+
+
+def step_dir_name(step: int) -> str:
+    """'step_000042'."""
+    return f"step_{step:06d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every step_NNNNNN folder in the run, oldest first (temporary folders never match)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    out = []
+    for child in run_dir.iterdir():
+        m = STEP_DIR_RE.match(child.name)
+        if m and child.is_dir():
+            out.append((int(m.group(1)), child))
+    return sorted(out)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest step_NNNNNN folder of a run, or None."""
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1][1] if ckpts else None
+
+
+# ---------------------------------------------------------------------------------------------- file helpers
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so renames and new entries in it survive a power loss (no-op where unsupported)."""
+    if os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_info(path: Path) -> dict[str, Any]:
+    """Manifest entry: size in bytes and sha256 hex digest."""
+    return {"size": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to a temporary file, fsync, rename over `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp_{path.name}-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+# ------------------------------------------------------------------------------------------------ RNG state
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def capture_rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's RNG states (python, numpy, torch CPU, CUDA of `device`) as JSON-able values."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_state = np.random.get_state()
+    out: dict[str, Any] = {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": _b64(torch.get_rng_state().numpy().tobytes()),
+        "cuda": None,
+    }
+    if device.type == "cuda":
+        out["cuda"] = _b64(torch.cuda.get_rng_state(device).numpy().tobytes())
+    return out
+
+
+def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Inverse of capture_rng_state."""
+    py_version, py_state, py_gauss = state["python"]
+    random.setstate((py_version, tuple(py_state), py_gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
+    if device.type == "cuda" and state.get("cuda"):
+        cuda_state = torch.frombuffer(bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8)
+        torch.cuda.set_rng_state(cuda_state, device)
+
+
+# ------------------------------------------------------------------------------------------------ save
+
+
+def _dedup_tied(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Drop aliases of shared tensors (tied embeddings) that safetensors refuses; return {alias: kept name}."""
+    kept: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, tensor in state_dict.items():
+        t = tensor.detach()
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        if t.numel() > 0 and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        kept[name] = t.to("cpu").contiguous()
+    return kept, aliases
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    *,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+    state: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Write step_NNNNNN atomically (tmp folder + fsync + rename), then prune to the newest `keep_last`."""
+    run_dir = Path(run_dir)
+    final = run_dir / step_dir_name(step)
+    tmp = run_dir / f".tmp_{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+
+    tensors, aliases = _dedup_tied(model_state)
+    save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt", _TIED_KEY: json.dumps(aliases)})
+    _fsync_file(tmp / MODEL_FILE)
+    with open(tmp / OPTIMIZER_FILE, "wb") as f:
+        torch.save(optimizer_state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    manifest = {name: file_info(tmp / name) for name in (MODEL_FILE, OPTIMIZER_FILE)}
+    full_state = {"format": FORMAT_VERSION, **state, "step": step, "manifest": manifest}
+    with open(tmp / STATE_FILE, "w") as f:
+        f.write(json.dumps(full_state) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(tmp)
+
+    replaced = None
+    if final.exists():
+        # only when a run restarted from an older step re-reaches this one: the new timeline wins
+        replaced = run_dir / f".old_{final.name}-{os.getpid()}"
+        os.rename(final, replaced)
+    os.rename(tmp, final)
+    fsync_dir(run_dir)
+    if replaced is not None:
+        shutil.rmtree(replaced)
+    prune_checkpoints(run_dir, step, keep_last)
+    return final
+
+
+def prune_checkpoints(run_dir: Path, newest_step: int, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` checkpoints up to `newest_step` (0 keeps all); returns deleted."""
+    if keep_last <= 0:
+        return []
+    ckpts = [(s, p) for s, p in list_checkpoints(run_dir) if s <= newest_step]
+    deleted = []
+    for _, path in ckpts[:-keep_last]:
+        # rename first: a half-deleted folder must never look like a checkpoint
+        doomed = path.with_name(f".del_{path.name}-{os.getpid()}")
+        os.rename(path, doomed)
+        shutil.rmtree(doomed)
+        deleted.append(path)
+    if deleted:
+        fsync_dir(run_dir)
+    return deleted
+
+
+def clean_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Remove .tmp_/.del_/.old_ folders left by a crashed process (never complete checkpoints)."""
+    run_dir = Path(run_dir)
+    removed = []
+    if not run_dir.is_dir():
+        return removed
+    for child in run_dir.iterdir():
+        if child.is_dir() and re.match(r"^\.(tmp|del|old)_step_\d+-\d+$", child.name):
+            shutil.rmtree(child)
+            removed.append(child)
+    return removed
+
+
+def supersede_newer(run_dir: Path, step: int) -> list[Path]:
+    """Rename checkpoints newer than `step` to superseded_step_NNNNNN (kept, no longer resumable by auto)."""
+    moved = []
+    for s, path in list_checkpoints(run_dir):
+        if s > step:
+            target = path.with_name(f"superseded_{path.name}")
+            if target.exists():
+                target = path.with_name(f"superseded_{path.name}-{os.getpid()}")
+            os.rename(path, target)
+            moved.append(target)
+    if moved:
+        fsync_dir(Path(run_dir))
+    return moved
+
+
+# ------------------------------------------------------------------------------------------------ load
+
+
+def _fix_hint(path: Path) -> str:
+    older = [p for s, p in list_checkpoints(path.parent) if p != path and STEP_DIR_RE.match(path.name)
+             and s < int(STEP_DIR_RE.match(path.name).group(1))]
+    options = []
+    if older:
+        options.append(f"resume from an older checkpoint with --resume {older[-1]}")
+    options.append("start over with --resume none and a new --run NAME")
+    return "Fix: " + ", or ".join(options) + ". Nothing on disk was changed."
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """state.json of a checkpoint folder, checked for the fields a resume needs (no file hashing)."""
+    path = Path(path)
+    state_path = path / STATE_FILE
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path (a step_NNNNNN folder or a run)")
+    try:
+        state = json.loads(state_path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} is incomplete: {STATE_FILE} is missing. {_fix_hint(path)}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint {path} is corrupted: {STATE_FILE} is not valid JSON ({e}). "
+                              f"{_fix_hint(path)}") from None
+    required = ("step", "manifest")
+    if not isinstance(state, dict) or any(k not in state for k in required) or not isinstance(state["manifest"], dict):
+        raise CheckpointError(f"checkpoint {path} is corrupted: {STATE_FILE} lacks step/manifest. {_fix_hint(path)}")
+    return state
+
+
+def verify_checkpoint(path: Path) -> dict[str, Any]:
+    """Check every manifest entry (size, sha256); returns state.json; CheckpointError naming the bad file."""
+    path = Path(path)
+    state = read_state(path)
+    for name in (MODEL_FILE, OPTIMIZER_FILE):
+        if name not in state["manifest"]:
+            raise CheckpointError(f"checkpoint {path} is corrupted: the manifest lacks {name}. {_fix_hint(path)}")
+    for name, info in state["manifest"].items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing. {_fix_hint(path)}")
+        size = file.stat().st_size
+        if size != info.get("size"):
+            raise CheckpointError(
+                f"checkpoint {path} is truncated or corrupted: {name} has {size} bytes, the manifest says "
+                f"{info.get('size')}. {_fix_hint(path)}"
+            )
+        if _sha256(file) != info.get("sha256"):
+            raise CheckpointError(
+                f"checkpoint {path} is corrupted: {name} does not match its sha256 in the manifest. {_fix_hint(path)}"
+            )
+    return state
+
+
+def load_model_state(path: Path) -> dict[str, torch.Tensor]:
+    """Model weights of a (verified) checkpoint, tied aliases restored."""
+    file = Path(path) / MODEL_FILE
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(file))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"checkpoint {path}: cannot read {MODEL_FILE} ({e}). {_fix_hint(Path(path))}") from e
+    for alias, name in json.loads(metadata.get(_TIED_KEY, "{}")).items():
+        tensors[alias] = tensors[name]
+    return tensors
+
+
+def load_optimizer_state(path: Path) -> dict[str, Any]:
+    """Optimizer state of a (verified) checkpoint, loaded with weights_only=True."""
+    file = Path(path) / OPTIMIZER_FILE
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"checkpoint {path}: cannot read {OPTIMIZER_FILE} ({e}). {_fix_hint(Path(path))}") from e
+
+
+def resolve_checkpoint_spec(spec: str, runs_root: Path, what: str) -> Path:
+    """A step_NNNNNN folder from a path to one, a run folder (its latest) or a run name under runs_root."""
+    path = Path(spec).expanduser()
+    if not path.exists() and not path.is_absolute() and (Path(runs_root) / spec).exists():
+        path = Path(runs_root) / spec
+    if not path.exists():
+        raise CheckpointError(f"{what} {spec}: no such checkpoint or run folder (looked in {runs_root} too)")
+    if STEP_DIR_RE.match(path.name):
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise CheckpointError(f"{what} {spec}: {path} has no step_NNNNNN checkpoint folders")
+    return latest
+
+
+def resolve_resume(resume: str, run_dir: Path, runs_root: Path) -> Path | None:
+    """The checkpoint to resume from per TrainConfig.resume (auto | none | PATH), or None for a fresh start."""
+    existing = list_checkpoints(run_dir)
+    if resume == "none":
+        if existing:
+            raise CheckpointError(
+                f"run folder {run_dir} already has checkpoints ({existing[-1][1].name} is the latest) and "
+                "--resume none would overwrite them: pick a new run name with --run NAME, or continue this run "
+                "with --resume auto"
+            )
+        return None
+    if resume == "auto":
+        return existing[-1][1] if existing else None
+    return resolve_checkpoint_spec(resume, runs_root, "--resume")
+
+
+def describe(path: Path) -> str:
+    """'step_000042 (run base_train)' for log lines."""
+    path = Path(path)
+    return f"{path.name} (run {path.parent.name})"
+
+
+def log_superseded(moved: list[Path]) -> None:
+    """One log line per checkpoint moved aside by a resume from an older step."""
+    for p in moved:
+        get_logger().warning(f"Renamed {p.name.removeprefix('superseded_')} to {p.name}: it is newer than the "
+                             "resume point (kept, but --resume auto no longer picks it)")

@@ -1,0 +1,32 @@
+"""loss.png: the training loss curve from metrics.jsonl (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ghostvis_core.train.metrics import read_metrics
+
+
+def plot_loss(metrics_path: Path, out_path: Path, title: str = "") -> Path:
+    """Write the loss-vs-step curve of `metrics_path` to `out_path` (PNG); returns out_path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in read_metrics(metrics_path) if "loss" in r]
+    steps = [r["step"] for r in records]
+    losses = [r["loss"] for r in records]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(steps, losses, linewidth=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title or "training loss")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    out_path = Path(out_path)
+    tmp = out_path.with_name(".tmp_" + out_path.name)
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    tmp.replace(out_path)
+    return out_path

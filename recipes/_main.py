@@ -1,0 +1,49 @@
+"""Shared entry point of the recipes: parse --config/--run/--resume/overrides, train, report errors as one line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+from ghostvis_core.errors import GhostVisError
+from ghostvis_core.train.config import TrainConfig
+
+
+def parse_config(argv: list[str] | None, default_config: Callable[[], TrainConfig], prog: str) -> TrainConfig:
+    """TrainConfig from `--config resolved.json` (else the recipe default), then --run/--resume, then key=value."""
+    parser = argparse.ArgumentParser(prog=prog, description="Run this training recipe (works under torchrun).")
+    parser.add_argument("--config", help="resolved TrainConfig JSON (as written by `ghostvis train --dry-run`)")
+    parser.add_argument("--run", help="run folder name under the runs directory")
+    parser.add_argument("--resume", help="auto | none | PATH to a step_NNNNNN folder")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. num_steps=50 model.n_layer=2")
+    args = parser.parse_args(argv)
+    cfg = TrainConfig.from_json(args.config) if args.config else default_config()
+    extra = list(args.overrides)
+    if args.run is not None:
+        extra.append(f"run={args.run}")
+    if args.resume is not None:
+        extra.append(f"resume={args.resume}")
+    return cfg.apply_overrides(extra) if extra else cfg
+
+
+def run_recipe(argv: list[str] | None, default_config: Callable[[], TrainConfig], prog: str) -> int:
+    """Train; a GhostVisError becomes one line on stderr and a non-zero exit (traceback with GHOSTVIS_DEBUG=1)."""
+    from ghostvis_core.train.loop import train
+
+    try:
+        cfg = parse_config(argv, default_config, prog)
+        result = train(cfg)
+    except GhostVisError as e:
+        if os.environ.get("GHOSTVIS_DEBUG") == "1":
+            raise
+        rank = int(os.environ.get("RANK", "0"))
+        prefix = "" if rank == 0 else f"[rank {rank}] "
+        print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    if result.stopped_by:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"stopped by {result.stopped_by} at step {result.step}; resume with the same command",
+                  flush=True)
+    return 0
