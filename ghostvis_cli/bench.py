@@ -1,7 +1,128 @@
-"""Placeholder: replaced by the module's owner."""
+"""`ghostvis bench`: kernel and training-step benchmarks, each against a reference measured in the same run."""
+
+import json
 
 import typer
+from rich.console import Console
+from rich.table import Table
+
+bench_app = typer.Typer(
+    help="Benchmarks against plain PyTorch, measured in the same process on the same card.",
+    no_args_is_help=True,
+)
+console = Console()
+
+
+def _fmt(value: object, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def _print_kernel_table(title: str, rows: list[dict]) -> None:
+    table = Table(title=title, title_justify="left")
+    table.add_column("impl", no_wrap=True)
+    for col in ("fwd GB/s", "fwd %copy", "fwd+bwd GB/s", "fwd+bwd %copy", "rel err"):
+        table.add_column(col, justify="right")
+    notes = []
+    for r in rows:
+        if r["status"] != "ok":
+            table.add_row(r["impl"], "-", "-", "-", "-", r["status"])
+            notes.append(f"  {r['impl']}: {r['status']}: {r['reason']}")
+            continue
+        table.add_row(
+            r["impl"], _fmt(r["fwd_gb_s"], 0), _fmt(r["fwd_pct_copy"]), _fmt(r["fwdbwd_gb_s"], 0),
+            _fmt(r["fwdbwd_pct_copy"]), f"{r['rel_err']:.1e}",
+        )  # fmt: skip
+    console.print(table)
+    for note in notes:
+        console.print(note, highlight=False, soft_wrap=True)
+
+
+def _dict_rows_table(title: str, rows: list[dict]) -> Table:
+    """A table whose columns are the union of the rows' keys, in first-seen order."""
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    table = Table(title=title, title_justify="left")
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*(_fmt(row.get(col)) for col in columns))
+    return table
+
+
+@bench_app.command("kernels")
+def kernels(
+    rms_rows: int = typer.Option(16384, "--rms-rows", help="RMSNorm rows (tokens)."),
+    rms_hidden: int = typer.Option(4096, "--rms-hidden", help="RMSNorm hidden size."),
+    swiglu_rows: int = typer.Option(16384, "--swiglu-rows", help="SwiGLU rows (tokens)."),
+    swiglu_hidden: int = typer.Option(8192, "--swiglu-hidden", help="SwiGLU width of gate, up and output."),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="bfloat16 or float16."),
+    iters: int = typer.Option(30, "--iters", help="Timed calls per measurement (median reported)."),
+    compile: bool = typer.Option(True, "--compile/--no-compile", help="Also time torch.compile baselines."),
+    attention: bool = typer.Option(True, "--attention/--no-attention", help="Also run the attention rows."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
+) -> None:
+    """Triton RMSNorm and SwiGLU against PyTorch and Liger, in GB/s and % of a device copy."""
+    from ghostvis_core.bench.kernels_bench import KernelBenchConfig, run_kernel_bench
+
+    cfg = KernelBenchConfig(
+        rms_rows=rms_rows, rms_hidden=rms_hidden, swiglu_rows=swiglu_rows, swiglu_hidden=swiglu_hidden,
+        dtype=dtype, iters=iters, compile=compile, attention=attention,
+    )  # fmt: skip
+    result = run_kernel_bench(cfg)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    copy = result["copy"]
+    console.print(
+        f"{result['device']}  torch {result['torch']}  triton {result['triton']}  "
+        f"device-to-device copy: {copy['gb_s']:,.0f} GB/s ({copy['bytes'] / 1e9:.2f} GB moved per copy)"
+    )
+    _print_kernel_table(f"RMSNorm {rms_rows}x{rms_hidden} {dtype}", result["rms_norm"])
+    _print_kernel_table(f"SwiGLU {swiglu_rows}x{swiglu_hidden} {dtype}", result["swiglu"])
+    if result["attention"]:
+        console.print(_dict_rows_table("Attention", result["attention"]))
+    console.print(
+        "Bytes: RMSNorm fwd x+y, bwd x+dy+dx; SwiGLU fwd a+b+out, bwd a+b+dout+da+db. Median of CUDA events."
+    )
+
+
+@bench_app.command("train")
+def train(
+    preset: str = typer.Option(
+        "d12", "--preset", help="Model preset name (see ghostvis_core.model_configs)."
+    ),
+    seq_len: int = typer.Option(2048, "--seq-len", help="Tokens per sequence."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Sequences per step."),
+    steps: int = typer.Option(20, "--steps", help="Timed training steps."),
+    compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the model."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
+) -> None:
+    """Training-step throughput (tok/s, MFU) of a preset against plain PyTorch."""
+    from ghostvis_core.bench.train_bench import run_train_bench
+
+    result = run_train_bench(
+        preset=preset, seq_len=seq_len, batch_size=batch_size, steps=steps, compile=compile
+    )
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, default=str))
+        return
+    table = Table(title=f"Train step: {preset}, T={seq_len}, B={batch_size}", title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    row_lists = {k: v for k, v in result.items() if isinstance(v, list) and v and isinstance(v[0], dict)}
+    for key, value in result.items():
+        if key not in row_lists:
+            table.add_row(str(key), json.dumps(value) if isinstance(value, (dict, list)) else _fmt(value, 2))
+    console.print(table)
+    for key, rows in row_lists.items():
+        console.print(_dict_rows_table(key, rows))
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the app."""
+    """Add the `bench` command group to the app."""
+    app.add_typer(bench_app, name="bench")

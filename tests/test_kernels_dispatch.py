@@ -1,0 +1,107 @@
+"""Backend dispatch of `rms_norm` / `swiglu` and the `ghostvis bench` commands, on CPU (no Triton launches)."""
+
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+import typer
+from typer.testing import CliRunner
+
+from ghostvis_cli import bench as bench_cli
+from ghostvis_core.errors import BackendUnavailableError, ConfigError, GhostVisError
+from ghostvis_core.kernels import rms_norm, swiglu
+
+
+def _llama_rms_norm(x, w, eps):
+    x_f32 = x.float()
+    return w * (x_f32 * torch.rsqrt(x_f32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_rms_norm_torch_backend_matches_llama_formula(backend):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 123, 123, generator=gen)
+    w = torch.randn(123, generator=gen)
+    torch.testing.assert_close(rms_norm(x, w, 1e-5, backend=backend), _llama_rms_norm(x, w, 1e-5))
+    assert rms_norm(x, None, 1e-5, backend=backend).shape == x.shape
+
+
+def test_rms_norm_torch_backend_mixed_dtypes_promote_like_hf():
+    x = torch.randn(4, 64).bfloat16()
+    w = torch.randn(64)
+    y = rms_norm(x, w, 1e-5, backend="torch")
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, _llama_rms_norm(x, w, 1e-5), atol=0, rtol=0)
+
+
+def test_swiglu_torch_backend():
+    gate, up = torch.randn(2, 3, 16), torch.randn(2, 3, 16)
+    torch.testing.assert_close(swiglu(gate, up), F.silu(gate) * up)
+    torch.testing.assert_close(swiglu(gate, up, backend="torch"), F.silu(gate) * up)
+
+
+def test_unknown_backend_is_a_config_error():
+    with pytest.raises(ConfigError, match="not one of"):
+        rms_norm(torch.randn(2, 8), None, backend="cuda")
+    with pytest.raises(ConfigError, match="not one of"):
+        swiglu(torch.randn(2, 8), torch.randn(2, 8), backend="fast")
+
+
+def test_explicit_requests_that_cannot_run_on_cpu_raise(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x = torch.randn(2, 8)
+    with pytest.raises(BackendUnavailableError, match="needs CUDA tensors"):
+        rms_norm(x, None, backend="triton")
+    with pytest.raises(BackendUnavailableError, match="needs CUDA tensors"):
+        swiglu(x, x, backend="triton")
+    with pytest.raises(BackendUnavailableError, match="apex"):
+        rms_norm(x, None, backend="apex")
+    with pytest.raises(BackendUnavailableError, match="no SwiGLU"):
+        swiglu(x, x, backend="apex")
+
+
+def _bench_app() -> typer.Typer:
+    app = typer.Typer()
+
+    @app.callback()
+    def _root() -> None:
+        """Test root."""
+
+    bench_cli.register(app)
+    return app
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_bench_kernels_without_cuda_is_a_user_error():
+    result = CliRunner().invoke(_bench_app(), ["bench", "kernels"])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, GhostVisError)
+    assert "needs a CUDA GPU" in str(result.exception)
+
+
+def test_bench_kernels_rejects_bad_flags():
+    result = CliRunner().invoke(_bench_app(), ["bench", "kernels", "--dtype", "int8"])
+    assert isinstance(result.exception, ConfigError)
+    assert "--dtype" in str(result.exception)
+
+
+def test_bench_train_passes_its_flags(monkeypatch):
+    calls = []
+
+    def run_train_bench(preset, seq_len, batch_size, steps, compile):
+        calls.append((preset, seq_len, batch_size, steps, compile))
+        return {"tok_per_s": 1234.5, "mfu": 0.5, "rows": [{"impl": "ghostvis", "tok_per_s": 1234.5}]}
+
+    fake = types.ModuleType("ghostvis_core.bench.train_bench")
+    fake.run_train_bench = run_train_bench
+    monkeypatch.setitem(sys.modules, "ghostvis_core.bench.train_bench", fake)
+    args = ["bench", "train", "--preset", "tiny", "--seq-len", "64", "--batch-size", "2", "--steps", "3"]
+    result = CliRunner().invoke(_bench_app(), args + ["--json"])
+    assert result.exit_code == 0, result.output
+    assert '"tok_per_s": 1234.5' in result.output
+    assert calls == [("tiny", 64, 2, 3, False)]
+    result = CliRunner().invoke(_bench_app(), args + ["--compile"])
+    assert result.exit_code == 0, result.output
+    assert "1,234.50" in result.output and calls[-1][-1] is True
