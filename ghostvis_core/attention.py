@@ -1,0 +1,252 @@
+"""Attention dispatch: one entry point for every backend the plan can choose.
+
+Shape legend: B batch, T tokens per row, H query heads, K key/value heads (H % K == 0), D head dim,
+S cache slots, N = B*T flattened tokens. Every function here takes and returns FlashAttention's layout
+(B, T, H, D); SDPA and FlexAttention want (B, H, T, D), so those paths transpose views on the way in and out.
+
+Cases (backends.ATTENTION_CASES): "dense" causal rows, "packed" rows holding several documents (position_ids
+restart at 0 at every document start; no token attends across a document boundary), "decode" against a KV
+cache, "noncausal" (vision tower). Per-batch document facts (doc ids, cu_seqlens, max_seqlen, the Flex
+BlockMask, or the explicit boolean mask) are computed once per forward by `build_attention_context` and shared
+by every layer.
+
+Backends: flash_attn (FA2 func / varlen_func / with_kvcache), sdpa_cudnn / sdpa_flash / sdpa_efficient /
+sdpa_math (PyTorch SDPA pinned to one kernel with `sdpa_kernel`), flex (compiled FlexAttention + BlockMask).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ghostvis_core.errors import BackendUnavailableError
+
+_SDPA_KERNELS = {
+    "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
+    "sdpa_flash": SDPBackend.FLASH_ATTENTION,
+    "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "sdpa_math": SDPBackend.MATH,
+}
+# SDPA's flash and math kernels take enable_gqa; for cuDNN and efficient we repeat K/V heads ourselves
+# (no hidden kernel fallback, and the repeat is cheap next to the attention itself).
+_SDPA_NATIVE_GQA = ("sdpa_flash", "sdpa_math")
+
+
+@dataclass
+class AttentionContext:
+    """Per-forward attention facts shared by every layer."""
+
+    case: str
+    """"dense", "packed" or "noncausal"."""
+    backend: str
+    """The plan's backend for this case (flash_attn | sdpa_* | flex)."""
+    doc_ids_BT: torch.Tensor | None = None
+    """Packed: document index of every token within its row (int32)."""
+    cu_seqlens: torch.Tensor | None = None
+    """Packed + flash_attn: (num_docs + 1,) int32 offsets of each document in the flattened N tokens."""
+    max_seqlen: int | None = None
+    """Packed + flash_attn: longest document, a Python int."""
+    block_mask: Any = None
+    """flex: the BlockMask (causal, or causal and same-document), built once per batch."""
+    mask_B1TT: torch.Tensor | None = None
+    """Packed + SDPA: boolean mask, True where attention is allowed (same document and causal)."""
+
+
+def _doc_starts(position_ids_BT: torch.Tensor) -> torch.Tensor:
+    """True at every token that starts a document: position 0, or the first column of a row."""
+    starts = position_ids_BT == 0
+    starts[:, 0] = True  # a row that continues a document from the previous row still starts a segment
+    return starts
+
+
+def doc_ids_from_positions(position_ids_BT: torch.Tensor) -> torch.Tensor:
+    """Document index per token, counted within each row (0, 0, 0, 1, 1, 2, ...), int32."""
+    return (torch.cumsum(_doc_starts(position_ids_BT).to(torch.int32), dim=1) - 1).to(torch.int32)
+
+
+def cu_seqlens_from_positions(position_ids_BT: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """FlashAttention varlen offsets over the flattened rows: (cu_seqlens int32, max_seqlen int)."""
+    B, T = position_ids_BT.shape
+    starts = torch.nonzero(_doc_starts(position_ids_BT).flatten()).flatten()
+    end = torch.tensor([B * T], device=starts.device, dtype=starts.dtype)
+    cu = torch.cat([starts, end]).to(torch.int32)
+    max_seqlen = int((cu[1:] - cu[:-1]).max().item())
+    return cu, max_seqlen
+
+
+def packed_mask(position_ids_BT: torch.Tensor) -> torch.Tensor:
+    """Boolean (B, 1, T, T) mask: query i sees key j iff j <= i and both lie in the same document."""
+    doc = doc_ids_from_positions(position_ids_BT)
+    T = doc.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # Flex is only fast compiled; dynamic=False because training shapes are fixed per run.
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex_fn(device: torch.device):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # Inside an outer torch.compile, dynamo lowers flex_attention itself; eagerly, only the compiled
+    # function is fast. CPU Flex has no backward; its eager forward serves checks.
+    if torch.compiler.is_compiling() or device.type != "cuda":
+        return flex_attention
+    return _compiled_flex()
+
+
+def _causal_mod(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+@functools.lru_cache(maxsize=8)
+def _causal_block_mask(T: int, device_str: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(_causal_mod, None, None, T, T, device=device_str)
+
+
+def flex_document_block_mask(doc_ids_BT: torch.Tensor):
+    """Flex BlockMask for packed rows: causal and same document (attention-gym's document mask)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, T = doc_ids_BT.shape
+
+    def doc_causal(b, h, q_idx, kv_idx):
+        return (doc_ids_BT[b, q_idx] == doc_ids_BT[b, kv_idx]) & (q_idx >= kv_idx)
+
+    return create_block_mask(doc_causal, B, None, T, T, device=doc_ids_BT.device)
+
+
+def build_attention_context(
+    plan, position_ids_BT: torch.Tensor | None, batch: int, seq_len: int, device: torch.device
+) -> AttentionContext:
+    """Everything the layers need for this batch, computed once per forward.
+
+    GPT calls it through torch.compiler.disable on CUDA machines: cu_seqlens needs a host sync and the
+    BlockMask is built eagerly, so it stays outside any compiled graph.
+    """
+    if position_ids_BT is None:
+        backend = plan.attention["dense"].backend
+        ctx = AttentionContext(case="dense", backend=backend)
+        if backend == "flex":
+            ctx.block_mask = _causal_block_mask(seq_len, str(device))
+        return ctx
+    backend = plan.attention["packed"].backend
+    ctx = AttentionContext(case="packed", backend=backend)
+    if backend == "flash_attn":
+        ctx.cu_seqlens, ctx.max_seqlen = cu_seqlens_from_positions(position_ids_BT)
+    elif backend == "flex":
+        ctx.doc_ids_BT = doc_ids_from_positions(position_ids_BT)
+        ctx.block_mask = flex_document_block_mask(ctx.doc_ids_BT)
+    elif backend in _SDPA_KERNELS:
+        ctx.mask_B1TT = packed_mask(position_ids_BT)
+    else:
+        raise BackendUnavailableError(f"attention backend '{backend}' cannot serve packed documents")
+    return ctx
+
+
+def _repeat_kv(x_BKTD: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, K, T, D) -> (B, K*n_rep, T, D), each KV head repeated for its n_rep query heads (HF repeat_kv)."""
+    return x_BKTD if n_rep == 1 else x_BKTD.repeat_interleave(n_rep, dim=1)
+
+
+def _sdpa(q_BTHD, k_BTKD, v_BTKD, backend: str, *, is_causal: bool, mask=None) -> torch.Tensor:
+    q, k, v = (t.transpose(1, 2) for t in (q_BTHD, k_BTKD, v_BTKD))
+    n_rep = q.shape[1] // k.shape[1]
+    gqa = n_rep > 1
+    if gqa and backend not in _SDPA_NATIVE_GQA:
+        k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
+        gqa = False
+    if q.device.type == "cpu":
+        # CPU: let PyTorch use its CPU flash kernel or math; there is no kernel choice to pin.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
+    else:
+        with sdpa_kernel([_SDPA_KERNELS[backend]]):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
+    return out.transpose(1, 2)
+
+
+def _flex(q_BTHD, k_BTKD, v_BTKD, block_mask) -> torch.Tensor:
+    q, k, v = (t.transpose(1, 2) for t in (q_BTHD, k_BTKD, v_BTKD))
+    gqa = q.shape[1] != k.shape[1]
+    out = _flex_fn(q.device)(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    return out.transpose(1, 2)
+
+
+def attention(q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Tensor, ctx: AttentionContext):
+    """Softmax attention (scale D**-0.5) for one layer, per the batch's context; returns (B, T, H, D)."""
+    backend = ctx.backend
+    causal = ctx.case != "noncausal"
+    if ctx.case == "packed":
+        if backend == "flash_attn":
+            from flash_attn import flash_attn_varlen_func
+
+            B, T, H, D = q_BTHD.shape
+            out = flash_attn_varlen_func(
+                q_BTHD.reshape(B * T, H, D),
+                k_BTKD.reshape(B * T, -1, D),
+                v_BTKD.reshape(B * T, -1, D),
+                cu_seqlens_q=ctx.cu_seqlens,
+                cu_seqlens_k=ctx.cu_seqlens,
+                max_seqlen_q=ctx.max_seqlen,
+                max_seqlen_k=ctx.max_seqlen,
+                causal=True,
+            )
+            return out.view(B, T, H, D)
+        if backend == "flex":
+            return _flex(q_BTHD, k_BTKD, v_BTKD, ctx.block_mask)
+        return _sdpa(q_BTHD, k_BTKD, v_BTKD, backend, is_causal=False, mask=ctx.mask_B1TT)
+    if backend == "flash_attn":
+        from flash_attn import flash_attn_func
+
+        return flash_attn_func(q_BTHD, k_BTKD, v_BTKD, causal=causal)
+    if backend == "flex":
+        return _flex(q_BTHD, k_BTKD, v_BTKD, ctx.block_mask if causal else None)
+    return _sdpa(q_BTHD, k_BTKD, v_BTKD, backend, is_causal=causal)
+
+
+def attention_with_kvcache(
+    q_BTHD: torch.Tensor,
+    k_BTKD: torch.Tensor,
+    v_BTKD: torch.Tensor,
+    k_cache_BSKD: torch.Tensor,
+    v_cache_BSKD: torch.Tensor,
+    start: int,
+    backend: str,
+) -> torch.Tensor:
+    """Append k/v at cache slots [start, start+T) and attend causally to slots [0, start+T)."""
+    T = q_BTHD.shape[1]
+    end = start + T
+    if backend == "flash_attn":
+        from flash_attn import flash_attn_with_kvcache
+
+        # Writes k/v into the cache in place; causal aligns to the bottom-right corner (new tokens last).
+        return flash_attn_with_kvcache(
+            q_BTHD, k_cache_BSKD, v_cache_BSKD, k=k_BTKD, v=v_BTKD, cache_seqlens=start, causal=True
+        )
+    k_cache_BSKD[:, start:end] = k_BTKD
+    v_cache_BSKD[:, start:end] = v_BTKD
+    k_all, v_all = k_cache_BSKD[:, :end], v_cache_BSKD[:, :end]
+    if start == 0:
+        return _sdpa(q_BTHD, k_all, v_all, backend, is_causal=True)
+    if T == 1:
+        return _sdpa(q_BTHD, k_all, v_all, backend, is_causal=False)
+    # Several new tokens after a filled prefix: bottom-right causal mask (query t sees slots <= start + t).
+    # SDPA's flash and cuDNN kernels take no explicit mask, so this one case runs the efficient kernel
+    # (math on CPU); single-token decode above keeps the plan's kernel.
+    q_pos = torch.arange(start, end, device=q_BTHD.device)[:, None]
+    kv_pos = torch.arange(end, device=q_BTHD.device)[None, :]
+    mask = (kv_pos <= q_pos)[None, None]
+    masked_backend = "sdpa_efficient" if q_BTHD.is_cuda else "sdpa_math"
+    return _sdpa(q_BTHD, k_all, v_all, masked_backend, is_causal=False, mask=mask)

@@ -1,0 +1,463 @@
+"""Training-step benchmark: our stack against the plain PyTorch model a user would write, same card.
+
+Ours: `GPT` with the backends the plan picks, bf16 autocast, `build_optimizer`, blocks compiled.
+Reference: the same Llama architecture written plainly below (nn.RMSNorm, SDPA is_causal with PyTorch's
+default kernel choice, silu(gate) * up, full-logit fp32 cross-entropy), `torch.compile(model)`, fused AdamW.
+
+MFU = tok/s * flops_per_token / peak, flops_per_token = 6 * N_non_embedding + 12 * L * d * T (nanochat),
+against the card's dense bf16 peak (H100/H200 SXM 989e12, A100 312e12). Component times (attention, MLP,
+RMSNorm, loss) are fwd+bwd of one call in isolation at the model's shapes, eager, CUDA events, scaled by the
+number of calls per step; the optimizer time is measured inside the real training steps.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ghostvis_core.config import GPTConfig, OptimizerConfig
+from ghostvis_core.errors import ConfigError, GhostVisError
+from ghostvis_core.model_configs import get_preset
+
+# Dense bf16 tensor-core peaks (datasheet, SXM parts), matched by substring of the device name.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12}
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    """Datasheet dense bf16 FLOP/s of a card by name, None when unknown."""
+    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):
+        if key in device_name:
+            return PEAK_BF16_FLOPS[key]
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The plain PyTorch reference
+
+
+class RefAttention(nn.Module):
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        self.h, self.kv, self.d = c.n_head, c.n_kv_head, c.head_dim
+        self.q_proj = nn.Linear(c.n_embd, self.h * self.d, bias=False)
+        self.k_proj = nn.Linear(c.n_embd, self.kv * self.d, bias=False)
+        self.v_proj = nn.Linear(c.n_embd, self.kv * self.d, bias=False)
+        self.o_proj = nn.Linear(self.h * self.d, c.n_embd, bias=False)
+
+    def forward(self, x, cos, sin):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.h, self.d).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.kv, self.d).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.kv, self.d).transpose(1, 2)
+        q, k = _ref_rope(q, cos, sin), _ref_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv != self.h)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def _ref_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class RefMLP(nn.Module):
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.n_embd, c.mlp_hidden, bias=False)
+        self.up_proj = nn.Linear(c.n_embd, c.mlp_hidden, bias=False)
+        self.down_proj = nn.Linear(c.mlp_hidden, c.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class RefBlock(nn.Module):
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        self.norm1 = nn.RMSNorm(c.n_embd, eps=c.norm_eps)
+        self.attn = RefAttention(c)
+        self.norm2 = nn.RMSNorm(c.n_embd, eps=c.norm_eps)
+        self.mlp = RefMLP(c)
+
+    def forward(self, x, cos, sin):
+        x = x + self.attn(self.norm1(x), cos, sin)
+        return x + self.mlp(self.norm2(x))
+
+
+class RefLlama(nn.Module):
+    """The plain PyTorch Llama of the same shape as GPT(config)."""
+
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        self.embed = nn.Embedding(c.vocab_size, c.n_embd)
+        self.blocks = nn.ModuleList(RefBlock(c) for _ in range(c.n_layer))
+        self.norm = nn.RMSNorm(c.n_embd, eps=c.norm_eps)
+        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2).float() / c.head_dim))
+        t = torch.arange(c.sequence_len).float()
+        emb = torch.cat([torch.outer(t, inv_freq)] * 2, dim=-1)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, idx, targets):
+        T = idx.shape[1]
+        x = self.embed(idx)
+        cos, sin = self.cos[:T], self.sin[:T]
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        logits = self.lm_head(self.norm(x))
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1), ignore_index=-100)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Measurement
+
+
+def _free() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _run_steps(model, optimizer, x, y, steps: int, warmup: int) -> dict:
+    """Time `steps` training steps after `warmup` (compile happens there); optimizer ms from inner events."""
+
+    def one_step(opt_events=None):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(x, y)
+        loss.backward()
+        if opt_events is not None:
+            opt_events[0].record()
+        optimizer.step()
+        if opt_events is not None:
+            opt_events[1].record()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(warmup):
+        loss = one_step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    opt_events = [
+        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)
+    ]
+    start.record()
+    for i in range(steps):
+        loss = one_step(opt_events[i])
+    end.record()
+    torch.cuda.synchronize()
+    step_ms = start.elapsed_time(end) / steps
+    tokens = x.numel()
+    return {
+        "step_ms": step_ms,
+        "tok_per_s": tokens / (step_ms / 1e3),
+        "optimizer_ms": statistics.median(a.elapsed_time(b) for a, b in opt_events),
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "final_loss": float(loss.item()),
+    }
+
+
+def measure_ours(
+    config: GPTConfig,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    compile: bool,
+    optimizer: str = "adamw",
+    setup: Callable | None = None,
+) -> dict:
+    """One configuration of our stack: tok/s, step ms, optimizer ms, peak memory, backends in use."""
+    from ghostvis_core.gpt import GPT
+    from ghostvis_core.optim import build_optimizer
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = GPT(config)
+    if setup is not None:
+        setup(model)
+    if compile:
+        model.compile_blocks(dynamic=False)
+    opt, description = build_optimizer(model, OptimizerConfig(backend=optimizer, lr=1e-4), "cuda")
+    x = torch.randint(0, config.vocab_size, (batch_size, config.sequence_len), device="cuda")
+    y = torch.roll(x, -1, dims=1)
+    graph_breaks_before = _graph_breaks()
+    result = _run_steps(model, opt, x, y, steps, warmup)
+    plan = model.plan
+    result.update(
+        {
+            "attention": plan.attention["dense"].label,
+            "rms_norm": plan.rms_norm.label,
+            "swiglu": plan.swiglu.label,
+            "optimizer": description,
+            "graph_breaks": _graph_breaks() - graph_breaks_before,
+            "flops_per_token": model.flops_per_token(config.sequence_len),
+        }
+    )
+    del model, opt, x, y
+    _free()
+    return result
+
+
+def measure_reference(config: GPTConfig, batch_size: int, steps: int, warmup: int, compile: bool) -> dict:
+    """The plain PyTorch model: torch.compile(model), default SDPA, fused AdamW."""
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = RefLlama(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    step_model = torch.compile(model) if compile else model
+    x = torch.randint(0, config.vocab_size, (batch_size, config.sequence_len), device="cuda")
+    y = torch.roll(x, -1, dims=1)
+    result = _run_steps(step_model, opt, x, y, steps, warmup)
+    result["optimizer"] = "torch.optim.AdamW(fused=True)"
+    del model, step_model, opt, x, y
+    _free()
+    return result
+
+
+def _graph_breaks() -> int:
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
+
+
+def bench_ms(fn: Callable[[], None], iters: int = 10, warmup: int = 3) -> float:
+    """Median ms of fn() over iters calls, each bracketed by CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        times.append((a, b))
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) for a, b in times)
+
+
+def _fwd_bwd(fn: Callable[[], torch.Tensor], inputs: list[torch.Tensor]) -> Callable[[], None]:
+    def run():
+        for t in inputs:
+            t.grad = None
+        out = fn()
+        out.backward(torch.ones_like(out) if out.dim() else None)
+
+    return run
+
+
+def _attention_ms(config: GPTConfig, plan, B: int) -> tuple[float, float]:
+    from ghostvis_core.attention import attention, build_attention_context
+
+    T, H, K, D = config.sequence_len, config.n_head, config.n_kv_head, config.head_dim
+    q = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(B, T, K, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(B, T, K, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ctx = build_attention_context(plan, None, B, T, q.device)
+
+    def ref():
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=K != H).float().sum()
+
+    ours_ms = bench_ms(_fwd_bwd(lambda: attention(q, k, v, ctx).float().sum(), [q, k, v]))
+    return ours_ms, bench_ms(_fwd_bwd(ref, [q, k, v]))
+
+
+def _mlp_ms(config: GPTConfig, plan, B: int) -> tuple[float, float]:
+    from ghostvis_core.gpt import MLP
+
+    x = torch.randn(
+        B, config.sequence_len, config.n_embd, device="cuda", dtype=torch.bfloat16, requires_grad=True
+    )
+    ours = MLP(config).to("cuda")
+    ours.backend = plan.swiglu.backend
+    ref = RefMLP(config).to("cuda")
+
+    def under_autocast(m):
+        def f():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return m(x).float().sum()
+
+        return f
+
+    return bench_ms(_fwd_bwd(under_autocast(ours), [x])), bench_ms(_fwd_bwd(under_autocast(ref), [x]))
+
+
+def _norm_ms(config: GPTConfig, plan, B: int) -> tuple[float, float]:
+    from ghostvis_core.kernels import rms_norm
+
+    C = config.n_embd
+    # The residual stream is fp32 under autocast (fp32 embedding output + bf16 branch outputs).
+    x = torch.randn(B, config.sequence_len, C, device="cuda", requires_grad=True)
+    w = torch.ones(C, device="cuda", requires_grad=True)
+    ref = nn.RMSNorm(C, eps=config.norm_eps).to("cuda")
+    ours_ms = bench_ms(
+        _fwd_bwd(lambda: rms_norm(x, w, config.norm_eps, backend=plan.rms_norm.backend).sum(), [x, w])
+    )
+    return ours_ms, bench_ms(_fwd_bwd(lambda: ref(x).sum(), [x]))
+
+
+def _loss_ms(config: GPTConfig, B: int) -> tuple[float, float]:
+    from ghostvis_core.gpt import linear_cross_entropy
+
+    N, C, V = B * config.sequence_len, config.n_embd, config.vocab_size
+    h = torch.randn(N, C, device="cuda", requires_grad=True)
+    head = torch.randn(V, C, device="cuda", requires_grad=True)
+    tgt = torch.randint(0, V, (N,), device="cuda")
+
+    def ours():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return linear_cross_entropy(h, head, tgt)
+
+    def ref():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return F.cross_entropy(F.linear(h, head).float(), tgt)
+
+    return bench_ms(_fwd_bwd(ours, [h, head]), iters=5), bench_ms(_fwd_bwd(ref, [h, head]), iters=5)
+
+
+def component_times(config: GPTConfig, batch_size: int) -> list[dict]:
+    """ms per training step of each component, ours vs reference, measured in isolation (eager)."""
+    from ghostvis_core.backends import plan_for_model
+
+    plan = plan_for_model(config, "cuda")
+    L = config.n_layer
+    specs = [
+        (
+            "attention",
+            L,
+            lambda: _attention_ms(config, plan, batch_size),
+            plan.attention["dense"].label,
+            "SDPA default",
+        ),
+        ("mlp", L, lambda: _mlp_ms(config, plan, batch_size), plan.swiglu.label, "silu(gate) * up"),
+        (
+            "rms_norm",
+            2 * L + 1,
+            lambda: _norm_ms(config, plan, batch_size),
+            plan.rms_norm.label,
+            "nn.RMSNorm",
+        ),
+        (
+            "lm_head+loss",
+            1,
+            lambda: _loss_ms(config, batch_size),
+            "chunked linear+CE",
+            "full fp32 logits + F.cross_entropy",
+        ),
+    ]
+    rows = []
+    for name, calls, measure, ours_label, ref_label in specs:
+        ours_ms, ref_ms = measure()
+        rows.append(
+            {
+                "component": name,
+                "calls": calls,
+                "ours_ms": ours_ms * calls,
+                "reference_ms": ref_ms * calls,
+                "ours_backend": ours_label,
+                "reference_backend": ref_label,
+            }
+        )
+        _free()
+    return rows
+
+
+def run_train_bench(
+    preset: str = "d20",
+    seq_len: int = 2048,
+    batch_size: int = 16,
+    steps: int = 10,
+    compile: bool = True,
+    warmup: int = 3,
+    optimizer: str = "adamw",
+    components: bool = True,
+) -> dict:
+    """Train-step throughput, MFU and peak memory of our stack vs the plain PyTorch reference, same card."""
+    if not torch.cuda.is_available():
+        raise GhostVisError(
+            "the training benchmark needs a CUDA GPU (it measures tok/s, MFU and GPU memory); "
+            "run `ghostvis bench train` on a GPU machine"
+        )
+    if steps < 1 or warmup < 0 or batch_size < 1:
+        raise ConfigError(
+            f"need steps >= 1, warmup >= 0, batch_size >= 1 (got {steps}, {warmup}, {batch_size})"
+        )
+    config = get_preset(preset, sequence_len=seq_len)
+    device_name = torch.cuda.get_device_name()
+    peak = peak_bf16_flops(device_name)
+    ours = measure_ours(config, batch_size, steps, warmup, compile, optimizer)
+    reference = measure_reference(config, batch_size, steps, warmup, compile)
+    fpt = ours["flops_per_token"]
+    for r in (ours, reference):
+        r["mfu"] = r["tok_per_s"] * fpt / peak if peak else None
+    result = {
+        "device": device_name,
+        "torch": torch.__version__,
+        "preset": preset,
+        "seq_len": seq_len,
+        "batch_size": batch_size,
+        "steps": steps,
+        "compile": compile,
+        "peak_flops": peak,
+        "flops_per_token": fpt,
+        "ours": ours,
+        "reference": reference,
+        "speedup": ours["tok_per_s"] / reference["tok_per_s"],
+        "components": [],
+    }
+    if components:
+        rows = component_times(config, batch_size)
+        rows.append(
+            {
+                "component": "optimizer",
+                "calls": 1,
+                "ours_ms": ours["optimizer_ms"],
+                "reference_ms": reference["optimizer_ms"],
+                "ours_backend": ours["optimizer"],
+                "reference_backend": reference["optimizer"],
+            }
+        )
+        result["components"] = rows
+    return result
+
+
+def format_train_bench(result: dict) -> str:
+    """Plain-text table of a run_train_bench result."""
+    o, r = result["ours"], result["reference"]
+
+    def mfu(x):
+        return "n/a" if x["mfu"] is None else f"{100 * x['mfu']:.1f}%"
+
+    lines = [
+        f"{result['preset']} B={result['batch_size']} T={result['seq_len']} on {result['device']} "
+        f"(torch {result['torch']}, compile={result['compile']})",
+        f"{'':12}{'tok/s':>10}{'MFU':>8}{'step ms':>9}{'peak GiB':>10}",
+        f"{'GhostVis':12}{o['tok_per_s']:>10.0f}{mfu(o):>8}{o['step_ms']:>9.1f}{o['peak_mem_gib']:>10.1f}",
+        f"{'reference':12}{r['tok_per_s']:>10.0f}{mfu(r):>8}{r['step_ms']:>9.1f}{r['peak_mem_gib']:>10.1f}",
+        f"speedup: {result['speedup']:.2f}x",
+    ]
+    if result["components"]:
+        lines.append(f"{'component':14}{'ours ms':>9}{'ref ms':>9}  ours backend")
+        for row in result["components"]:
+            lines.append(
+                f"{row['component']:14}{row['ours_ms']:>9.1f}{row['reference_ms']:>9.1f}  {row['ours_backend']}"
+            )
+    return "\n".join(lines)
+
+
+__all__ = [
+    "run_train_bench",
+    "format_train_bench",
+    "peak_bf16_flops",
+    "RefLlama",
+    "measure_ours",
+    "measure_reference",
+    "component_times",
+    "bench_ms",
+]

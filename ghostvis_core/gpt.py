@@ -1,0 +1,496 @@
+"""GPT: a Llama-compatible decoder (pre-norm RMSNorm, SwiGLU, RoPE rotate-half, GQA, no biases).
+
+Parameter names mirror Hugging Face's LlamaForCausalLM exactly (`model.embed_tokens`,
+`model.layers.N.self_attn.{q,k,v,o}_proj`, `model.layers.N.mlp.{gate,up,down}_proj`,
+`model.layers.N.{input_layernorm,post_attention_layernorm}`, `model.norm`, `lm_head`), so export to HF is
+the identity on keys (minus `lm_head.weight` when tied).
+
+Shape legend: B batch, T tokens, C = n_embd, H query heads, K kv heads, D head dim, V vocab, N = B*T, L layers.
+
+Backends come from `backends.plan_for_model` (the one place that decides): attention per case through
+`attention.py`, RMSNorm and SwiGLU through `ghostvis_core.kernels` with the plan's backend.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ghostvis_core.attention import (
+    AttentionContext,
+    attention,
+    attention_with_kvcache,
+    build_attention_context,
+)
+from ghostvis_core.backends import BackendPlan, log_backends_once, plan_for_model
+from ghostvis_core.config import GPTConfig
+from ghostvis_core.errors import ConfigError
+from ghostvis_core.kernels import rms_norm, swiglu
+from ghostvis_core.log import get_logger
+
+__all__ = ["GPT", "GPTConfig", "KVCache", "linear_cross_entropy"]
+
+IGNORE_INDEX = -100
+# Rows of the (rows, V) logits block the chunked loss materialises at once: 4096 x 65536 fp32 = 1 GiB,
+# against 8 GiB for 32k tokens unchunked.
+CE_CHUNK_ROWS = 4096
+
+
+# ---------------------------------------------------------------------------------------------------------
+# RoPE (rotate-half / neox convention, as HF Llama and vLLM's is_neox_style=True)
+
+
+def rope_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
+    """inv_freq[i] = 1 / theta^(2i / D), i < D/2 (HF's default rope init, computed the same way)."""
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+    return 1.0 / (theta**exponent)
+
+
+def rope_cos_sin(position_ids_BT: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (B, T, 1, D/2) in fp32: angle = position * inv_freq."""
+    freqs = position_ids_BT.float()[..., None] * inv_freq.float()
+    return freqs.cos()[:, :, None, :], freqs.sin()[:, :, None, :]
+
+
+def apply_rope(x_BTHD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x*cos + rotate_half(x)*sin with rotate_half(x) = cat(-x2, x1) over the two halves of D."""
+    cos, sin = cos.to(x_BTHD.dtype), sin.to(x_BTHD.dtype)  # HF casts cos/sin to the activation dtype
+    x1, x2 = x_BTHD.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Chunked linear + cross-entropy: never materialises the full (N, V) fp32 logits.
+
+
+def _ce_chunk(h_nC, w_VC, t_n, grad_scale):
+    """Loss sum of one chunk and, when grad_scale is given, d(loss*grad_scale)/d(logits) in h's dtype."""
+    logits = (h_nC @ w_VC.t()).float()
+    valid = t_n != IGNORE_INDEX
+    tgt = torch.where(valid, t_n, 0)
+    lse = torch.logsumexp(logits, dim=-1)
+    picked = logits.gather(1, tgt[:, None]).squeeze(1)
+    loss_sum = torch.where(valid, lse - picked, 0.0).sum()
+    if grad_scale is None:
+        return loss_sum, None
+    # d CE / d logits = softmax - onehot(target), zero on ignored rows.
+    probs = torch.exp(logits - lse[:, None])
+    probs = probs - torch.nn.functional.one_hot(tgt, logits.shape[1]).to(probs.dtype)
+    dlogits = probs * (valid.to(probs.dtype) * grad_scale)[:, None]
+    return loss_sum, dlogits.to(h_nC.dtype)
+
+
+_compiled_ce_chunk = None
+
+
+def _ce_chunk_fn(device: torch.device):
+    global _compiled_ce_chunk
+    if device.type != "cuda":
+        return _ce_chunk
+    if _compiled_ce_chunk is None:
+        # Fuses the fp32 upcast, logsumexp and softmax-minus-onehot into two passes over each chunk.
+        _compiled_ce_chunk = torch.compile(_ce_chunk, dynamic=False)
+    return _compiled_ce_chunk
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """loss = CE(h @ w.T, targets); gradients are computed chunk by chunk in forward (Liger's scheme)."""
+
+    @staticmethod
+    def forward(ctx, h_NC, w_VC, t_N, scale, compute_dtype):
+        fn = _ce_chunk_fn(h_NC.device)
+        w_c = w_VC.to(compute_dtype)
+        grad_h = torch.empty_like(h_NC)
+        grad_w = torch.zeros_like(w_VC, dtype=torch.float32)
+        loss = torch.zeros((), dtype=torch.float32, device=h_NC.device)
+        for s in range(0, h_NC.shape[0], CE_CHUNK_ROWS):
+            h_c = h_NC[s : s + CE_CHUNK_ROWS].to(compute_dtype)
+            loss_c, dlogits = fn(h_c, w_c, t_N[s : s + CE_CHUNK_ROWS], scale)
+            loss += loss_c
+            grad_h[s : s + CE_CHUNK_ROWS] = dlogits @ w_c
+            grad_w += dlogits.t() @ h_c
+        ctx.save_for_backward(grad_h, grad_w.to(w_VC.dtype))
+        return loss * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_out, grad_w * grad_out, None, None, None
+
+
+def linear_cross_entropy(
+    h_NC: torch.Tensor, w_VC: torch.Tensor, targets_N: torch.Tensor, reduction: str = "mean"
+):
+    """fp32 cross-entropy of logits h @ w.T, ignore_index -100, chunked over rows.
+
+    "mean" divides by the number of non-ignored targets (0.0 with zero gradients when there are none, never
+    NaN); "sum" returns the sum (a trainer normalises across the global batch).
+    """
+    if reduction not in ("mean", "sum"):
+        raise ConfigError(f"loss_reduction must be 'mean' or 'sum', got {reduction!r}")
+    dev = h_NC.device.type
+    compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h_NC.dtype
+    if reduction == "mean":
+        scale = 1.0 / (targets_N != IGNORE_INDEX).sum().clamp(min=1).float()
+    else:
+        scale = torch.ones((), dtype=torch.float32, device=h_NC.device)
+    if torch.is_grad_enabled() and (h_NC.requires_grad or w_VC.requires_grad):
+        return _LinearCrossEntropy.apply(h_NC, w_VC, targets_N, scale, compute_dtype)
+    fn = _ce_chunk_fn(h_NC.device)
+    w_c = w_VC.to(compute_dtype)
+    total = torch.zeros((), dtype=torch.float32, device=h_NC.device)
+    for s in range(0, h_NC.shape[0], CE_CHUNK_ROWS):
+        total += fn(
+            h_NC[s : s + CE_CHUNK_ROWS].to(compute_dtype), w_c, targets_N[s : s + CE_CHUNK_ROWS], None
+        )[0]
+    return total * scale
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Modules
+
+
+class RMSNorm(nn.Module):
+    """y = weight * x / sqrt(mean(x^2) + eps), through the plan's kernel backend."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.backend = "torch"
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps, backend=self.backend)
+
+
+class Attention(nn.Module):
+    """GQA self-attention with RoPE; HF LlamaAttention's parameter names."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        C, H, K, D = config.n_embd, config.n_head, config.n_kv_head, config.head_dim
+        self.n_head, self.n_kv_head, self.head_dim = H, K, D
+        self.q_proj = nn.Linear(C, H * D, bias=False)
+        self.k_proj = nn.Linear(C, K * D, bias=False)
+        self.v_proj = nn.Linear(C, K * D, bias=False)
+        self.o_proj = nn.Linear(H * D, C, bias=False)
+
+    def forward(
+        self, x_BTC, cos, sin, ctx: AttentionContext | None, cache: KVCache | None = None, layer: int = 0
+    ):
+        B, T, _ = x_BTC.shape
+        H, K, D = self.n_head, self.n_kv_head, self.head_dim
+        # Separate q/k/v GEMMs: concatenating the weights each step measured 8% slower at d20 (H200).
+        q = apply_rope(self.q_proj(x_BTC).view(B, T, H, D), cos, sin)
+        k = apply_rope(self.k_proj(x_BTC).view(B, T, K, D), cos, sin)
+        v = self.v_proj(x_BTC).view(B, T, K, D)
+        if cache is None:
+            y = attention(q, k, v, ctx)
+        else:
+            k_cache, v_cache = cache.layer(layer, k.dtype)
+            y = attention_with_kvcache(q, k, v, k_cache, v_cache, cache.pos, cache.backend_for(q.dtype))
+        return self.o_proj(y.reshape(B, T, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)); HF LlamaMLP's parameter names."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
+        self.down_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=False)
+        self.backend = "torch"
+
+    def forward(self, x):
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), backend=self.backend))
+
+
+class Block(nn.Module):
+    """Pre-norm decoder layer: x + attn(norm(x)), then + mlp(norm(.))."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, ctx, cache=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """Embedding, layers and final norm (HF's LlamaModel)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.n_embd, config.norm_eps)
+
+
+@dataclass
+class KVCache:
+    """Preallocated per-layer key/value cache (L, B, S, K, D), filled left to right; `pos` slots are valid."""
+
+    config: GPTConfig
+    batch_size: int
+    max_len: int
+    device: torch.device
+    decode_backend: str
+    pos: int = 0
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+
+    def layer(self, i: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cache tensors of layer i (allocated on first use in the activation dtype)."""
+        if self.k is None:
+            c = self.config
+            shape = (c.n_layer, self.batch_size, self.max_len, c.n_kv_head, c.head_dim)
+            self.k = torch.zeros(shape, dtype=dtype, device=self.device)
+            self.v = torch.zeros(shape, dtype=dtype, device=self.device)
+        return self.k[i], self.v[i]
+
+    def backend_for(self, dtype: torch.dtype) -> str:
+        """The plan's decode backend; FlashAttention runs only in fp16/bf16, fp32 caches use SDPA."""
+        if self.decode_backend == "flash_attn" and dtype not in (torch.float16, torch.bfloat16):
+            _log_once(
+                f"decode: FlashAttention-2 needs fp16/bf16 activations, got {dtype}; using SDPA/efficient"
+            )
+            return "sdpa_efficient"
+        return self.decode_backend
+
+
+_LOGGED: set[str] = set()
+_EAGER: dict = {}
+
+
+def _eager(fn):
+    """fn under torch.compiler.disable (a graph break), built on first use: importing dynamo costs seconds."""
+    if fn not in _EAGER:
+        _EAGER[fn] = torch.compiler.disable(fn)
+    return _EAGER[fn]
+
+
+def _log_once(msg: str) -> None:
+    if msg not in _LOGGED:
+        _LOGGED.add(msg)
+        get_logger().info(msg)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPT
+
+
+class GPT(nn.Module):
+    """Llama-compatible decoder LM with packed-document attention, chunked loss and a KV-cache decode."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(config.head_dim, config.rope_theta), persistent=False)
+        # Plan for this machine now, so an explicit request it can't meet fails at construction.
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        self._plans: dict[str, BackendPlan] = {device_type: plan_for_model(config, device_type)}
+        log_backends_once(self._plans[device_type])
+        self._plan_device = ""
+        self._use_plan(device_type)
+        # Opt-in: under autocast, keep the residual stream in bf16 instead of fp32 (nanochat does). Measured
+        # +1.2% tok/s at d20 on an H200; off by default because bf16 residual sums lose precision with depth.
+        self.low_precision_residual = False
+        # On CUDA machines (where torch.compile is used) the per-batch attention setup (host sync, BlockMask)
+        # and the chunked loss (its own compiled chunk kernel, a Python loop) run outside compiled graphs.
+        cuda = torch.cuda.is_available()
+        self._build_ctx = _eager(build_attention_context) if cuda else build_attention_context
+        self._loss_fn = _eager(linear_cross_entropy) if cuda else linear_cross_entropy
+        self.init_weights()
+
+    # -- backends ------------------------------------------------------------------------------------------
+
+    def _use_plan(self, device_type: str) -> BackendPlan:
+        """Point every norm / MLP at the plan of the device the inputs live on."""
+        if device_type not in self._plans:
+            self._plans[device_type] = plan_for_model(self.config, device_type)
+        plan = self._plans[device_type]
+        if self._plan_device != device_type:
+            for module in self.modules():
+                if isinstance(module, RMSNorm):
+                    module.backend = plan.rms_norm.backend
+                elif isinstance(module, MLP):
+                    module.backend = plan.swiglu.backend
+            self._plan_device = device_type
+        return plan
+
+    @property
+    def plan(self) -> BackendPlan:
+        """The backend plan in use (for the device of the last forward, else this machine's default)."""
+        return self._plans[self._plan_device]
+
+    def compile_blocks(self, **compile_kwargs) -> GPT:
+        """torch.compile each decoder block in place (regional compilation: the 20 identical blocks of d20
+        share one compiled graph, so it compiles in a fraction of whole-model time); returns self."""
+        for block in self.model.layers:
+            block.compile(**compile_kwargs)
+        return self
+
+    # -- init, counting ------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """nanochat-style init; residual output projections start at zero so each block starts as identity.
+
+        q/k/v/gate/up: uniform with std 1/sqrt(fan_in) (bound sqrt(3/fan_in)); o_proj, down_proj: 0;
+        embedding: N(0, 1) untied (RMSNorm follows it), N(0, 1/sqrt(C)) tied (it is also the head);
+        lm_head untied: N(0, 0.001) so the first logits are near-uniform; norm weights: 1.
+        """
+        C = self.config.n_embd
+        for block in self.model.layers:
+            for lin in (
+                block.self_attn.q_proj,
+                block.self_attn.k_proj,
+                block.self_attn.v_proj,
+                block.mlp.gate_proj,
+                block.mlp.up_proj,
+            ):
+                bound = math.sqrt(3.0 / lin.in_features)
+                lin.weight.uniform_(-bound, bound)
+            block.self_attn.o_proj.weight.zero_()
+            block.mlp.down_proj.weight.zero_()
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+        if self.config.tie_embeddings:
+            self.model.embed_tokens.weight.normal_(0.0, 1.0 / math.sqrt(C))
+        else:
+            self.model.embed_tokens.weight.normal_(0.0, 1.0)
+            self.lm_head.weight.normal_(0.0, 0.001)
+        self.inv_freq.copy_(rope_inv_freq(self.config.head_dim, self.config.rope_theta))
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        """Parameter count (a tied matrix counted once); exclude_embedding drops the input embedding table."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embedding:
+            n -= self.model.embed_tokens.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (nanochat): 6 * N_non_embedding + 12 * L * H * D * T.
+
+        N_non_embedding counts lm_head (a real matmul, also when it is tied to the embedding) and drops the
+        embedding lookup; 12*L*H*D*T is attention's QK^T and AV (fwd + bwd) at full causal length T.
+        """
+        c = self.config
+        T = seq_len or c.sequence_len
+        n = self.num_params(exclude_embedding=True)
+        if c.tie_embeddings:
+            n += self.lm_head.weight.numel()
+        return 6.0 * n + 12.0 * c.n_layer * c.n_head * c.head_dim * T
+
+    # -- forward -------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        targets: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        loss_reduction: str = "mean",
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        targets_BT: torch.Tensor | None = None,
+        position_ids_BT: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Loss (fp32 scalar) when targets are given, else logits (B, T, V) fp32.
+
+        position_ids (B, T) restart at 0 at every document start (packed rows): attention stays inside each
+        document and RoPE uses these positions. None means one causal sequence per row (positions 0..T-1).
+        inputs_embeds (B, T, C) replaces the token embedding (the VLM splices image features in).
+        targets_BT / position_ids_BT are accepted as aliases of targets / position_ids.
+        """
+        targets = targets if targets is not None else targets_BT
+        position_ids = position_ids if position_ids is not None else position_ids_BT
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if self.low_precision_residual and torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        B, T, _ = x.shape
+        plan = self._use_plan(x.device.type)
+        ctx = self._build_ctx(plan, position_ids, B, T, x.device)
+        pos = position_ids if position_ids is not None else torch.arange(T, device=x.device).expand(B, T)
+        cos, sin = rope_cos_sin(pos, self.inv_freq)
+        for block in self.model.layers:
+            x = block(x, cos, sin, ctx)
+        h = self.model.norm(x)
+        if targets is None:
+            return self.lm_head(h).float()
+        return self._loss_fn(
+            h.reshape(B * T, -1), self.lm_head.weight, targets.reshape(B * T), loss_reduction
+        )
+
+    # -- decode --------------------------------------------------------------------------------------------
+
+    def new_kv_cache(
+        self, batch_size: int, max_len: int, device: torch.device | str | None = None
+    ) -> KVCache:
+        """An empty KV cache for `batch_size` rows of up to `max_len` tokens (prompt + generated)."""
+        device = torch.device(device) if device is not None else self.lm_head.weight.device
+        plan = self._use_plan(device.type)
+        return KVCache(self.config, batch_size, max_len, device, plan.attention["decode"].backend)
+
+    def forward_with_cache(self, input_ids_BT: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits (B, T, V) fp32 of the new tokens, attending to the cache; appends their K/V and advances it."""
+        B, T = input_ids_BT.shape
+        if cache.pos + T > cache.max_len:
+            raise ConfigError(f"KV cache holds {cache.max_len} tokens; {cache.pos} + {T} new do not fit")
+        self._use_plan(input_ids_BT.device.type)
+        x = self.model.embed_tokens(input_ids_BT)
+        pos = torch.arange(cache.pos, cache.pos + T, device=x.device).expand(B, T)
+        cos, sin = rope_cos_sin(pos, self.inv_freq)
+        for i, block in enumerate(self.model.layers):
+            x = block(x, cos, sin, None, cache, i)
+        cache.pos += T
+        return self.lm_head(self.model.norm(x)).float()
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """Append max_new_tokens to idx (B, T): greedy at temperature 0, else sampled (optionally top-k)."""
+        if idx.dim() != 2:
+            raise ConfigError(f"generate expects idx of shape (B, T), got {tuple(idx.shape)}")
+        out = idx
+        cache = (
+            self.new_kv_cache(idx.shape[0], idx.shape[1] + max_new_tokens, idx.device) if use_cache else None
+        )
+        logits = self.forward_with_cache(idx, cache) if use_cache else self(idx)
+        for step in range(max_new_tokens):
+            nxt = _sample(logits[:, -1], temperature, top_k, generator)
+            out = torch.cat([out, nxt], dim=1)
+            if step == max_new_tokens - 1:
+                break
+            logits = self.forward_with_cache(nxt, cache) if use_cache else self(out)
+        return out
+
+
+def _sample(logits_BV: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:
+    """Next token (B, 1): argmax at temperature 0, else softmax(logits / temperature) over the top k."""
+    if temperature <= 0:
+        return logits_BV.argmax(dim=-1, keepdim=True)
+    logits = logits_BV / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)

@@ -1,0 +1,242 @@
+"""Optimizer backends: torch AdamW (fused on CUDA), apex FusedAdam, and Muon for hidden matrices.
+
+`build_optimizer` returns one `GhostVisOptimizer`: a thin container over one or two torch optimizers whose
+`param_groups` is the concatenation of theirs (the same dicts, so setting group["lr"] reaches the real
+optimizer), with step / zero_grad / state_dict / load_state_dict. Every group carries "lr", "initial_lr" (the
+configured lr a schedule multiplies) and "name" (matrix | head | embedding | scalar).
+
+Parameter roles (one rule for any model, GPT or VLM):
+  matrix     weights of nn.Linear layers other than lm_head: Muon under backend muon, else AdamW with decay
+  head       lm_head.weight when it is not tied to the embedding: AdamW with decay
+  embedding  nn.Embedding weights: AdamW, no decay
+  scalar     everything else (norm weights, biases, conv kernels, learned positions): AdamW, no decay
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ghostvis_core.backends import plan_backends
+from ghostvis_core.config import OptimizerConfig
+from ghostvis_core.env import probe_env
+from ghostvis_core.errors import BackendUnavailableError, CheckpointError
+from ghostvis_core.log import get_logger
+
+
+class GhostVisOptimizer:
+    """One optimizer-like object over several torch optimizers (e.g. Muon + AdamW)."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer], backend: str):
+        self.optimizers = optimizers
+        self.backend = backend
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Every group of every inner optimizer (live dicts: edits reach the optimizer)."""
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    @property
+    def state(self) -> dict:
+        """Per-parameter state of all inner optimizers."""
+        out: dict = {}
+        for opt in self.optimizers:
+            out.update(opt.state)
+        return out
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One update of every parameter."""
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear gradients (None by default, which skips a memset)."""
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        """State of every inner optimizer, in order; load_state_dict restores it exactly."""
+        return {
+            "backend": self.backend,
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "kinds": [type(opt).__name__ for opt in self.optimizers],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state_dict made by an optimizer built with the same backend for the same model."""
+        kinds = [type(opt).__name__ for opt in self.optimizers]
+        if state.get("kinds") != kinds:
+            raise CheckpointError(
+                f"optimizer state was saved for {state.get('kinds')} ({state.get('backend')}) but this run "
+                f"builds {kinds} ({self.backend}); resume with the same optimizer backend"
+            )
+        for opt, sd in zip(self.optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(sd)
+
+    def __repr__(self) -> str:
+        return f"GhostVisOptimizer(backend={self.backend!r}, optimizers={[type(o).__name__ for o in self.optimizers]})"
+
+
+class BatchedMuon(torch.optim.Muon):
+    """torch.optim.Muon's update (same hyper-parameters, same state), batched over same-shape matrices.
+
+    torch.optim.Muon orthogonalises one matrix at a time: 140 matrices x 5 Newton-Schulz steps x 3 matmuls
+    of small GEMMs at d20. Stacking the matrices of one shape turns each NS step into 3 batched GEMMs:
+      X <- G / ||G||_F (bf16, transposed so rows <= cols);  repeat ns_steps:
+      A = X X^T;  B = b A + c A A;  X = a X + B X
+    then p <- p (1 - lr wd) - lr * adjust(shape) * X. Momentum (Nesterov): buf <- lerp(buf, g, 1 - mu);
+    update = lerp(g, buf, mu).
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One Muon update of every matrix, one batch per (group, shape)."""
+        if closure is not None:
+            raise ValueError("BatchedMuon.step takes no closure")
+        for group in self.param_groups:
+            lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+            a, b, c = group["ns_coefficients"]
+            buckets: dict[tuple, list[nn.Parameter]] = {}
+            for p in group["params"]:
+                if p.grad is not None:
+                    buckets.setdefault((tuple(p.shape), p.dtype, p.device), []).append(p)
+            for (shape, _, _), params in buckets.items():
+                grads = [p.grad for p in params]
+                bufs = []
+                for p in params:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(
+                            p.grad, memory_format=torch.preserve_format
+                        )
+                    bufs.append(state["momentum_buffer"])
+                torch._foreach_lerp_(bufs, grads, 1 - mu)
+                updates = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
+                X = torch.stack(updates).bfloat16()
+                transposed = shape[0] > shape[1]
+                if transposed:
+                    X = X.mT
+                X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=group["eps"])
+                for _ in range(group["ns_steps"]):
+                    A = X @ X.mT
+                    B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+                    X = torch.baddbmm(X, B, X, beta=a)
+                if transposed:
+                    X = X.mT
+                adjusted = lr * _adjust_ratio(group["adjust_lr_fn"], shape)
+                if wd != 0:
+                    torch._foreach_mul_(params, 1 - lr * wd)
+                torch._foreach_add_(params, list(X.to(params[0].dtype).unbind(0)), alpha=-adjusted)
+        return None
+
+
+def _adjust_ratio(adjust_lr_fn: str | None, shape: tuple[int, ...]) -> float:
+    """torch.optim.Muon's lr adjustment: "original" sqrt(max(1, A/B)); "match_rms_adamw" 0.2 sqrt(max(A, B))."""
+    A, B = shape[:2]
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return math.sqrt(max(1, A / B))
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(A, B))
+    return 1.0
+
+
+def split_params(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """Trainable parameters by role: matrix, head, embedding, scalar (each parameter once; ties deduped)."""
+    roles: dict[int, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding):
+            roles[id(module.weight)] = "embedding"
+        elif isinstance(module, nn.Linear):
+            for pname, p in module.named_parameters(recurse=False):
+                if pname == "weight":
+                    is_head = name.split(".")[-1] == "lm_head"
+                    roles.setdefault(id(p), "head" if is_head else "matrix")
+    out: dict[str, list[nn.Parameter]] = {"matrix": [], "head": [], "embedding": [], "scalar": []}
+    seen: set[int] = set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        role = roles.get(id(p), "scalar")
+        if role == "matrix" and p.ndim != 2:
+            role = "scalar"
+        out[role].append(p)
+    return out
+
+
+def _adamw(groups: list[dict], cfg: OptimizerConfig, device_type: str) -> torch.optim.Optimizer:
+    # fused=True: one multi-tensor CUDA kernel per step; foreach on CPU (fused CPU AdamW is slower there).
+    kwargs = {"fused": True} if device_type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=0.0, **kwargs)
+
+
+def _count(params: list[nn.Parameter]) -> str:
+    n = sum(p.numel() for p in params)
+    return f"{len(params)} tensors, {n / 1e6:.2f}M params"
+
+
+def build_optimizer(
+    model: nn.Module, opt_config: OptimizerConfig, device_type: str
+) -> tuple[GhostVisOptimizer, str]:
+    """The optimizer the plan picks (or opt_config.backend requests) for model; returns (optimizer, description)."""
+    plan = plan_backends(probe_env(), device_type=device_type, optimizer=opt_config.backend)
+    backend = plan.optimizer.backend
+    parts = split_params(model)
+    cfg = opt_config
+    wd = cfg.weight_decay
+    no_decay = parts["embedding"] + parts["scalar"]
+    optimizers: list[torch.optim.Optimizer] = []
+    if backend == "muon":
+        muon_lr = cfg.resolved_matrix_lr
+        if parts["matrix"]:
+            # match_rms_adamw scales each update to AdamW's RMS (0.2*sqrt(max(rows, cols))), so matrix_lr
+            # lives on the AdamW lr scale.
+            muon = BatchedMuon(
+                [{"params": parts["matrix"], "name": "matrix"}],
+                lr=muon_lr,
+                weight_decay=wd,
+                momentum=cfg.momentum,
+                nesterov=True,
+                adjust_lr_fn="match_rms_adamw",
+            )
+            optimizers.append(muon)
+        adam_groups = [
+            {"params": parts["head"], "weight_decay": wd, "name": "head"},
+            {"params": parts["embedding"], "weight_decay": 0.0, "name": "embedding"},
+            {"params": parts["scalar"], "weight_decay": 0.0, "name": "scalar"},
+        ]
+        adam_groups = [g for g in adam_groups if g["params"]]
+        if adam_groups:
+            optimizers.append(_adamw(adam_groups, cfg, device_type))
+        description = (
+            f"{plan.optimizer.label}: Muon (lr {muon_lr:g}, momentum {cfg.momentum}, match_rms_adamw) on "
+            f"{_count(parts['matrix'])}; AdamW (lr {cfg.lr:g}) on {_count(parts['head'] + no_decay)}"
+        )
+    else:
+        groups = [
+            {"params": parts["matrix"] + parts["head"], "weight_decay": wd, "name": "matrix"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "scalar"},
+        ]
+        groups = [g for g in groups if g["params"]]
+        if backend == "apex_adam":
+            try:
+                from apex.optimizers import FusedAdam
+            except ImportError as err:
+                raise BackendUnavailableError(
+                    f"optimizer backend 'apex_adam' needs apex ({err}); `ghostvis install apex` or backend=adamw"
+                ) from err
+            optimizers.append(FusedAdam(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, adam_w_mode=True))
+        else:
+            optimizers.append(_adamw(groups, cfg, device_type))
+        description = (
+            f"{plan.optimizer.label} (lr {cfg.lr:g}) on {_count(parts['matrix'] + parts['head'] + no_decay)}"
+        )
+    for opt in optimizers:
+        for g in opt.param_groups:
+            g["initial_lr"] = g["lr"]
+    get_logger().info(f"Using optimizer backend: {description}")
+    return GhostVisOptimizer(optimizers, backend), description
