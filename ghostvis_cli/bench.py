@@ -93,34 +93,33 @@ def kernels(
 
 @bench_app.command("train")
 def train(
-    preset: str = typer.Option(
-        "d12", "--preset", help="Model preset name (see ghostvis_core.model_configs)."
-    ),
+    preset: str = typer.Option("d20", "--preset", help="Model preset name (`ghostvis train --list`)."),
     seq_len: int = typer.Option(2048, "--seq-len", help="Tokens per sequence."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Sequences per step."),
-    steps: int = typer.Option(20, "--steps", help="Timed training steps."),
-    compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the model."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Sequences per step."),
+    steps: int = typer.Option(10, "--steps", help="Timed training steps (after warm-up)."),
+    compile: bool = typer.Option(True, "--compile/--no-compile", help="torch.compile both models."),
+    optimizer: str = typer.Option("adamw", "--optimizer", help="Our optimizer: adamw or muon."),
+    norm_backend: str = typer.Option(
+        "auto", "--norm-backend", help="Our RMSNorm/SwiGLU backend: auto, triton or torch."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
 ) -> None:
-    """Training-step throughput (tok/s, MFU) of a preset against plain PyTorch."""
-    from ghostvis_core.bench.train_bench import run_train_bench
+    """One optimizer step of a preset with our stack against plain compiled PyTorch, same process and card."""
+    from ghostvis_core.bench.train_bench import format_train_bench, run_train_bench
 
     result = run_train_bench(
-        preset=preset, seq_len=seq_len, batch_size=batch_size, steps=steps, compile=compile
+        preset=preset,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        steps=steps,
+        compile=compile,
+        optimizer=optimizer,
+        norm_backend=norm_backend,
     )
     if as_json:
         typer.echo(json.dumps(result, indent=2, default=str))
         return
-    table = Table(title=f"Train step: {preset}, T={seq_len}, B={batch_size}", title_justify="left")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    row_lists = {k: v for k, v in result.items() if isinstance(v, list) and v and isinstance(v[0], dict)}
-    for key, value in result.items():
-        if key not in row_lists:
-            table.add_row(str(key), json.dumps(value) if isinstance(value, (dict, list)) else _fmt(value, 2))
-    console.print(table)
-    for key, rows in row_lists.items():
-        console.print(_dict_rows_table(key, rows))
+    console.print(format_train_bench(result), highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -349,7 +349,7 @@ class GPT(nn.Module):
         """nanochat-style init; residual output projections start at zero so each block starts as identity.
 
         q/k/v/gate/up: uniform with std 1/sqrt(fan_in) (bound sqrt(3/fan_in)); o_proj, down_proj: 0;
-        embedding: N(0, 1) untied (RMSNorm follows it), N(0, 1/sqrt(C)) tied (it is also the head);
+        embedding: N(0, 1) untied (RMSNorm follows it), N(0, 1/C) tied (it is also the head);
         lm_head untied: N(0, 0.001) so the first logits are near-uniform; norm weights: 1.
         """
         C = self.config.n_embd
@@ -369,7 +369,10 @@ class GPT(nn.Module):
             if isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
         if self.config.tie_embeddings:
-            self.model.embed_tokens.weight.normal_(0.0, 1.0 / math.sqrt(C))
+            # With zero-init blocks the final hidden state is norm(e_x) = e_x * sqrt(C) / |e_x|, so a tied head
+            # gives the input token the logit sqrt(C) * |e_x| = C * std: std = 1/C keeps it near 1 and the
+            # first loss near ln(V) instead of "predict the current token" (std 1/sqrt(C) gave 15.8 at V=631).
+            self.model.embed_tokens.weight.normal_(0.0, 1.0 / C)
         else:
             self.model.embed_tokens.weight.normal_(0.0, 1.0)
             self.lm_head.weight.normal_(0.0, 0.001)

@@ -377,6 +377,7 @@ def run_train_bench(
     warmup: int = 3,
     optimizer: str = "adamw",
     components: bool = True,
+    norm_backend: str = "auto",
 ) -> dict:
     """Train-step throughput, MFU and peak memory of our stack vs the plain PyTorch reference, same card."""
     if not torch.cuda.is_available():
@@ -388,7 +389,7 @@ def run_train_bench(
         raise ConfigError(
             f"need steps >= 1, warmup >= 0, batch_size >= 1 (got {steps}, {warmup}, {batch_size})"
         )
-    config = get_preset(preset, sequence_len=seq_len)
+    config = get_preset(preset, sequence_len=seq_len, norm_backend=norm_backend)
     device_name = torch.cuda.get_device_name()
     peak = peak_bf16_flops(device_name)
     ours = measure_ours(config, batch_size, steps, warmup, compile, optimizer)
@@ -404,6 +405,8 @@ def run_train_bench(
         "batch_size": batch_size,
         "steps": steps,
         "compile": compile,
+        "optimizer": optimizer,
+        "norm_backend": norm_backend,
         "peak_flops": peak,
         "flops_per_token": fpt,
         "ours": ours,
@@ -436,7 +439,8 @@ def format_train_bench(result: dict) -> str:
 
     lines = [
         f"{result['preset']} B={result['batch_size']} T={result['seq_len']} on {result['device']} "
-        f"(torch {result['torch']}, compile={result['compile']})",
+        f"(torch {result['torch']}, compile={result['compile']}, "
+        f"optimizer={result['optimizer']}, norm={result['norm_backend']})",
         f"{'':12}{'tok/s':>10}{'MFU':>8}{'step ms':>9}{'peak GiB':>10}",
         f"{'GhostVis':12}{o['tok_per_s']:>10.0f}{mfu(o):>8}{o['step_ms']:>9.1f}{o['peak_mem_gib']:>10.1f}",
         f"{'reference':12}{r['tok_per_s']:>10.0f}{mfu(r):>8}{r['step_ms']:>9.1f}{r['peak_mem_gib']:>10.1f}",

@@ -228,9 +228,11 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
         model_state = ckpt.load_model_state(start.init_dir)
     if model_state is not None and not cfg.fsdp:
         raw_model.load_state_dict(model_state, strict=True)
-    model = wrap_model(raw_model, info, cfg.fsdp)
     if cfg.compile:
-        model = torch.compile(model)
+        # regional compilation: the identical blocks share one graph (whole-model compile takes far longer,
+        # and the attention setup and chunked loss are deliberate eager regions)
+        raw_model.compile_blocks()
+    model = wrap_model(raw_model, info, cfg.fsdp)
     optimizer, description = build_optimizer(raw_model, cfg.optim, device.type)
     if cfg.fsdp and model_state is not None:
         _load_state_dicts(raw_model, optimizer, model_state, optim_state, fsdp=True)
