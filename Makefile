@@ -19,9 +19,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -e '.[test]'
 	touch $@
 
+# The demo: what this machine can run, a short pretraining run on the embedded corpus (its loss falls), a short
+# chat fine-tune from that checkpoint (loss on assistant tokens only), then the fine-tuned model answers questions.
+# Each invocation trains fresh runs named demo-<time>, so earlier runs are never touched.
+DEMO_RUN := demo-$(shell date +%Y%m%d-%H%M%S)
 demo: install
 	$(BIN)/ghostvis doctor
-# DEMO-TRAIN: the tiny training run is added to this target below this line.
+	$(BIN)/ghostvis train base_train --run $(DEMO_RUN)-base
+	$(BIN)/ghostvis train chat_sft --run $(DEMO_RUN)-chat --num-steps 150 init_from=$(DEMO_RUN)-base
+	$(BIN)/ghostvis infer --run $(DEMO_RUN)-chat --prompt "Which is bigger, 7 or 4?"
+	$(BIN)/ghostvis infer --run $(DEMO_RUN)-chat --prompt "What is 6 plus 12?"
 
 # pytest exits 5 when it collects no tests; make treats that as a failure, as it should.
 test: install

@@ -5,7 +5,7 @@ import sys
 import typer
 from rich.console import Console
 
-from ghostvis_cli import bench, doctor, install, tokenizer_cmd, train
+from ghostvis_cli import bench, doctor, infer, install, tokenizer_cmd, train
 from ghostvis_core import __version__
 from ghostvis_core.errors import GhostVisError
 
@@ -41,7 +41,7 @@ def _root(
     _DEBUG["enabled"] = _DEBUG["enabled"] or debug
 
 
-for _module in (doctor, install, train, bench, tokenizer_cmd):
+for _module in (doctor, install, train, infer, bench, tokenizer_cmd):
     _module.register(app)
 
 

@@ -1,0 +1,115 @@
+"""Native inference: load a trained run's checkpoint and answer prompts with the KV-cache decoder.
+
+A chat run (chat_sft) is prompted through the tokenizer's chat template, the same template training used; a
+base run (base_train) continues plain text after BOS. Generation stops at the assistant's end token.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ghostvis_core.config import GPTConfig
+from ghostvis_core.errors import CheckpointError, ConfigError
+from ghostvis_core.paths import runs_dir
+from ghostvis_core.tokenizer import Tokenizer
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to generate, with the tokenizer and recipe of the run it came from."""
+
+    model: torch.nn.Module
+    tokenizer: Tokenizer
+    checkpoint: Path
+    recipe: str
+
+    @property
+    def is_chat(self) -> bool:
+        """True for runs trained on chats: prompts go through the chat template."""
+        return self.recipe == "chat_sft"
+
+
+def latest_run(root: Path) -> Path:
+    """The run folder with the newest complete checkpoint under `root`."""
+    from ghostvis_core.train.checkpoint import latest_checkpoint
+
+    candidates = []
+    for run in root.iterdir() if root.is_dir() else []:
+        step = latest_checkpoint(run) if run.is_dir() else None
+        if step is not None:
+            candidates.append((step.stat().st_mtime, run))
+    if not candidates:
+        raise CheckpointError(
+            f"no trained run with a checkpoint under {root}: train one first (`ghostvis train base_train`), "
+            "or pass --run NAME / --checkpoint PATH"
+        )
+    return max(candidates)[1]
+
+
+def load_for_inference(spec: str | None = None, device: str | None = None) -> LoadedModel:
+    """Load a run name, run folder or step_NNNNNN folder (None: the newest run) for generation."""
+    from ghostvis_core.gpt import GPT
+    from ghostvis_core.train.checkpoint import load_model_state, resolve_checkpoint_spec, verify_checkpoint
+
+    root = runs_dir()
+    step_dir = resolve_checkpoint_spec(spec, root, "--run/--checkpoint") if spec else None
+    if step_dir is None:
+        step_dir = resolve_checkpoint_spec(str(latest_run(root)), root, "latest run")
+    state = verify_checkpoint(step_dir)
+    run_dir = step_dir.parent
+    tokenizer_dir = run_dir / "tokenizer"
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        raise CheckpointError(f"{run_dir} has no tokenizer/tokenizer.json: it is not a complete GhostVis run folder")
+    recipe = str(state.get("recipe") or _recipe_from_config(run_dir))
+    config = GPTConfig.from_dict(state["model_config"])
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with torch.device(device):
+        model = GPT(config)
+    model.load_state_dict(load_model_state(step_dir), strict=True)
+    model.eval()
+    return LoadedModel(model, Tokenizer.load(tokenizer_dir), step_dir, recipe)
+
+
+def _recipe_from_config(run_dir: Path) -> str:
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return "base_train"
+    return json.loads(path.read_text()).get("train", {}).get("recipe", "base_train")
+
+
+@torch.no_grad()
+def generate_text(
+    loaded: LoadedModel,
+    prompt: str,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    seed: int = 0,
+) -> str:
+    """The model's reply to `prompt` (chat runs) or its continuation (base runs), decoded without specials."""
+    if max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1 (got {max_new_tokens})")
+    if temperature < 0:
+        raise ConfigError(f"--temperature must be >= 0 (got {temperature})")
+    tok = loaded.tokenizer
+    if loaded.is_chat:
+        ids, _ = tok.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    else:
+        ids = [tok.bos_id, *tok.encode(prompt)]
+    limit = loaded.model.config.sequence_len
+    max_new_tokens = min(max_new_tokens, limit - len(ids))
+    if max_new_tokens < 1:
+        raise ConfigError(f"the prompt is {len(ids)} tokens; the model's context is {limit}: shorten it")
+    device = next(loaded.model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    out = loaded.model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
+    new = out[0, len(ids):].tolist()
+    stops = {tok.eos_id, tok.bos_id} if loaded.is_chat else {tok.bos_id}
+    for i, token in enumerate(new):
+        if token in stops:
+            new = new[:i]
+            break
+    return tok.decode(new, skip_special=True)
