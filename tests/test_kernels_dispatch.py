@@ -90,18 +90,21 @@ def test_bench_kernels_rejects_bad_flags():
 def test_bench_train_passes_its_flags(monkeypatch):
     calls = []
 
-    def run_train_bench(preset, seq_len, batch_size, steps, compile):
-        calls.append((preset, seq_len, batch_size, steps, compile))
-        return {"tok_per_s": 1234.5, "mfu": 0.5, "rows": [{"impl": "ghostvis", "tok_per_s": 1234.5}]}
+    def run_train_bench(**kwargs):
+        calls.append(kwargs)
+        return {"tok_per_s": 1234.5, "speedup": 0.5}
 
     fake = types.ModuleType("ghostvis_core.bench.train_bench")
     fake.run_train_bench = run_train_bench
+    fake.format_train_bench = lambda result: f"speedup: {result['speedup']:.2f}x"
     monkeypatch.setitem(sys.modules, "ghostvis_core.bench.train_bench", fake)
     args = ["bench", "train", "--preset", "tiny", "--seq-len", "64", "--batch-size", "2", "--steps", "3"]
-    result = CliRunner().invoke(_bench_app(), args + ["--json"])
+    result = CliRunner().invoke(_bench_app(), args + ["--json", "--no-compile"])
     assert result.exit_code == 0, result.output
     assert '"tok_per_s": 1234.5' in result.output
-    assert calls == [("tiny", 64, 2, 3, False)]
-    result = CliRunner().invoke(_bench_app(), args + ["--compile"])
+    assert calls == [dict(preset="tiny", seq_len=64, batch_size=2, steps=3, compile=False, optimizer="adamw",
+                          norm_backend="auto")]
+    result = CliRunner().invoke(_bench_app(), args + ["--optimizer", "muon", "--norm-backend", "torch"])
     assert result.exit_code == 0, result.output
-    assert "1,234.50" in result.output and calls[-1][-1] is True
+    assert "speedup: 0.50x" in result.output
+    assert calls[-1]["compile"] is True and calls[-1]["optimizer"] == "muon" and calls[-1]["norm_backend"] == "torch"
