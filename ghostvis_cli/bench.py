@@ -3,6 +3,7 @@
 import json
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -41,16 +42,52 @@ def _print_kernel_table(title: str, rows: list[dict]) -> None:
         console.print(note, highlight=False, soft_wrap=True)
 
 
-def _dict_rows_table(title: str, rows: list[dict]) -> Table:
-    """A table whose columns are the union of the rows' keys, in first-seen order."""
-    columns: list[str] = []
-    for row in rows:
-        columns.extend(k for k in row if k not in columns)
-    table = Table(title=title, title_justify="left")
-    for col in columns:
-        table.add_column(col)
-    for row in rows:
-        table.add_row(*(_fmt(row.get(col)) for col in columns))
+def _attention_title(rows: list[dict]) -> str:
+    first = rows[0]
+    shape = "B={batch} H={heads} T={seq_len} D={head_dim} {dtype}".format_map(
+        {k: first.get(k, "?") for k in ("batch", "heads", "seq_len", "head_dim", "dtype")}
+    )
+    docs = next((r["docs_per_row"] for r in rows if r.get("docs_per_row")), None)
+    packed = f", packed: {docs} docs/row" if docs else ""
+    return f"Attention {shape}, causal{packed}"
+
+
+def attention_table(rows: list[dict]) -> Table:
+    """Compact table of `run_attention_bench()` rows: readable at 80 columns (shape in the title, reasons wrap)."""
+    table = Table(
+        title=_attention_title(rows),
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        padding=(0, 1),
+        collapse_padding=True,
+    )
+    # min_width 16 keeps "FlashAttention-2" on one line; the note column takes the rest and wraps
+    table.add_column("backend", overflow="fold", min_width=16)
+    table.add_column("case", no_wrap=True)
+    for header in ("fwd\nms", "fwd+bwd\nms", "fwd\nTFLOP/s", "fwd+bwd\nTFLOP/s"):
+        table.add_column(header, justify="right", no_wrap=True)
+    table.add_column("note", overflow="fold")
+    previous: tuple[str, str] | None = None
+    for r in rows:
+        label = r.get("label") or r.get("backend", "?")
+        if r.get("status") != "ok":
+            status, reason = str(r.get("status", "?")), r.get("reason")
+            note = f"{status}: {reason}" if reason else status
+            if previous == (label, note):  # e.g. flash-attn absent: one reason for both of its cases
+                table.add_row(label, r.get("case", "?"), "-", "-", "-", "-", f"{status}: as above")
+                continue
+            previous = (label, note)
+            table.add_row(label, r.get("case", "?"), "-", "-", "-", "-", note)
+            continue
+        speedup = r.get("speedup_vs_dense")
+        # packed rows carry no TFLOP/s (their FLOPs depend on the document layout): the ratio to dense instead
+        note = f"{speedup:.2f}x dense (fwd+bwd)" if speedup is not None else ""
+        table.add_row(
+            label, r.get("case", "?"), _fmt(r.get("fwd_ms"), 3), _fmt(r.get("fwd_bwd_ms"), 3),
+            _fmt(r.get("fwd_tflops"), 0), _fmt(r.get("fwd_bwd_tflops"), 0), note,
+        )  # fmt: skip
     return table
 
 
@@ -85,7 +122,7 @@ def kernels(
     _print_kernel_table(f"RMSNorm {rms_rows}x{rms_hidden} {dtype}", result["rms_norm"])
     _print_kernel_table(f"SwiGLU {swiglu_rows}x{swiglu_hidden} {dtype}", result["swiglu"])
     if result["attention"]:
-        console.print(_dict_rows_table("Attention", result["attention"]))
+        console.print(attention_table(result["attention"]))
     console.print(
         "Bytes: RMSNorm fwd x+y, bwd x+dy+dx; SwiGLU fwd a+b+out, bwd a+b+dout+da+db. Median of CUDA events."
     )

@@ -91,9 +91,10 @@ def train(
     default = importlib.import_module(module_name).default_config()
     cfg = launch.resolve_config(default, recipe, flags, overrides or [])
 
-    from ghostvis_core.env import probe_env
+    from ghostvis_core.env import probe_gpus
 
-    facts = probe_env()
+    # Only GPU/CPU counts: the full probe_env() also imports every optional package (seconds for vLLM).
+    facts = probe_gpus()
     nproc = launch.resolve_nproc(
         gpus,
         gpu_count=facts.gpu_count,

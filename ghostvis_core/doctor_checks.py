@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 from ghostvis_core import paths
 from ghostvis_core.backends import BackendPlan, plan_backends, vllm_unavailable, why_attention_unavailable
-from ghostvis_core.env import PROFILE_ENV_VAR, EnvFacts
+from ghostvis_core.env import PROFILE_ENV_VAR, EnvFacts, format_cudnn_version
 from ghostvis_core.errors import ConfigError
 
 GROUPS = ("System", "GPU", "CUDA stack", "Backends", "Paths")
@@ -162,12 +162,14 @@ def _cuda_checks(env: EnvFacts) -> list[Check]:
             Check("CUDA stack", "torch", "ok", f"torch {env.torch_version} (CUDA {env.torch_cuda})")
         )
         if env.has_gpu:
+            # A profile written before versions were stored dotted holds the raw integer ("91900").
+            cudnn = format_cudnn_version(env.cudnn) if env.cudnn else None
             checks.append(
                 Check(
                     "CUDA stack",
                     "cudnn",
                     "ok" if env.cudnn else "warn",
-                    f"cuDNN {env.cudnn}" if env.cudnn else "no cuDNN: SDPA/cuDNN unavailable",
+                    f"cuDNN {cudnn}" if cudnn else "no cuDNN: SDPA/cuDNN unavailable",
                     "" if env.cudnn else "reinstall the CUDA build of torch (it ships cuDNN)",
                 )
             )

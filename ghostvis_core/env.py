@@ -126,7 +126,7 @@ class EnvFacts:
     driver: str | None = None
     """NVIDIA driver version (pynvml, else nvidia-smi), None when there is none."""
     cudnn: str | None = None
-    """cuDNN version torch loads, e.g. "91900"."""
+    """cuDNN version torch loads, dotted, e.g. "9.19.0" (see format_cudnn_version)."""
     nccl: str | None = None
     """NCCL version torch was built with, e.g. "2.27.3"."""
     gpus: list[GPUInfo] = field(default_factory=list)
@@ -213,7 +213,28 @@ class EnvFacts:
 # Probing
 
 
+@dataclass(frozen=True)
+class GpuFacts:
+    """The few facts a launcher needs: how many GPUs and CPUs, without probing packages or tools."""
+
+    cuda_available: bool
+    """torch.cuda.is_available()."""
+    gpu_count: int
+    """Number of visible CUDA GPUs (0 without CUDA)."""
+    visible_devices: str | None
+    """CUDA_VISIBLE_DEVICES as set, None when unset."""
+    cpu_count: int
+    """CPU cores this process may use."""
+
+
 _CACHE: dict[str, EnvFacts] = {}
+_GPU_CACHE: dict[str, GpuFacts] = {}
+
+
+def reset_env_cache() -> None:
+    """Forget cached facts so the next probe_env()/probe_gpus() probes again (or rereads the profile)."""
+    _CACHE.clear()
+    _GPU_CACHE.clear()
 
 
 def probe_env(refresh: bool = False) -> EnvFacts:
@@ -221,7 +242,51 @@ def probe_env(refresh: bool = False) -> EnvFacts:
     if refresh or "facts" not in _CACHE:
         profile = os.environ.get(PROFILE_ENV_VAR)
         _CACHE["facts"] = load_profile(profile) if profile else _probe()
+        _GPU_CACHE.clear()  # the light probe must agree with the full one
     return _CACHE["facts"]
+
+
+def probe_gpus(refresh: bool = False) -> GpuFacts:
+    """GPU/CPU counts only (no package, tool or driver probes), cached per process; honours the profile."""
+    if refresh or "gpus" not in _GPU_CACHE:
+        profile = os.environ.get(PROFILE_ENV_VAR)
+        if profile:
+            _GPU_CACHE["gpus"] = _gpu_facts(load_profile(profile))
+        elif "facts" in _CACHE and not refresh:
+            _GPU_CACHE["gpus"] = _gpu_facts(_CACHE["facts"])
+        else:
+            import torch
+
+            cuda_available = torch.cuda.is_available()
+            _GPU_CACHE["gpus"] = GpuFacts(
+                cuda_available=cuda_available,
+                gpu_count=torch.cuda.device_count() if cuda_available else 0,
+                visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+                cpu_count=_cpu_count(),
+            )
+    return _GPU_CACHE["gpus"]
+
+
+def _gpu_facts(facts: EnvFacts) -> GpuFacts:
+    return GpuFacts(facts.cuda_available, facts.gpu_count, facts.visible_devices, facts.cpu_count)
+
+
+def format_cudnn_version(version: int | str) -> str:
+    """cuDNN's integer version as "major.minor.patch"; a dotted string is returned unchanged.
+
+    cuDNN >= 9 encodes major*10000 + minor*100 + patch (91900 = 9.19.0); before 9 it was
+    major*1000 + minor*100 + patch (8902 = 8.9.2). The two ranges do not overlap: 9.0.0 = 90000 > 8.9.9.
+    """
+    text = str(version).strip()
+    if not text.isdigit():
+        return text
+    value = int(text)
+    if value >= 90000:
+        major, rest = divmod(value, 10000)
+    else:
+        major, rest = divmod(value, 1000)
+    minor, patch = divmod(rest, 100)
+    return f"{major}.{minor}.{patch}"
 
 
 def load_profile(path: str | os.PathLike) -> EnvFacts:
@@ -255,7 +320,7 @@ def _probe() -> EnvFacts:
                 GPUInfo(i, props.name, (props.major, props.minor), round(props.total_memory / 2**30, 1))
             )
         if torch.backends.cudnn.is_available():
-            cudnn = str(torch.backends.cudnn.version())
+            cudnn = format_cudnn_version(torch.backends.cudnn.version())
         nccl = _nccl_version(torch)
     runs = runs_dir()
     return EnvFacts(

@@ -126,7 +126,7 @@ def use_profile(tmp_path, monkeypatch):
         return path
 
     yield _use
-    env_mod._CACHE.clear()
+    env_mod.reset_env_cache()
 
 
 @pytest.fixture(autouse=True)

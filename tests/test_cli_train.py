@@ -45,17 +45,18 @@ def machine(tmp_path, monkeypatch):
     """GHOSTVIS_HOME in tmp, a CPU-only profile, a fresh env cache, no inherited launch variables."""
     monkeypatch.setenv("GHOSTVIS_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("COLUMNS", "200")
-    monkeypatch.setattr(env_module, "_CACHE", {})
+    env_module.reset_env_cache()
     for name in ("OMP_NUM_THREADS", *launch.RANK_ENV_PASSTHROUGH):
         monkeypatch.delenv(name, raising=False)
 
     def use(num_gpus: int, visible: str | None = None, cpu_count: int = 16) -> None:
         profile = write_profile(tmp_path / f"profile{num_gpus}.json", num_gpus, visible, cpu_count)
         monkeypatch.setenv("GHOSTVIS_ENV_PROFILE", str(profile))
-        monkeypatch.setattr(env_module, "_CACHE", {})
+        env_module.reset_env_cache()
 
     use(0)
-    return use
+    yield use
+    env_module.reset_env_cache()  # later tests must not see this test's profile
 
 
 def dry_json(args, capsys) -> dict:
@@ -302,3 +303,15 @@ def test_end_to_end_tiny_cpu_run_writes_a_checkpoint(tmp_path):
     assert steps and steps[-1] == "step_000003", (steps, proc.stderr)
     assert (run_dir / steps[-1] / "model.safetensors").stat().st_size > 0
     assert json.loads((run_dir / "launch" / "resolved_config.json").read_text())["num_steps"] == 3
+
+
+def test_train_uses_the_light_gpu_probe(machine, monkeypatch, capsys):
+    """`ghostvis train` counts GPUs without the full probe (which imports every optional package)."""
+
+    def full_probe(*_a, **_k):
+        raise AssertionError("ghostvis train called probe_env()")
+
+    monkeypatch.setattr(env_module, "probe_env", full_probe)
+    machine(4, visible="0,1,2,3")
+    got = dry_json(["base_train"], capsys)
+    assert got["nproc_per_node"] == 4 and got["device"] == "cuda"

@@ -33,7 +33,7 @@ def test_probe_this_machine(monkeypatch):
     for status in facts.packages.values():
         assert status.installed or not status.importable
     json.dumps(facts.to_dict())  # JSON-ready
-    env_mod._CACHE.clear()
+    env_mod.reset_env_cache()
 
 
 def test_properties_from_hand_built_facts():
@@ -66,7 +66,7 @@ def test_profile_roundtrip_via_env_var(tmp_path, monkeypatch):
     loaded = probe_env(refresh=True)
     assert loaded == facts
     assert loaded.gpus[0] == GPUInfo(0, "Tesla T4", (7, 5), 14.6)
-    env_mod._CACHE.clear()
+    env_mod.reset_env_cache()
 
 
 def test_bad_profiles_are_clear_errors(tmp_path):
@@ -141,3 +141,66 @@ def test_profile_from_a_doctor_json_report(tmp_path):
     path = tmp_path / "report.json"
     path.write_text(json.dumps({"facts": facts.to_dict(), "checks": [], "verdict": "x"}))
     assert env_mod.load_profile(path) == facts
+
+
+@pytest.mark.parametrize(
+    ("raw", "dotted"),
+    [
+        (91900, "9.19.0"),  # cuDNN >= 9: major*10000 + minor*100 + patch
+        (90100, "9.1.0"),
+        (90000, "9.0.0"),
+        (91002, "9.10.2"),
+        (8902, "8.9.2"),  # cuDNN < 9: major*1000 + minor*100 + patch
+        (8700, "8.7.0"),
+        (7605, "7.6.5"),
+        ("91900", "9.19.0"),  # a profile written before versions were stored dotted
+        ("9.19.0", "9.19.0"),
+    ],
+)
+def test_format_cudnn_version(raw, dotted):
+    assert env_mod.format_cudnn_version(raw) == dotted
+
+
+def test_probe_stores_dotted_cudnn(monkeypatch):
+    import torch
+
+    monkeypatch.delenv(env_mod.PROFILE_ENV_VAR, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91900)
+    monkeypatch.setattr(env_mod, "_nccl_version", lambda _torch: None)
+    monkeypatch.setattr(env_mod, "probe_package", lambda name: PackageStatus(name=name, installed=False))
+    assert env_mod._probe().cudnn == "9.19.0"
+
+
+def test_probe_gpus_from_profile_and_reset(tmp_path, monkeypatch):
+    h100 = make_env("h100", num_gpus=8)
+    h100.visible_devices = "0,1,2,3,4,5,6,7"
+    monkeypatch.setenv(env_mod.PROFILE_ENV_VAR, str(write_profile(h100, tmp_path / "h100.json")))
+    env_mod.reset_env_cache()
+    gpus = env_mod.probe_gpus()
+    assert gpus == env_mod.GpuFacts(True, 8, "0,1,2,3,4,5,6,7", h100.cpu_count)
+    assert env_mod.probe_gpus() is gpus  # cached per process
+    monkeypatch.setenv(env_mod.PROFILE_ENV_VAR, str(write_profile(make_env("cpu"), tmp_path / "cpu.json")))
+    assert env_mod.probe_gpus() is gpus  # still cached until reset
+    env_mod.reset_env_cache()
+    assert env_mod.probe_gpus().gpu_count == 0 and not env_mod.probe_gpus().cuda_available
+    env_mod.reset_env_cache()
+
+
+def test_probe_gpus_skips_package_probes_and_agrees_with_probe_env(monkeypatch):
+    monkeypatch.delenv(env_mod.PROFILE_ENV_VAR, raising=False)
+    env_mod.reset_env_cache()
+
+    def no_package_probe(name):
+        raise AssertionError(f"probe_gpus probed package {name}")
+
+    with monkeypatch.context() as m:
+        m.setattr(env_mod, "probe_package", no_package_probe)
+        light = env_mod.probe_gpus()
+    full = probe_env(refresh=True)
+    assert light == env_mod.GpuFacts(
+        full.cuda_available, full.gpu_count, full.visible_devices, full.cpu_count
+    )
+    env_mod.reset_env_cache()

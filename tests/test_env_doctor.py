@@ -14,7 +14,7 @@ from ghostvis_core.errors import ConfigError
 
 def test_doctor_json_on_this_machine(capsys, monkeypatch):
     monkeypatch.delenv(env_mod.PROFILE_ENV_VAR, raising=False)
-    env_mod._CACHE.clear()
+    env_mod.reset_env_cache()
     code, out, _ = run_cli(["doctor", "--json"], capsys)
     assert code == 0
     data = json.loads(out)  # stdout is JSON only
@@ -27,7 +27,7 @@ def test_doctor_json_on_this_machine(capsys, monkeypatch):
         assert data["backends"][key]["backend"] and data["backends"][key]["reason"]
     assert data["facts"]["torch_version"] == facts.torch_version
     assert data["exit_code"] == 0 and data["verdict"]
-    env_mod._CACHE.clear()
+    env_mod.reset_env_cache()
 
 
 def test_doctor_text_on_cpu_profile(use_profile, capsys):
@@ -74,3 +74,12 @@ def test_cpu_profile_requires_cuda_blocks():
     report = run_checks(make_env("cpu"), ["cuda", "triton"])
     assert report.exit_code == 1
     assert {c.name for c in report.blocking} == {"cuda", "triton"}
+
+
+def test_doctor_shows_dotted_cudnn(use_profile, capsys):
+    env = make_env("h100", flash_attn="2.8.3")
+    env.cudnn = "8902"  # raw integer from an older profile: shown dotted all the same
+    use_profile(env)
+    code, out, _ = run_cli(["doctor"], capsys)
+    assert code == 0
+    assert "cuDNN 8.9.2" in out and "8902" not in out

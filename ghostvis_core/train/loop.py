@@ -364,7 +364,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
                 last_saved = save(step) or last_saved
             if stop_now:
                 name = stop.signal_name or "a signal on another rank"
-                log.warning(f"stopped by {name} at step {step}; resume with the same command")
+                # The user-facing "stopped by ...; resume with the same command" line is printed once, on
+                # rank 0, by the recipe entry point (recipes/_main.py), which owns "the command".
                 return TrainResult(run_dir, step, last_loss, last_saved, stopped_by=name, losses=losses)
     finally:
         stop.restore()
