@@ -372,7 +372,13 @@ def _triton_interpret_ok(ctx: _Context) -> bool:
     )
 
 
-def _choose_norm(ctx: _Context, request: str, use_fused: bool) -> tuple[Choice, Choice]:
+COMPILED_NORM_REASON = (
+    "under torch.compile, inductor fuses RMSNorm/SwiGLU with neighbouring ops: measured 231.5 vs 242.2 ms "
+    "per d20 step on H100 (ghostvis bench train --norm-backend torch vs auto)"
+)
+
+
+def _choose_norm(ctx: _Context, request: str, use_fused: bool, compiled: bool) -> tuple[Choice, Choice]:
     triton_why = _triton_unavailable(ctx)
     torch_norm = Choice("torch", "PyTorch F.rms_norm", "")
     torch_swiglu = Choice("torch", "PyTorch silu(gate) * up", "")
@@ -426,21 +432,28 @@ def _choose_norm(ctx: _Context, request: str, use_fused: bool) -> tuple[Choice, 
             dataclasses.replace(torch_norm, reason="requested"),
             dataclasses.replace(torch_swiglu, reason="requested"),
         )
-    # auto: Triton, else PyTorch. apex is never picked on auto: measured F.rms_norm beats FusedRMSNorm
-    # (REFERENCE.md, H200: 3.31 vs 2.25 TB/s fwd, 1.68 vs 1.26 fwd+bwd), so it is not a faster fallback.
+    # auto: PyTorch under torch.compile, else Triton, else PyTorch. apex is never picked on auto: measured
+    # F.rms_norm beats FusedRMSNorm (REFERENCE.md, H200: 3.31 vs 2.25 TB/s fwd, 1.68 vs 1.26 fwd+bwd), so it
+    # is not a faster fallback.
     if not use_fused:
         reason = "use_fused_kernels=False in the config"
         return dataclasses.replace(torch_norm, reason=reason), dataclasses.replace(
             torch_swiglu, reason=reason
         )
-    if triton_why is None:
-        reason = "fused forward and backward in one kernel each"
-        return dataclasses.replace(triton_norm, reason=reason), dataclasses.replace(
-            triton_swiglu, reason=reason
+    if triton_why is not None:
+        return dataclasses.replace(torch_norm, reason=triton_why), dataclasses.replace(
+            torch_swiglu, reason=triton_why
         )
-    return dataclasses.replace(torch_norm, reason=triton_why), dataclasses.replace(
-        torch_swiglu, reason=triton_why
-    )
+    if compiled:
+        # A Triton kernel is opaque to inductor: it cuts the graph into pieces that cannot fuse with the
+        # residual add, RoPE casts or the GEMM inputs around them.
+        return dataclasses.replace(torch_norm, reason=COMPILED_NORM_REASON), dataclasses.replace(
+            torch_swiglu, reason=COMPILED_NORM_REASON
+        )
+    # Eager, Triton wins at every width measured, d20's narrow 1280 included (RMSNorm fwd+bwd of 32768 fp32
+    # rows, H100, torch 2.11: 0.612 vs 0.657 ms at 1280, 0.740 vs 1.105 at 2048, 1.441 vs 2.289 at 4096).
+    reason = "fused forward and backward in one kernel each"
+    return dataclasses.replace(triton_norm, reason=reason), dataclasses.replace(triton_swiglu, reason=reason)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -535,8 +548,13 @@ def plan_backends(
     use_fused_kernels: bool = True,
     head_dim: int = 128,
     dtype: str = "bfloat16",
+    compiled: bool = False,
 ) -> BackendPlan:
-    """Choose every backend for this machine and these requests; explicit requests that can't run raise."""
+    """Choose every backend for this machine and these requests; explicit requests that can't run raise.
+
+    compiled: the model runs under torch.compile (auto then keeps RMSNorm/SwiGLU in PyTorch for inductor to
+    fuse with the ops around them).
+    """
     if attn not in ATTN_REQUESTS:
         raise ConfigError(f"attn_backend={attn!r} is not one of {sorted(ATTN_REQUESTS)}")
     if norm not in NORM_REQUESTS:
@@ -561,7 +579,7 @@ def plan_backends(
     for case in ATTENTION_CASES:
         choice = _choose_attention(case, ctx, requested)
         attention[case] = choice if requested else _note_flash_skip(choice, case, ctx)
-    rms_norm, swiglu = _choose_norm(ctx, norm, use_fused_kernels)
+    rms_norm, swiglu = _choose_norm(ctx, norm, use_fused_kernels, compiled)
     return BackendPlan(
         device_type=device_type,
         attention=attention,
@@ -575,9 +593,11 @@ def plan_backends(
 _PLAN_CACHE: dict[tuple, BackendPlan] = {}
 
 
-def plan_for_model(config, device_type: str) -> BackendPlan:
-    """The plan for a GPTConfig on `device_type`, cached per (requests, device) for the process."""
+def plan_for_model(config, device_type: str, compiled: bool = False) -> BackendPlan:
+    """The plan for a GPTConfig on `device_type` (eager, or under torch.compile), cached per (requests, device,
+    compiled) for the process."""
     kwargs = {
+        "compiled": bool(compiled),
         "attn": getattr(config, "attn_backend", "auto"),
         "norm": getattr(config, "norm_backend", "auto"),
         "use_flash_attn": bool(getattr(config, "use_flash_attn", True)),

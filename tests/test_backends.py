@@ -254,3 +254,29 @@ def test_plan_to_dict_roundtrip_keys():
     assert set(d) == {"device_type", "attention", "rms_norm", "swiglu", "optimizer", "inference"}
     assert set(d["attention"]) == set(ATTENTION_CASES)
     assert d["attention"]["dense"]["label"] == "SDPA/efficient"
+
+
+def test_compiled_plan_keeps_norm_and_swiglu_in_torch():
+    env = make_env("h100")
+    eager = plan_backends(env)
+    assert (eager.rms_norm.backend, eager.swiglu.backend) == ("triton", "triton")
+    compiled = plan_backends(env, compiled=True)
+    assert (compiled.rms_norm.backend, compiled.swiglu.backend) == ("torch", "torch")
+    assert compiled.rms_norm.reason == backends.COMPILED_NORM_REASON
+    assert "231.5 vs 242.2 ms" in compiled.swiglu.reason
+    assert "RMSNorm, SwiGLU: PyTorch" in format_banner(compiled)
+    # an explicit request is honoured under compile too; no Triton means the Triton reason, not the compile one
+    assert plan_backends(env, norm="triton", compiled=True).rms_norm.reason == "requested"
+    no_triton = plan_backends(make_env("h100", triton=None), compiled=True)
+    assert no_triton.rms_norm.backend == "torch" and "triton" in no_triton.rms_norm.reason
+
+
+def test_plan_for_model_caches_compiled_separately(use_profile):
+    use_profile(make_env("h100"))
+    backends._PLAN_CACHE.clear()
+    config = SimpleNamespace(attn_backend="auto", norm_backend="auto", head_dim=128)
+    eager, compiled = plan_for_model(config, "cuda"), plan_for_model(config, "cuda", compiled=True)
+    assert eager is plan_for_model(config, "cuda")
+    assert compiled is plan_for_model(config, "cuda", compiled=True)
+    assert eager.rms_norm.backend == "triton" and compiled.rms_norm.backend == "torch"
+    backends._PLAN_CACHE.clear()

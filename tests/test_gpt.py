@@ -314,3 +314,47 @@ def test_low_precision_residual_under_cpu_autocast():
     loss.backward()
     print(f"bf16 residual loss {loss.item():.4f} vs fp32 {ref:.4f}")
     assert loss.dtype == torch.float32 and abs(loss.item() - ref) < 0.05 * ref
+
+
+def test_compile_blocks_replans_logs_and_matches_eager(caplog):
+    import logging
+
+    from ghostvis_core.kernels import dispatch
+
+    model = randomized(tiny_config())
+    ids = torch.randint(0, V, (2, 20))
+    tgt = torch.roll(ids, -1, 1)
+    ref = model(ids, tgt)
+    ref.backward()
+    ref_grad = model.lm_head.weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+    with caplog.at_level(logging.INFO, logger="ghostvis"):
+        model.compile_blocks(backend="eager", dynamic=False)
+    lines = [r.message for r in caplog.records if r.message.startswith("torch.compile")]
+    assert lines == ["torch.compile per block: RMSNorm: PyTorch F.rms_norm, SwiGLU: PyTorch silu(gate) * up "
+                     "(Triton kernels need a CUDA GPU)"]  # fmt: skip
+    assert model._compiled and model.model.norm._fn is dispatch.rms_norm_torch
+    loss = model(ids, tgt)
+    loss.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(model.lm_head.weight.grad, ref_grad)
+    # the backend is resolved outside traced code: no functools cache that dynamo would warn about
+    assert not hasattr(dispatch.triton_import_error, "cache_clear")
+
+
+def test_dense_rope_is_cached_and_matches_positions():
+    model = randomized(tiny_config())
+    cos, sin = model._dense_rope(12, torch.device("cpu"))
+    ref_cos, ref_sin = gpt_mod.rope_cos_sin(torch.arange(12).expand(3, 12), model.inv_freq)
+    assert cos.shape == (1, 12, 1, model.config.head_dim // 2)
+    torch.testing.assert_close(cos.expand_as(ref_cos), ref_cos, atol=0, rtol=0)
+    torch.testing.assert_close(sin.expand_as(ref_sin), ref_sin, atol=0, rtol=0)
+    assert model._dense_rope(12, torch.device("cpu"))[0] is cos
+    ids = torch.randint(0, V, (3, 12))
+    explicit = model(ids, position_ids=torch.arange(12).expand(3, 12))
+    torch.testing.assert_close(model(ids), explicit)
+    model.init_weights()
+    assert not model._rope_cache
+    with torch.inference_mode():
+        model(ids)
+    assert not model._rope_cache  # inference tensors are never cached for a later training forward

@@ -7,7 +7,8 @@ default kernel choice, silu(gate) * up, full-logit fp32 cross-entropy), `torch.c
 MFU = tok/s * flops_per_token / peak, flops_per_token = 6 * N_non_embedding + 12 * L * d * T (nanochat),
 against the card's dense bf16 peak (H100/H200 SXM 989e12, A100 312e12). Component times (attention, MLP,
 RMSNorm, loss) are fwd+bwd of one call in isolation at the model's shapes, eager, CUDA events, scaled by the
-number of calls per step; the optimizer time is measured inside the real training steps.
+number of calls per step; the optimizer time is measured inside the real training steps. Eager components
+do not add up to a compiled step: inductor fuses the elementwise work (RoPE, residual adds, norms, SwiGLU).
 """
 
 from __future__ import annotations
@@ -268,6 +269,42 @@ def _attention_ms(config: GPTConfig, plan, B: int) -> tuple[float, float]:
     return ours_ms, bench_ms(_fwd_bwd(ref, [q, k, v]))
 
 
+def _attn_proj_ms(config: GPTConfig, B: int) -> tuple[float, float]:
+    """q/k/v/o projections and RoPE of one layer (everything of attention but the softmax kernel)."""
+    from ghostvis_core.gpt import Attention, apply_rope, rope_cos_sin, rope_inv_freq
+
+    T, D = config.sequence_len, config.head_dim
+    x = torch.randn(B, T, config.n_embd, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ours = Attention(config).to("cuda")
+    ref = RefAttention(config).to("cuda")
+    inv_freq = rope_inv_freq(D, config.rope_theta, device="cuda")
+    cos, sin = rope_cos_sin(torch.arange(T, device="cuda")[None], inv_freq)
+    emb = torch.cat([torch.outer(torch.arange(T, device="cuda").float(), inv_freq)] * 2, dim=-1)
+    ref_cos, ref_sin = emb.cos(), emb.sin()
+
+    def ours_fn():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            H, K = config.n_head, config.n_kv_head
+            q = apply_rope(ours.q_proj(x).view(B, T, H, D), cos, sin)
+            k = apply_rope(ours.k_proj(x).view(B, T, K, D), cos, sin)
+            v = ours.v_proj(x).view(B, T, K, D)
+            # stand-in for attention's output, so o_proj sees a (B, T, H*D) input that depends on q, k, v
+            y = q + k.repeat_interleave(H // K, dim=2) + v.repeat_interleave(H // K, dim=2)
+            return ours.o_proj(y.reshape(B, T, -1)).float().sum()
+
+    def ref_fn():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            q = ref.q_proj(x).view(B, T, ref.h, D).transpose(1, 2)
+            k = ref.k_proj(x).view(B, T, ref.kv, D).transpose(1, 2)
+            v = ref.v_proj(x).view(B, T, ref.kv, D).transpose(1, 2)
+            q, k = _ref_rope(q, ref_cos, ref_sin), _ref_rope(k, ref_cos, ref_sin)
+            rep = ref.h // ref.kv
+            y = q + k.repeat_interleave(rep, dim=1) + v.repeat_interleave(rep, dim=1)
+            return ref.o_proj(y.transpose(1, 2).reshape(B, T, -1)).float().sum()
+
+    return bench_ms(_fwd_bwd(ours_fn, [x])), bench_ms(_fwd_bwd(ref_fn, [x]))
+
+
 def _mlp_ms(config: GPTConfig, plan, B: int) -> tuple[float, float]:
     from ghostvis_core.gpt import MLP
 
@@ -275,7 +312,7 @@ def _mlp_ms(config: GPTConfig, plan, B: int) -> tuple[float, float]:
         B, config.sequence_len, config.n_embd, device="cuda", dtype=torch.bfloat16, requires_grad=True
     )
     ours = MLP(config).to("cuda")
-    ours.backend = plan.swiglu.backend
+    ours.set_backend(plan.swiglu.backend, "cuda")
     ref = RefMLP(config).to("cuda")
 
     def under_autocast(m):
@@ -321,11 +358,15 @@ def _loss_ms(config: GPTConfig, B: int) -> tuple[float, float]:
     return bench_ms(_fwd_bwd(ours, [h, head]), iters=5), bench_ms(_fwd_bwd(ref, [h, head]), iters=5)
 
 
-def component_times(config: GPTConfig, batch_size: int) -> list[dict]:
-    """ms per training step of each component, ours vs reference, measured in isolation (eager)."""
+def component_times(config: GPTConfig, batch_size: int, compiled: bool = False) -> list[dict]:
+    """ms per training step of each component, ours vs reference, measured in isolation (eager).
+
+    `compiled` picks the plan the timed step ran with (RMSNorm/SwiGLU backends differ under torch.compile);
+    the components themselves run eager, so they show kernel choices, not inductor's fusions.
+    """
     from ghostvis_core.backends import plan_for_model
 
-    plan = plan_for_model(config, "cuda")
+    plan = plan_for_model(config, "cuda", compiled=compiled)
     L = config.n_layer
     specs = [
         (
@@ -334,6 +375,13 @@ def component_times(config: GPTConfig, batch_size: int) -> list[dict]:
             lambda: _attention_ms(config, plan, batch_size),
             plan.attention["dense"].label,
             "SDPA default",
+        ),
+        (
+            "attn proj+rope",
+            L,
+            lambda: _attn_proj_ms(config, batch_size),
+            "q/k/v/o GEMMs + RoPE",
+            "q/k/v/o GEMMs + RoPE",
         ),
         ("mlp", L, lambda: _mlp_ms(config, plan, batch_size), plan.swiglu.label, "silu(gate) * up"),
         (
@@ -415,7 +463,7 @@ def run_train_bench(
         "components": [],
     }
     if components:
-        rows = component_times(config, batch_size)
+        rows = component_times(config, batch_size, compiled=compile)
         rows.append(
             {
                 "component": "optimizer",

@@ -13,8 +13,8 @@ Backends and their rounding (bf16/fp16 inputs; fp32 inputs agree to fp32 roundin
 SwiGLU: triton (fused, silu recomputed in backward) or torch (`F.silu(gate) * up`); apex has no SwiGLU.
 """
 
-import functools
 import os
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,14 +25,21 @@ RMS_NORM_BACKENDS = ("auto", "triton", "apex", "torch")
 SWIGLU_BACKENDS = ("auto", "triton", "torch")
 
 
-@functools.cache
+# Memo of the Triton import check: a plain global rather than functools.cache, because dynamo warns about (and
+# cannot inline) lru_cache-wrapped calls when a direct `rms_norm(...)` call sits inside a compiled region.
+_TRITON_ERROR: list[str | None] = []
+
+
 def triton_import_error() -> str | None:
     """None when Triton imports in this process, else the import error as text."""
-    try:
-        import triton  # noqa: F401
-    except ImportError as err:
-        return f"{type(err).__name__}: {err}"
-    return None
+    if not _TRITON_ERROR:
+        try:
+            import triton  # noqa: F401
+        except ImportError as err:
+            _TRITON_ERROR.append(f"{type(err).__name__}: {err}")
+        else:
+            _TRITON_ERROR.append(None)
+    return _TRITON_ERROR[0]
 
 
 def triton_interpret() -> bool:
@@ -40,26 +47,27 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
-def _resolve(backend: str, t: torch.Tensor, allowed: tuple[str, ...], what: str) -> str:
-    """Map "auto" to a concrete backend and check that an explicit one can run on this tensor."""
+def _resolve(backend: str, device_type: str, allowed: tuple[str, ...], what: str) -> str:
+    """Map "auto" to a concrete backend and check that an explicit one can run on `device_type` tensors."""
     if backend not in allowed:
         raise ConfigError(f"{what} backend {backend!r} is not one of {', '.join(allowed)}")
+    cuda = device_type == "cuda"
     if backend == "auto":
-        return "triton" if t.is_cuda and triton_import_error() is None else "torch"
+        return "triton" if cuda and triton_import_error() is None else "torch"
     if backend == "triton":
         if triton_import_error() is not None:
             raise BackendUnavailableError(
                 f"{what} backend 'triton' requested but Triton does not import ({triton_import_error()}); "
                 "install it (`ghostvis install triton`) or pick backend 'torch'."
             )
-        if not t.is_cuda and not triton_interpret():
+        if not cuda and not triton_interpret():
             raise BackendUnavailableError(
-                f"{what} backend 'triton' needs CUDA tensors (got a {t.device.type} tensor); "
+                f"{what} backend 'triton' needs CUDA tensors (got a {device_type} tensor); "
                 "use backend 'torch' on this device."
             )
-    if backend == "apex" and not t.is_cuda:
+    if backend == "apex" and not cuda:
         raise BackendUnavailableError(
-            f"{what} backend 'apex' needs CUDA tensors (got {t.device.type}); use backend 'torch'."
+            f"{what} backend 'apex' needs CUDA tensors (got {device_type}); use backend 'torch'."
         )
     return backend
 
@@ -88,18 +96,24 @@ def rms_norm_apex(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-
     return fused_rms_norm_affine(x, weight, shape, eps)
 
 
+def rms_norm_fn(backend: str, device_type: str) -> Callable:
+    """The RMSNorm function `(x, weight, eps) -> y` of `backend` for `device_type` tensors, checked once.
+
+    Modules resolve their function here at construction, so a compiled forward calls it without re-checking.
+    """
+    chosen = _resolve(backend, device_type, RMS_NORM_BACKENDS, "RMSNorm")
+    if chosen == "triton":
+        from ghostvis_core.kernels.rms_norm_triton import rms_norm_triton
+
+        return rms_norm_triton
+    return rms_norm_apex if chosen == "apex" else rms_norm_torch
+
+
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-5, backend: str = "auto"
 ) -> torch.Tensor:
     """RMSNorm over the last dim of x (any leading shape), scaled by `weight` when given."""
-    chosen = _resolve(backend, x, RMS_NORM_BACKENDS, "RMSNorm")
-    if chosen == "triton":
-        from ghostvis_core.kernels.rms_norm_triton import rms_norm_triton
-
-        return rms_norm_triton(x, weight, eps)
-    if chosen == "apex":
-        return rms_norm_apex(x, weight, eps)
-    return rms_norm_torch(x, weight, eps)
+    return rms_norm_fn(backend, x.device.type)(x, weight, eps)
 
 
 def swiglu_torch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -107,13 +121,17 @@ def swiglu_torch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """silu(gate) * up; gate and up share a shape (they may be the two halves of one projection)."""
+def swiglu_fn(backend: str, device_type: str) -> Callable:
+    """The SwiGLU function `(gate, up) -> silu(gate) * up` of `backend` for `device_type` tensors."""
     if backend == "apex":
         raise BackendUnavailableError("apex has no SwiGLU kernel; use backend 'triton' or 'torch'.")
-    chosen = _resolve(backend, gate, SWIGLU_BACKENDS, "SwiGLU")
-    if chosen == "triton":
+    if _resolve(backend, device_type, SWIGLU_BACKENDS, "SwiGLU") == "triton":
         from ghostvis_core.kernels.swiglu_triton import swiglu_triton
 
-        return swiglu_triton(gate, up)
-    return swiglu_torch(gate, up)
+        return swiglu_triton
+    return swiglu_torch
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """silu(gate) * up; gate and up share a shape (they may be the two halves of one projection)."""
+    return swiglu_fn(backend, gate.device.type)(gate, up)
