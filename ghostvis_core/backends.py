@@ -59,8 +59,10 @@ _PREFERENCES: dict[str, dict[str, tuple[tuple[str, str], ...]]] = {
             ("sdpa_flash", "PyTorch's built-in FlashAttention-2 kernel"),
             ("sdpa_efficient", "memory-efficient SDPA"),
         ),
-        # 8 docs x 512 per 4096 row, fwd / fwd+bwd ms: FA2 varlen 0.195 / 0.987, Flex 0.190 / 0.903. Within
-        # 10%; FA2 is taken when present because it needs no torch.compile warm-up.
+        # 8 docs x 512 per 4096 row, fwd / fwd+bwd ms: FA2 varlen 0.195 / 0.987, Flex 0.190 / 0.903
+        # (REFERENCE.md); in isolation on an H200 Flex led (0.665 vs 1.025 fwd+bwd), but in the d20 trainer
+        # on an H100 (packed rows, compiled blocks, 80 steps) FA2 varlen gave 127.2k tok/s vs Flex 125.7k,
+        # and FA2 needs no BlockMask build per batch: FA2 first when present.
         "packed": (
             ("flash_attn", "no cross-document work, no compile step"),
             ("flex", "document BlockMask skips cross-document blocks"),
