@@ -9,12 +9,11 @@ silently ignored key).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from dataclasses import dataclass
 from typing import Any
 
-from ghostvis_core.errors import ConfigError
+from ghostvis_core.errors import ConfigError, closest_match
 
 ATTN_BACKENDS = ("auto", "flash", "cudnn", "sdpa_flash", "efficient", "flex", "math")
 NORM_BACKENDS = ("auto", "triton", "apex", "torch")
@@ -31,8 +30,8 @@ def default_mlp_hidden(n_embd: int) -> int:
 def _unknown_keys_error(cls_name: str, unknown: list[str], known: list[str]) -> ConfigError:
     hints = []
     for key in unknown:
-        close = difflib.get_close_matches(key, known, n=1)
-        hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        close = closest_match(key, known)
+        hints.append(f"'{key}'" + (f" (did you mean '{close}'?)" if close else ""))
     return ConfigError(
         f"{cls_name}: unknown key(s) {', '.join(hints)}; valid keys: {', '.join(sorted(known))}"
     )

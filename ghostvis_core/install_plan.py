@@ -7,7 +7,6 @@ torch) is refused with `BackendUnavailableError` naming why, before anything is 
 
 from __future__ import annotations
 
-import difflib
 import importlib.metadata
 import re
 import shlex
@@ -16,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ghostvis_core.env import EnvFacts
-from ghostvis_core.errors import BackendUnavailableError, ConfigError
+from ghostvis_core.errors import BackendUnavailableError, ConfigError, closest_match
 
 EXTRAS = ("flash-attn", "triton", "apex", "vllm", "liger")
 # extra -> import name probed afterwards.
@@ -99,8 +98,8 @@ def resolve_extra(name: str) -> str:
     if key in EXTRAS:
         return key
     candidates = {**{e: e for e in EXTRAS}, **aliases}
-    close = difflib.get_close_matches(key, list(candidates), n=1)
-    hint = f" Did you mean '{candidates[close[0]]}'?" if close else ""
+    close = closest_match(key, candidates)
+    hint = f" Did you mean '{candidates[close]}'?" if close else ""
     raise ConfigError(f"unknown extra '{name}'.{hint} Valid extras: {', '.join(EXTRAS)}")
 
 

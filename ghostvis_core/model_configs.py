@@ -6,11 +6,10 @@ model size (d12: 768 wide, d20: 1280 wide / 564M parameters at vocab 65536, d26:
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 
 from ghostvis_core.config import GPTConfig
-from ghostvis_core.errors import ConfigError
+from ghostvis_core.errors import ConfigError, closest_match
 
 
 def get_config(depth: int, vocab_size: int = 65536, **overrides) -> GPTConfig:
@@ -87,7 +86,7 @@ PRESETS: dict[str, tuple[str, Callable[..., GPTConfig]]] = {
 def get_preset(name: str, **overrides) -> GPTConfig:
     """GPTConfig of a named preset (see PRESETS); unknown names raise ConfigError listing the presets."""
     if name not in PRESETS:
-        close = difflib.get_close_matches(name, list(PRESETS), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        close = closest_match(name, PRESETS)
+        hint = f" (did you mean '{close}'?)" if close else ""
         raise ConfigError(f"unknown model preset '{name}'{hint}; choose one of {', '.join(PRESETS)}")
     return PRESETS[name][1](**overrides)

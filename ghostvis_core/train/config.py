@@ -8,7 +8,6 @@ with a message naming the field and the fix.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import types
 import typing
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ghostvis_core.config import GPTConfig, OptimizerConfig
-from ghostvis_core.errors import ConfigError
+from ghostvis_core.errors import ConfigError, did_you_mean
 
 _DTYPES = ("auto", "bfloat16", "float32")
 _RESUME_KEYWORDS = ("auto", "none")
@@ -173,7 +172,7 @@ class TrainConfig:
         names = [f.name for f in dataclasses.fields(cls)]
         for key in d:
             if key not in names:
-                raise ConfigError(f"unknown train config key {key!r}{_did_you_mean(key, names)}")
+                raise ConfigError(f"unknown train config key {key!r}{did_you_mean(key, names)}")
         return cls(**d)
 
     @classmethod
@@ -218,31 +217,20 @@ class TrainConfig:
             if key.startswith("model."):
                 sub = key[len("model.") :]
                 if sub not in model_names:
-                    raise ConfigError(f"unknown override key {key!r}{_did_you_mean(key, all_keys)}")
+                    raise ConfigError(f"unknown override key {key!r}{did_you_mean(key, all_keys)}")
                 d["model"][sub] = _parse_value(text, model_hints[sub], key)
             elif key.startswith("optim."):
                 sub = key[len("optim.") :]
                 if sub not in optim_names:
-                    raise ConfigError(f"unknown override key {key!r}{_did_you_mean(key, all_keys)}")
+                    raise ConfigError(f"unknown override key {key!r}{did_you_mean(key, all_keys)}")
                 d["optim"][sub] = _parse_value(text, optim_hints[sub], key)
             elif key in top_names and key not in ("model", "optim"):
                 d[key] = _parse_value(text, top_hints[key], key)
             elif key in ("model", "optim"):
                 raise ConfigError(f"override {key!r}: set nested fields one by one, e.g. {key}.<field>=value")
             else:
-                raise ConfigError(f"unknown override key {key!r}{_did_you_mean(key, all_keys)}")
+                raise ConfigError(f"unknown override key {key!r}{did_you_mean(key, all_keys)}")
         return TrainConfig.from_dict(d)
-
-
-def _did_you_mean(key: str, candidates: list[str]) -> str:
-    matches = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
-    if not matches:
-        # "lr" -> "optim.lr": try the last dotted part against the last parts of the candidates
-        tail = key.rsplit(".", 1)[-1]
-        tails = {c.rsplit(".", 1)[-1]: c for c in candidates}
-        close = difflib.get_close_matches(tail, list(tails), n=1, cutoff=0.75)
-        matches = [tails[close[0]]] if close else []
-    return f"; did you mean {matches[0]!r}?" if matches else ""
 
 
 def _jsonable(value: Any) -> Any:
@@ -261,7 +249,7 @@ def _optim_from_dict(d: dict[str, Any]) -> OptimizerConfig:
     kwargs = {}
     for key, value in d.items():
         if key not in names:
-            raise ConfigError(f"unknown optim key {key!r}{_did_you_mean(key, names)}")
+            raise ConfigError(f"unknown optim key {key!r}{did_you_mean(key, names)}")
         if isinstance(value, list) and typing.get_origin(hints[key]) is tuple:
             value = tuple(value)
         kwargs[key] = value
@@ -272,7 +260,7 @@ def _check_model_overrides(overrides: dict[str, Any]) -> None:
     names = [f.name for f in dataclasses.fields(GPTConfig)]
     for key in overrides:
         if key not in names:
-            raise ConfigError(f"unknown model key {key!r}{_did_you_mean(key, names)} (a GPTConfig field)")
+            raise ConfigError(f"unknown model key {key!r}{did_you_mean(key, names)} (a GPTConfig field)")
 
 
 def _check_preset(preset: str) -> None:
@@ -280,7 +268,7 @@ def _check_preset(preset: str) -> None:
 
     if preset not in PRESETS:
         raise ConfigError(
-            f"preset={preset!r} is not a model preset{_did_you_mean(preset, list(PRESETS))}; "
+            f"preset={preset!r} is not a model preset{did_you_mean(preset, list(PRESETS))}; "
             f"available: {', '.join(PRESETS)}"
         )
 

@@ -20,7 +20,6 @@ signal it receives to every worker and waits for them (30 s by default) before k
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import os
 import shlex
@@ -34,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ghostvis_core.errors import ConfigError, DataError
+from ghostvis_core.errors import ConfigError, DataError, did_you_mean
 
 # Multicast/NVLS switches that must be identical on every rank (a rank that tries NVLS while another does not
 # hangs the first collective). Inherited environment already reaches every rank; build_env copies these by
@@ -63,18 +62,12 @@ LAUNCH_DIR = "launch"
 RESOLVED_CONFIG_NAME = "resolved_config.json"
 
 
-def did_you_mean(name: str, candidates: Sequence[str]) -> str:
-    """'; did you mean 'x'?' for the closest candidate, or ''."""
-    matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
-    return f"; did you mean {matches[0]!r}?" if matches else ""
-
-
 def lookup_recipe(name: str, registry: Mapping[str, tuple[str, str]]) -> str:
     """The module of recipe `name`; unknown name -> ConfigError with a suggestion and the list."""
     if name in registry:
         return registry[name][0]
     raise ConfigError(
-        f"unknown recipe {name!r}{did_you_mean(name, list(registry))} "
+        f"unknown recipe {name!r}{did_you_mean(name, list(registry), cutoff=0.5)} "
         f"(available: {', '.join(registry)}; see `ghostvis train --list`)"
     )
 
