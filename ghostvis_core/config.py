@@ -37,6 +37,15 @@ def _unknown_keys_error(cls_name: str, unknown: list[str], known: list[str]) -> 
     )
 
 
+def _from_known_keys(cls, data: dict[str, Any]):
+    """cls(**data), after rejecting keys that are not fields of the dataclass."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in known]
+    if unknown:
+        raise _unknown_keys_error(cls.__name__, unknown, known)
+    return cls(**data)
+
+
 def _check_positive_int(cls_name: str, name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(f"{cls_name}.{name} must be a positive integer, got {value!r}")
@@ -131,11 +140,7 @@ class GPTConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GPTConfig:
         """Build from a dict (e.g. config.json); unknown keys raise ConfigError with a did-you-mean hint."""
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in data if k not in known]
-        if unknown:
-            raise _unknown_keys_error(cls.__name__, unknown, known)
-        return cls(**data)
+        return _from_known_keys(cls, data)
 
 
 @dataclass(kw_only=True)
@@ -199,8 +204,4 @@ class OptimizerConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OptimizerConfig:
         """Build from a dict; unknown keys raise ConfigError with a did-you-mean hint."""
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in data if k not in known]
-        if unknown:
-            raise _unknown_keys_error(cls.__name__, unknown, known)
-        return cls(**data)
+        return _from_known_keys(cls, data)
