@@ -117,19 +117,32 @@ def barrier() -> None:
         dist.barrier()
 
 
-def wrap_model(model: torch.nn.Module, info: DistInfo, fsdp: bool) -> torch.nn.Module:
-    """DDP (or FSDP2 with fully_shard per block + root) when distributed; the model itself otherwise."""
+def check_fsdp(info: DistInfo) -> None:
+    """ConfigError unless FSDP2 can run: it needs a process group (torchrun), of any size, on GPU or CPU."""
+    if not info.is_distributed:
+        raise ConfigError(
+            "fsdp=true runs under torchrun (a process group shards the model): use "
+            "`ghostvis train RECIPE --gpus N --fsdp`, or on CPU "
+            "`python -m torch.distributed.run --nproc_per_node N -m recipes.RECIPE fsdp=true`"
+        )
+
+
+def wrap_model(
+    model: torch.nn.Module, info: DistInfo, fsdp: bool, *, param_dtype: torch.dtype | None = None
+) -> torch.nn.Module:
+    """DDP (or FSDP2 with fully_shard per block + root) when distributed; the model itself otherwise.
+
+    FSDP2 runs on CUDA (NCCL) and on CPU (gloo), with any world size under torchrun (one rank runs the same
+    code path without saving memory). `param_dtype` is the dtype FSDP2 all-gathers parameters in for compute
+    (bf16 under bf16 autocast); None keeps the fp32 master weights, as DDP does.
+    """
     if fsdp:
-        if info.device_type != "cuda":
-            raise ConfigError("fsdp=true needs CUDA GPUs; on CPU use the default DDP (fsdp=false)")
-        if not info.is_distributed:
-            raise ConfigError("fsdp=true runs under torchrun: use `ghostvis train RECIPE --gpus N fsdp=true`")
+        check_fsdp(info)
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        # params stay fp32 (optimizer master weights), compute in bf16, gradients reduced in fp32
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        blocks = _transformer_blocks(model)
-        for block in blocks:
+        # params stay fp32 (optimizer master weights); compute in param_dtype; gradients reduced in fp32
+        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        for block in _transformer_blocks(model):
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
         return model
@@ -139,6 +152,110 @@ def wrap_model(model: torch.nn.Module, info: DistInfo, fsdp: bool) -> torch.nn.M
         device_ids = [info.local_rank] if info.device_type == "cuda" else None
         return DDP(model, device_ids=device_ids)
     return model
+
+
+# ------------------------------------------------------------------------------------------------ FSDP2 state
+# Checkpoints hold full tensors in one format whatever the layout: model.safetensors as DDP writes it and the
+# optimizer's index-keyed state_dict (GhostVisOptimizer.state_dict()), so DDP and FSDP runs (and any world
+# size) resume each other's checkpoints. Under FSDP2 parameters and the optimizer state that mirrors them
+# (exp_avg, momentum_buffer, ...) are DTensors sharded on dim 0; gathering calls full_tensor() (a collective:
+# every rank, same order), loading slices the full tensor every rank read from disk (no communication).
+
+
+def _is_dtensor(value: object) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(value, DTensor)
+
+
+def _gather(value: torch.Tensor, keep: bool) -> torch.Tensor | None:
+    """Full CPU copy of a (maybe sharded) tensor on ranks that keep it; every rank must call it for a DTensor."""
+    full = value.full_tensor() if _is_dtensor(value) else value
+    return full.detach().to("cpu", copy=True) if keep else None
+
+
+def gather_full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Full (unsharded) CPU state dict on rank 0 ({} elsewhere); tied weights stay one shared tensor."""
+    keep = not dist.is_initialized() or dist.get_rank() == 0
+    by_id: dict[int, torch.Tensor | None] = {}
+    out: dict[str, torch.Tensor] = {}
+    # keep_vars: a tied weight is the same Parameter under both names, so it is gathered once and saved as an
+    # alias (plain state_dict() would detach it into two objects)
+    for name, value in model.state_dict(keep_vars=True).items():
+        if id(value) not in by_id:
+            by_id[id(value)] = _gather(value, keep)
+        if keep:
+            out[name] = by_id[id(value)]
+    return out
+
+
+def gather_full_optimizer_state(optimizer) -> dict:
+    """optimizer.state_dict() with every sharded state tensor gathered to a full CPU tensor (rank 0 keeps it)."""
+    keep = not dist.is_initialized() or dist.get_rank() == 0
+
+    def full(obj):
+        if isinstance(obj, torch.Tensor):
+            return _gather(obj, keep) if _is_dtensor(obj) else obj
+        if isinstance(obj, dict):
+            return {k: full(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [full(v) for v in obj]
+        return obj
+
+    return full(optimizer.state_dict())
+
+
+def _shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of `full` laid out like `param` (itself when param is not sharded)."""
+    if not _is_dtensor(param):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    # src_data_rank=None: every rank holds the same full tensor (read from disk), so each slices its own shard
+    return distribute_tensor(full.to(param.device_mesh.device_type), param.device_mesh, param.placements,
+                             src_data_rank=None)
+
+
+def load_full_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a full state dict into a (maybe FSDP2-sharded) model; strict, like load_state_dict."""
+    current = model.state_dict(keep_vars=True)
+    sharded = dict(state)
+    for name, value in current.items():
+        full = state.get(name)
+        if full is not None and tuple(full.shape) == tuple(value.shape):
+            sharded[name] = _shard_like(full.to(value.dtype), value)
+    # missing / unexpected keys and shape mismatches are reported by load_state_dict itself, as without FSDP
+    model.load_state_dict(sharded, strict=True)
+
+
+def shard_optimizer_state(optimizer, state: dict) -> dict:
+    """A full GhostVisOptimizer state_dict with each parameter-shaped tensor sharded like its parameter.
+
+    torch's index-keyed format numbers the parameters of each inner optimizer in param_groups order; a state
+    tensor of the parameter's shape (exp_avg, exp_avg_sq, momentum_buffer) is sharded like it, anything else
+    (the scalar step) stays as it is, which is how the optimizer creates its state under FSDP2.
+    """
+    out = dict(state)
+    inner = list(getattr(optimizer, "optimizers", [optimizer]))
+    saved = state.get("optimizers")
+    if not isinstance(saved, list) or len(saved) != len(inner):
+        return out  # GhostVisOptimizer.load_state_dict names the mismatch
+    converted = []
+    for opt, sd in zip(inner, saved, strict=True):
+        params = [p for group in opt.param_groups for p in group["params"]]
+        per_param = {}
+        for index, entries in sd["state"].items():
+            param = params[int(index)] if int(index) < len(params) else None
+            per_param[index] = {
+                k: _shard_like(v.to(param.dtype) if v.is_floating_point() else v, param)
+                if param is not None and k != "step" and isinstance(v, torch.Tensor)
+                and tuple(v.shape) == tuple(param.shape)
+                else v
+                for k, v in entries.items()
+            }
+        converted.append({**sd, "state": per_param})
+    out["optimizers"] = converted
+    return out
 
 
 def _transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -3,7 +3,8 @@
 Loss normalisation: the model returns the SUM of per-token losses; each optimizer step divides by the number
 of non-ignored target tokens in the whole global batch (all micro-batches, all ranks), so every target token
 weighs the same no matter how tokens fall into micro-batches or ranks (exact SFT weighting; a fully masked
-micro-batch adds 0). DDP averages gradients over ranks, so each rank scales its loss by world_size first:
+micro-batch adds 0). DDP and FSDP2 (its reduce-scatter) both average gradients over ranks, so each rank
+scales its loss by world_size first:
     grad = sum_ranks (world_size * sum_loss_r / N_global) / world_size = d(sum_all_loss / N_global).
 """
 
@@ -29,8 +30,13 @@ from ghostvis_core.train.distributed import (
     all_gather_objects,
     all_reduce_sum,
     barrier,
+    check_fsdp,
     destroy_distributed,
+    gather_full_model_state,
+    gather_full_optimizer_state,
     init_distributed,
+    load_full_model_state,
+    shard_optimizer_state,
     wrap_model,
 )
 from ghostvis_core.train.metrics import (
@@ -90,11 +96,15 @@ class _StopFlag:
         self._previous.clear()
 
 
+def _compute_dtype(cfg: TrainConfig, device: torch.device) -> str:
+    """cfg.dtype resolved: auto = bfloat16 on CUDA, float32 on CPU."""
+    if cfg.dtype == "auto":
+        return "bfloat16" if device.type == "cuda" else "float32"
+    return cfg.dtype
+
+
 def _autocast(cfg: TrainConfig, device: torch.device):
-    dtype = cfg.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
-    if dtype == "bfloat16":
+    if _compute_dtype(cfg, device) == "bfloat16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -132,37 +142,23 @@ def forward_backward(
     return loss_sum, global_count
 
 
-def _inner_optimizers(optimizer) -> list[torch.optim.Optimizer]:
-    """The torch optimizers inside a GhostVisOptimizer (or the optimizer itself)."""
-    return list(getattr(optimizer, "optimizers", [optimizer]))
+def _full_state_dicts(raw_model, optimizer, fsdp: bool) -> tuple[dict, dict]:
+    """(model, optimizer) state dicts with full (unsharded) tensors, for the rank-0 writer.
 
-
-def _full_state_dicts(model, raw_model, optimizer, fsdp: bool) -> tuple[dict, dict]:
-    """(model, optimizer) state dicts with full (unsharded) tensors on CPU, for the rank-0 writer."""
+    FSDP2 gathers every sharded tensor (a collective: every rank calls this) into the same format DDP saves,
+    so a checkpoint does not depend on the layout that wrote it.
+    """
     if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-        # FSDP2: gather full tensors to CPU (collective: every rank calls it); optimizer state keyed by FQN
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_state_dict(raw_model, _inner_optimizers(optimizer), options=opts)
+        return gather_full_model_state(raw_model), gather_full_optimizer_state(optimizer)
     return raw_model.state_dict(), optimizer.state_dict()
 
 
 def _load_state_dicts(raw_model, optimizer, model_state, optim_state, fsdp: bool) -> None:
+    """Load full state dicts read from disk (every rank read the same files); FSDP2 keeps this rank's shard."""
     if fsdp:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_state_dict,
-        )
-
-        # every rank read the same full tensors from disk; each keeps its own shard
-        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
-        if optim_state is None:  # init_from: weights only, fresh optimizer
-            set_model_state_dict(raw_model, model_state, options=opts)
-        else:
-            set_state_dict(raw_model, _inner_optimizers(optimizer), model_state_dict=model_state,
-                           optim_state_dict=optim_state, options=opts)
+        load_full_model_state(raw_model, model_state)
+        if optim_state is not None:
+            optimizer.load_state_dict(shard_optimizer_state(optimizer, optim_state))
         return
     raw_model.load_state_dict(model_state, strict=True)
     if optim_state is not None:
@@ -195,10 +191,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
 
     log = get_logger()
     device = info.device
-    if cfg.fsdp and device.type != "cuda":
-        from ghostvis_core.errors import ConfigError
-
-        raise ConfigError("fsdp=true needs CUDA GPUs; on CPU use the default DDP (fsdp=false)")
+    if cfg.fsdp:
+        check_fsdp(info)  # before the dataset and model are built
     grad_accum = cfg.grad_accum_steps(info.world_size)
     tokens_per_step = cfg.total_tokens_per_step(info.world_size)
     run_dir = cfg.run_dir
@@ -227,12 +221,13 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
     elif start.init_dir is not None:
         model_state = ckpt.load_model_state(start.init_dir)
     if model_state is not None and not cfg.fsdp:
-        raw_model.load_state_dict(model_state, strict=True)
+        raw_model.load_state_dict(model_state, strict=True)  # before DDP wraps (it broadcasts rank 0's weights)
     if cfg.compile:
         # regional compilation: the identical blocks share one graph (whole-model compile takes far longer,
         # and the attention setup and chunked loss are deliberate eager regions)
         raw_model.compile_blocks()
-    model = wrap_model(raw_model, info, cfg.fsdp)
+    param_dtype = torch.bfloat16 if _compute_dtype(cfg, device) == "bfloat16" else None
+    model = wrap_model(raw_model, info, cfg.fsdp, param_dtype=param_dtype)
     optimizer, description = build_optimizer(raw_model, cfg.optim, device.type)
     if cfg.fsdp and model_state is not None:
         _load_state_dicts(raw_model, optimizer, model_state, optim_state, fsdp=True)
@@ -283,7 +278,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
     autocast = lambda: _autocast(cfg, device)  # noqa: E731
 
     def save(at_step: int) -> Path | None:
-        model_sd, optim_sd = _full_state_dicts(model, raw_model, optimizer, cfg.fsdp)
+        model_sd, optim_sd = _full_state_dicts(raw_model, optimizer, cfg.fsdp)
         extra = {
             "tokens_seen": tokens_seen,
             "lr_multiplier": lr_multiplier(at_step, cfg.num_steps, cfg.warmup_steps, cfg.warmdown_frac),
