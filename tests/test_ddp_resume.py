@@ -10,19 +10,15 @@ a + b, which is commutative in IEEE float, so the reduction order cannot differ 
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
+from multirank import kill_after_checkpoint, losses, torchrun_cmd
 from test_train_config import subprocess_env, tiny_config
 
 from ghostvis_core.train import checkpoint as ckpt
-from ghostvis_core.train.metrics import read_metrics
 
 pytestmark = [
     pytest.mark.slow,
@@ -33,52 +29,6 @@ NUM_STEPS = 16
 KILL_AFTER = 8  # SIGKILL once step_000008 (a complete checkpoint: folders are renamed into place) exists
 
 
-def _torchrun(config: Path) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            "-m", "recipes.base_train", "--config", str(config)]
-
-
-def _losses(run_dir: Path) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in read_metrics(run_dir / "metrics.jsonl")]
-
-
-def _children(pid: int) -> list[int]:
-    """Direct children of `pid` (torchrun starts each worker in its own session, so killpg misses them)."""
-    kids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:  # exited while we looked
-            continue
-        # "pid (comm) state ppid ...": comm may hold spaces/parens, so split after the last ')'
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            kids.append(int(entry.name))
-    return kids
-
-
-def _kill_everything(proc: subprocess.Popen) -> None:
-    """SIGKILL torchrun's process group and each worker's own group, like a machine losing power."""
-    workers = _children(proc.pid)
-    assert len(workers) == 2, f"expected 2 torchrun workers, found {workers}"
-    for pid in workers:
-        os.killpg(pid, signal.SIGKILL)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-    deadline = time.monotonic() + 30
-    while any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in workers):
-        assert time.monotonic() < deadline, "a worker survived SIGKILL"
-        time.sleep(0.02)
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "Z"
-
-
 def test_two_rank_sigkill_then_resume_auto_reproduces_the_uninterrupted_losses(tmp_path):
     env = subprocess_env(tmp_path)  # GHOSTVIS_HOME under tmp_path, OMP_NUM_THREADS=1
     common = dict(num_steps=NUM_STEPS, device_batch_size=2, save_every=4, keep_last=0)
@@ -87,37 +37,22 @@ def test_two_rank_sigkill_then_resume_auto_reproduces_the_uninterrupted_losses(t
     full_cfg.to_json(tmp_path / "full.json")
     killed_cfg.to_json(tmp_path / "killed.json")
 
-    done = subprocess.run(_torchrun(tmp_path / "full.json"), env=env, cwd=tmp_path, capture_output=True,
+    done = subprocess.run(torchrun_cmd(tmp_path / "full.json"), env=env, cwd=tmp_path, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    expected = _losses(full_cfg.run_dir)
+    expected = losses(full_cfg.run_dir)
     assert [s for s, _ in expected] == list(range(1, NUM_STEPS + 1))
     # the progress lines right-align the step ("step  8/24"): the regex allows the padding
     assert re.search(rf"step\s+{NUM_STEPS}/{NUM_STEPS}\b", done.stderr), done.stderr[-2000:]
 
-    proc = subprocess.Popen(_torchrun(tmp_path / "killed.json"), env=env, cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while not (killed_cfg.run_dir / f"step_{KILL_AFTER:06d}").is_dir():
-            assert proc.poll() is None, f"run ended before it could be killed: {proc.stderr.read()[-3000:]}"
-            assert time.monotonic() < deadline, f"no checkpoint at step {KILL_AFTER} in time"
-            time.sleep(0.02)
-        _kill_everything(proc)
-    finally:
-        if proc.poll() is None:  # an assertion above failed: do not leave the run behind
-            os.killpg(proc.pid, signal.SIGKILL)
-            for pid in _children(proc.pid):
-                os.killpg(pid, signal.SIGKILL)
-            proc.wait(timeout=60)
-        proc.stderr.close()
-    killed_at = max(s for s, _ in _losses(killed_cfg.run_dir))
+    kill_after_checkpoint(tmp_path / "killed.json", env, tmp_path, killed_cfg.run_dir, KILL_AFTER)
+    killed_at = max(s for s, _ in losses(killed_cfg.run_dir))
     assert KILL_AFTER <= killed_at < NUM_STEPS, "the run was killed mid-way"
     latest = ckpt.latest_checkpoint(killed_cfg.run_dir)
     resume_step = ckpt.verify_checkpoint(latest)["step"]  # what survived the SIGKILL is a complete checkpoint
     assert KILL_AFTER <= resume_step <= killed_at
 
-    resumed = subprocess.run(_torchrun(tmp_path / "killed.json"), env=env, cwd=tmp_path, capture_output=True,
+    resumed = subprocess.run(torchrun_cmd(tmp_path / "killed.json"), env=env, cwd=tmp_path, capture_output=True,
                              text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     # rank 0 logs where it resumed; ranks > 0 log warnings only, so their resume step is checked through
@@ -125,7 +60,7 @@ def test_two_rank_sigkill_then_resume_auto_reproduces_the_uninterrupted_losses(t
     assert re.findall(r"Resuming from (\S+) \(step (\d+)\)", resumed.stderr) == [(str(latest), str(resume_step))]
     assert re.search(rf"step\s+{resume_step + 1}/{NUM_STEPS}\b", resumed.stderr), resumed.stderr[-2000:]
 
-    got = _losses(killed_cfg.run_dir)
+    got = losses(killed_cfg.run_dir)
     print(f"killed after step {killed_at}, resumed both ranks from {latest.name}; {len(got)} losses compared")
     assert got == expected  # exact float equality, step by step
 

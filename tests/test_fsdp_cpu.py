@@ -20,17 +20,14 @@
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from test_ddp_resume import _children, _kill_everything, _losses
+from multirank import kill_after_checkpoint, losses, torchrun_cmd
 from test_train_config import subprocess_env, tiny_config
 
 from ghostvis_core.config import GPTConfig, OptimizerConfig
@@ -48,13 +45,8 @@ ABS_TOL_WEIGHTS = 1e-5
 STEPS = 8
 
 
-def _torchrun(config: Path) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            "-m", "recipes.base_train", "--config", str(config)]
-
-
 def _run(config: Path, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
-    done = subprocess.run(_torchrun(config), env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(torchrun_cmd(config), env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -136,26 +128,11 @@ def test_fsdp_sigkill_then_resume_auto_reproduces_the_uninterrupted_losses(tmp_p
 
     done = _run(tmp_path / "full.json", env, tmp_path)
     assert "Muon" in done.stderr
-    expected = _losses(full_cfg.run_dir)
+    expected = losses(full_cfg.run_dir)
     assert [s for s, _ in expected] == list(range(1, num_steps + 1))
 
-    proc = subprocess.Popen(_torchrun(tmp_path / "killed.json"), env=env, cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while not (killed_cfg.run_dir / ckpt.step_dir_name(kill_after)).is_dir():
-            assert proc.poll() is None, f"run ended before it could be killed: {proc.stderr.read()[-3000:]}"
-            assert time.monotonic() < deadline, f"no checkpoint at step {kill_after} in time"
-            time.sleep(0.02)
-        _kill_everything(proc)
-    finally:
-        if proc.poll() is None:  # an assertion above failed: do not leave the run behind
-            os.killpg(proc.pid, signal.SIGKILL)
-            for pid in _children(proc.pid):
-                os.killpg(pid, signal.SIGKILL)
-            proc.wait(timeout=60)
-        proc.stderr.close()
-    killed_at = max(s for s, _ in _losses(killed_cfg.run_dir))
+    kill_after_checkpoint(tmp_path / "killed.json", env, tmp_path, killed_cfg.run_dir, kill_after)
+    killed_at = max(s for s, _ in losses(killed_cfg.run_dir))
     assert kill_after <= killed_at < num_steps, "the run was killed mid-way"
     latest = ckpt.latest_checkpoint(killed_cfg.run_dir)
     resume_step = ckpt.verify_checkpoint(latest)["step"]
@@ -163,7 +140,7 @@ def test_fsdp_sigkill_then_resume_auto_reproduces_the_uninterrupted_losses(tmp_p
 
     resumed = _run(tmp_path / "killed.json", env, tmp_path)
     assert re.findall(r"Resuming from (\S+) \(step (\d+)\)", resumed.stderr) == [(str(latest), str(resume_step))]
-    got = _losses(killed_cfg.run_dir)
+    got = losses(killed_cfg.run_dir)
     print(f"killed after step {killed_at}, resumed both FSDP ranks from {latest.name}; {len(got)} losses compared")
     assert got == expected  # exact float equality, step by step
     final = ckpt.step_dir_name(num_steps)
