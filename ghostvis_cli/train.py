@@ -192,6 +192,8 @@ def _print_dry_run(
             source = "key=value"
         changed = key in set_by or defaults.get(key, object()) != value
         shown = json.dumps(value) if not isinstance(value, str) else value
+        if key == "compile" and value is None:
+            shown = f"auto: {'on' if plan.nproc else 'off'} (on for CUDA, off on CPU)"
         table.add_row(key, f"[bold]{shown}[/]" if changed else shown, source)
     console.print(table)
     where = "CPU, one process" if plan.nproc == 0 else f"{plan.nproc} GPU process(es) per node"

@@ -67,8 +67,9 @@ class TrainConfig:
     """Fraction of num_steps at the end over which the LR decays linearly to 0."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
-    compile: bool = False
-    """Wrap the model in torch.compile."""
+    compile: bool | None = None
+    """torch.compile each decoder block; None (the default) = on for CUDA, off on CPU (where compiling a small
+    model costs more time than it saves)."""
     dtype: str = "auto"
     """auto = bf16 autocast on CUDA, fp32 on CPU; or bfloat16 | float32 explicitly."""
     fsdp: bool = False

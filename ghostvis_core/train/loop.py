@@ -222,7 +222,10 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
         model_state = ckpt.load_model_state(start.init_dir)
     if model_state is not None and not cfg.fsdp:
         raw_model.load_state_dict(model_state, strict=True)  # before DDP wraps (it broadcasts rank 0's weights)
-    if cfg.compile:
+    use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
+    why = f"compile={str(cfg.compile).lower()}" if cfg.compile is not None else f"the default on {device.type}"
+    log.info(f"torch.compile: {'on' if use_compile else 'off'} ({why}; --compile / --no-compile to change)")
+    if use_compile:
         # regional compilation: the identical blocks share one graph (whole-model compile takes far longer,
         # and the attention setup and chunked loss are deliberate eager regions)
         raw_model.compile_blocks()
