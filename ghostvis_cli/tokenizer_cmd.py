@@ -89,7 +89,10 @@ def train_tokenizer(
     if not ok:
         raise DataError(f"tokenizer round trip changed the sample text: {back!r}; not saved")
 
-    _save_atomically(tok, out)
+    try:
+        _save_atomically(tok, out)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot write the tokenizer there ({e.strerror}); pick another folder") from e
     console.print(f"Saved: {out}", soft_wrap=True, markup=False)
     console.print(f"[dim]Use it with: ghostvis train base_train tokenizer={out}[/]", soft_wrap=True)
 

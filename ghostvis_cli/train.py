@@ -125,13 +125,27 @@ def train(
             _print_dry_run(cfg, default, plan, cmd, changes, set_by)
         return
 
-    launch.write_resolved_config(cfg.to_dict(), plan.config_path)
+    try:
+        launch.write_resolved_config(cfg.to_dict(), plan.config_path)
+    except OSError as e:
+        raise ConfigError(
+            f"cannot write the run's config to {plan.config_path} ({e.strerror}): pick another --run NAME "
+            "or fix the runs folder (GHOSTVIS_HOME / runs_root)"
+        ) from e
     where = "CPU" if nproc == 0 else f"{nproc} GPU{'s' if nproc > 1 else ''}"
     if nodes > 1:
         where += f" x {nodes} nodes (this is node {node_rank})"
     err_console.print(f"[bold]ghostvis train[/] {recipe}: run {cfg.run} on {where}")
     err_console.print(f"$ {launch.format_command(cmd, changes)}", style="dim", soft_wrap=True, markup=False)
-    code = launch.run_child(cmd, launch.build_env(plan, os.environ, facts.cpu_count))
+    from ghostvis_cli.app import is_debug  # the app imports this module: look the flag up at run time
+
+    env = launch.build_env(plan, os.environ, facts.cpu_count)
+    if is_debug():
+        env["GHOSTVIS_DEBUG"] = "1"  # the trainer then shows its tracebacks too
+    code = launch.run_child(cmd, env)
+    if code == 130:
+        err_console.print(f"interrupted (run {cfg.run}, folder {cfg.run_dir})")
+        raise typer.Exit(code)
     if code != 0:
         err_console.print(
             f"[bold red]error:[/] training exited with code {code} (recipe {recipe}, run {cfg.run}, "

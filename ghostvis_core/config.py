@@ -173,10 +173,11 @@ class OptimizerConfig:
             self.betas = tuple(self.betas)
         for key in ("lr", "weight_decay", "eps"):
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ConfigError(f"OptimizerConfig.{key} must be a number >= 0, got {value!r}")
+            # a chained comparison is False for NaN, which a plain `value < 0` check lets through
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ConfigError(f"OptimizerConfig.{key} must be a finite number >= 0, got {value!r}")
         if self.matrix_lr is not None and (
-            not isinstance(self.matrix_lr, (int, float)) or self.matrix_lr < 0
+            not isinstance(self.matrix_lr, (int, float)) or not 0 <= self.matrix_lr < math.inf
         ):
             raise ConfigError(
                 f"OptimizerConfig.matrix_lr must be a number >= 0 or null, got {self.matrix_lr!r}"

@@ -5,6 +5,7 @@ base run (base_train) continues plain text after BOS. Generation stops at the as
 """
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,8 +92,10 @@ def generate_text(
     """The model's reply to `prompt` (chat runs) or its continuation (base runs), decoded without specials."""
     if max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1 (got {max_new_tokens})")
-    if temperature < 0:
-        raise ConfigError(f"--temperature must be >= 0 (got {temperature})")
+    if not 0 <= temperature < math.inf:
+        raise ConfigError(f"--temperature must be a finite number >= 0 (got {temperature})")
+    if top_k is not None and top_k < 1:
+        raise ConfigError(f"--top-k must be >= 1 (got {top_k}); leave it out to sample from every token")
     tok = loaded.tokenizer
     if loaded.is_chat:
         ids, _ = tok.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from ghostvis_core.errors import GhostVisError
 from ghostvis_core.train.config import TrainConfig
 
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, the shell's convention
+
 
 def parse_config(argv: list[str] | None, default_config: Callable[[], TrainConfig], prog: str) -> TrainConfig:
     """TrainConfig from `--config resolved.json` (else the recipe default), then --run/--resume, then key=value."""
@@ -42,8 +44,20 @@ def run_recipe(argv: list[str] | None, default_config: Callable[[], TrainConfig]
         prefix = "" if rank == 0 else f"[rank {rank}] "
         print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
+    except KeyboardInterrupt:
+        # Ctrl-C before the loop took over the signal, or a second Ctrl-C (stop now, no checkpoint)
+        if os.environ.get("GHOSTVIS_DEBUG") == "1":
+            raise
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("interrupted; checkpoints already written are intact: resume with the same command",
+                  file=sys.stderr, flush=True)
+        return INTERRUPTED_EXIT_CODE
     if result.stopped_by:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"stopped by {result.stopped_by} at step {result.step}; resume with the same command",
                   flush=True)
+        # SIGTERM (a scheduler's preemption) is a clean stop; Ctrl-C is the user interrupting, so a
+        # `ghostvis train A && ghostvis train B` chain must not go on to B
+        if result.stopped_by == "SIGINT":
+            return INTERRUPTED_EXIT_CODE
     return 0

@@ -146,6 +146,15 @@ def _iter_json_objects(path: Path, rec: _Records) -> Iterator[tuple[int, dict]]:
         yield lineno, obj
 
 
+def _is_utf8(text: str) -> bool:
+    """False for strings JSON can carry but UTF-8 cannot encode (lone surrogate escapes like \\ud800)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _iter_jsonl(path: Path, rec: _Records, text_column: str) -> Iterator[str]:
     count = 0
     for lineno, obj in _iter_json_objects(path, rec):
@@ -156,6 +165,8 @@ def _iter_jsonl(path: Path, rec: _Records, text_column: str) -> Iterator[str]:
             rec.bad(lineno, f"{text_column!r} must be a string, got {type(text).__name__}")
         elif not text.strip():
             rec.bad(lineno, f"{text_column!r} is empty")
+        elif not _is_utf8(text):
+            rec.bad(lineno, f"{text_column!r} holds an unpaired surrogate escape (e.g. \\ud800): not valid text")
         else:
             count += 1
             yield text
@@ -231,6 +242,8 @@ def _check_chat(obj: dict) -> str | list[dict[str, str]]:
             return f"message {i}: unknown role {m['role']!r} (use one of {', '.join(ROLES)})"
         if not isinstance(m["content"], str):
             return f"message {i}: content must be a string, got {type(m['content']).__name__}"
+        if not _is_utf8(m["content"]):
+            return f"message {i}: content holds an unpaired surrogate escape (e.g. \\ud800): not valid text"
         out.append({"role": m["role"], "content": m["content"]})
     if not any(m["role"] == "assistant" for m in out):
         return "no assistant message (nothing to learn from)"

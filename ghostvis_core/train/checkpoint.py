@@ -357,7 +357,15 @@ def resolve_resume(resume: str, run_dir: Path, runs_root: Path) -> Path | None:
         return None
     if resume == "auto":
         return existing[-1][1] if existing else None
-    return resolve_checkpoint_spec(resume, runs_root, "--resume")
+    path = resolve_checkpoint_spec(resume, runs_root, "--resume")
+    if existing and path.parent.resolve() != Path(run_dir).resolve():
+        # continuing this run from another run's weights would interleave two histories in one folder
+        raise CheckpointError(
+            f"--resume {resume}: {path} belongs to another run, and run folder {run_dir} already has checkpoints "
+            f"({existing[-1][1].name} is the latest): start a new run with --run NAME --resume {path}, or "
+            "continue this run with --resume auto"
+        )
+    return path
 
 
 def describe(path: Path) -> str:

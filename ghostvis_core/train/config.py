@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -114,7 +115,7 @@ class TrainConfig:
             )
         if not 0.0 <= self.warmdown_frac <= 1.0:
             raise ConfigError(f"warmdown_frac={self.warmdown_frac}: must be between 0 and 1")
-        if self.grad_clip < 0:
+        if not 0 <= self.grad_clip < math.inf:  # also rejects NaN, which `< 0` lets through
             raise ConfigError(f"grad_clip={self.grad_clip}: must be >= 0 (0 disables clipping)")
         if self.dtype not in _DTYPES:
             raise ConfigError(f"dtype={self.dtype!r}: expected one of {', '.join(_DTYPES)}")

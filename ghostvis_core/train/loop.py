@@ -290,6 +290,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
             "rng": all_gather_objects(ckpt.capture_rng_state(device)),
             "model_config": model_config.to_dict(),
             "recipe": cfg.recipe,
+            "preset": cfg.preset,
             "time": time.time(),
         }
         path = None

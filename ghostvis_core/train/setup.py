@@ -57,12 +57,25 @@ def _run_model_config(run_dir: Path) -> dict[str, Any] | None:
         raise CheckpointError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); the run folder is damaged") from None
 
 
+def _check_same_recipe_and_preset(cfg: TrainConfig, state: dict[str, Any], resume_dir: Path) -> None:
+    """A resume continues the run it came from: another recipe or preset would be silently ignored."""
+    for field, saved in (("recipe", state.get("recipe")), ("preset", state.get("preset"))):
+        wanted = getattr(cfg, field)
+        if saved is not None and saved != wanted:
+            raise CheckpointError(
+                f"{resume_dir} was trained with {field} {saved!r}, and this run asks for {wanted!r}: resuming "
+                f"cannot change the {field}; start a new run with --run NAME"
+                + (f" (init_from={resume_dir} starts {wanted} from those weights)" if field == "recipe" else "")
+            )
+
+
 def find_start(cfg: TrainConfig) -> StartPoint:
     """Resolve cfg.resume (auto | none | PATH) and, for SFT, cfg.init_from; verify what will be loaded."""
     log = get_logger()
     resume_dir = ckpt.resolve_resume(cfg.resume, cfg.run_dir, runs_root(cfg))
     if resume_dir is not None:
         state = ckpt.verify_checkpoint(resume_dir)
+        _check_same_recipe_and_preset(cfg, state, resume_dir)
         model_config = state.get("model_config") or _run_model_config(resume_dir.parent)
         tok_dir = resume_dir.parent / "tokenizer"
         log.info(f"Resuming from {resume_dir} (step {state['step']})")
