@@ -123,3 +123,13 @@ def test_build_chat_dataset_from_file_with_bad_record(tok, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="ghostvis"):
         packed = build_chat_dataset(str(f), tok, 64, skip_bad_records=True)
     assert packed.num_docs == 1 and "skipped 1 malformed records" in caplog.text
+
+
+def test_a_damaged_tokenizer_cache_folder_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("GHOSTVIS_HOME", str(tmp_path))
+    stale = default_tokenizer_dir(300)
+    stale.mkdir(parents=True)
+    (stale / "leftover").write_text("from an interrupted run")
+    with pytest.raises(DataError, match="delete it and run again"):
+        default_tokenizer(300)
+    assert (stale / "leftover").read_text() == "from an interrupted run"

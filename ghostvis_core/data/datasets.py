@@ -119,9 +119,12 @@ def default_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE) -> Tokenizer:
     try:
         tok.save(tmp)
         os.replace(tmp, final)
-    except OSError:
+    except OSError as e:
         if not (final / "tokenizer.json").is_file():
-            raise
+            raise DataError(
+                f"cannot cache the default tokenizer at {final} ({e.strerror}); if that folder is left from an "
+                "interrupted run, delete it and run again"
+            ) from e
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
