@@ -50,6 +50,8 @@ def train_tokenizer(
         raise ConfigError(f"--kind {kind}: expected one of {', '.join(_KINDS)}")
     if not data.exists():
         raise DataError(f"--data {data}: no such file or folder; check the path")
+    if name is not None and (not name or Path(name).name != name or name in (".", "..")):
+        raise ConfigError(f"--name {name!r}: a plain folder name (no '/' or '..'); use --out for a path")
     if out is None:
         out = datasets_dir() / "tokenizers" / (name or f"{data.stem}-vocab{vocab_size}")
     elif name is not None:

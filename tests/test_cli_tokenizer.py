@@ -1,6 +1,9 @@
 """`ghostvis tokenizer train`: trains on text and chat jsonl, round-trips, saves, refuses to clobber."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -99,3 +102,15 @@ def test_malformed_record_names_file_and_line(tmp_path, capsys):
     code, _, err = run_cli(["tokenizer", "train", "--data", str(path), "--vocab-size", "300"], capsys)
     assert code == 2
     assert f"{path}:2" in err
+
+
+@pytest.mark.parametrize("name", ["a/../../x", "..", "sub/dir"])
+def test_name_must_be_a_plain_folder_name(tmp_path, name):
+    data = tmp_path / "t.txt"
+    data.write_text("hello world\n\nanother paragraph here\n")
+    proc = subprocess.run([sys.executable, "-m", "ghostvis_cli", "tokenizer", "train", "--data", str(data),
+                           "--vocab-size", "300", "--name", name],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "GHOSTVIS_HOME": str(tmp_path / "home")})
+    assert proc.returncode == 2 and "a plain folder name" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "home" / "datasets").exists()
