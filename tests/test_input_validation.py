@@ -49,3 +49,10 @@ def test_sampling_options_are_checked_before_generating(kwargs, match):
     loaded = LoadedModel(model=None, tokenizer=None, checkpoint=None, recipe="chat_sft")  # never reached
     with pytest.raises(ConfigError, match=match):
         generate_text(loaded, "hi", **kwargs)
+
+
+def test_chat_data_in_another_format_names_the_format(tmp_path):
+    parquet = tmp_path / "chats.parquet"
+    parquet.write_bytes(b"PAR1")
+    with pytest.raises(DataError, match=r"chats\.parquet: a parquet file, but chat data is jsonl"):
+        list(iter_chats(parquet))

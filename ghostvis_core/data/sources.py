@@ -256,6 +256,9 @@ def iter_chats(
     """Yield message lists from a chat jsonl file or folder; DataError 'FILE:LINE: ...' when malformed."""
     report = report if report is not None else SkipReport()
     for f, _ in _files(path, "jsonl", ("jsonl",)):
+        known = SUFFIX_KIND.get(f.suffix.lower())
+        if known not in (None, "jsonl"):
+            raise DataError(f"{f}: a {known} file, but chat data is jsonl: one {{\"messages\": [...]}} per line")
         rec = _Records(f, skip_bad_records, report)
         count = 0
         for lineno, obj in _iter_json_objects(f, rec):
