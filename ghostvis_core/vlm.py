@@ -29,7 +29,32 @@ from ghostvis_core.gpt import GPT, IGNORE_INDEX
 from ghostvis_core.vision import VisionTower
 from ghostvis_core.vision_config import VLMConfig
 
-__all__ = ["VLM", "VLMConfig", "MultiModalProjector", "mask_image_targets"]
+__all__ = ["VLM", "VLMConfig", "MultiModalProjector", "hf_llava_key", "mask_image_targets"]
+
+# Our key prefix -> transformers' LlavaForConditionalGeneration prefix, per layout (the table at the top).
+# First match wins, so the lm_head entry comes before the general language_model one.
+_HF_LLAVA_PREFIXES: dict[str, tuple[tuple[str, str], ...]] = {
+    "memory": (
+        ("language_model.lm_head.", "lm_head."),
+        ("language_model.model.", "model.language_model."),
+        ("vision_tower.", "model.vision_tower."),
+        ("multi_modal_projector.", "model.multi_modal_projector."),
+    ),
+    "export": (
+        ("language_model.", "language_model."),
+        ("vision_tower.", "vision_tower.vision_model."),
+        ("multi_modal_projector.", "multi_modal_projector."),
+    ),
+}
+
+
+def hf_llava_key(key: str, layout: str = "memory") -> str:
+    """Our VLM state-dict key as transformers' LLaVA names it: "memory" is a built model's state_dict (v5),
+    "export" the safetensors layout both transformers and vLLM load (vision_tower.vision_model.*)."""
+    for ours, theirs in _HF_LLAVA_PREFIXES[layout]:
+        if key.startswith(ours):
+            return theirs + key[len(ours) :]
+    raise KeyError(f"{key!r} is not a VLM parameter name")
 
 
 class MultiModalProjector(nn.Module):
