@@ -169,8 +169,8 @@ class VisionTower(nn.Module):
         expected = (c.num_channels, c.image_size, c.image_size)
         if pixel_values_NCSS.dim() != 4 or tuple(pixel_values_NCSS.shape[1:]) != expected:
             raise ConfigError(
-                f"vision tower expects pixel_values of shape (N, {c.num_channels}, {c.image_size}, {c.image_size}), "
-                f"got {tuple(pixel_values_NCSS.shape)}; resize images to vision.image_size"
+                f"vision tower expects pixel_values of shape (N, {c.num_channels}, {c.image_size}, "
+                f"{c.image_size}), got {tuple(pixel_values_NCSS.shape)}; resize images to vision.image_size"
             )
         ctx = AttentionContext(case="noncausal", backend=self.plan.attention["noncausal"].backend)
         x_NPW = self.embeddings(pixel_values_NCSS)

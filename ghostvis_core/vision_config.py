@@ -64,8 +64,9 @@ class VisionConfig:
             )
         if self.hidden_size % self.num_heads != 0:
             raise ConfigError(
-                f"VisionConfig.hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; "
-                f"pick num_heads so that hidden_size // num_heads is the head dim (e.g. {max(1, self.hidden_size // 64)})"
+                f"VisionConfig.hidden_size={self.hidden_size} is not divisible by num_heads="
+                f"{self.num_heads}; pick num_heads so that hidden_size // num_heads is the head dim "
+                f"(e.g. num_heads={max(1, self.hidden_size // 64)})"
             )
         _check_unit_interval(name, "layer_norm_eps", self.layer_norm_eps)
         for key in ("image_mean", "image_std"):
@@ -113,13 +114,15 @@ class VisionConfig:
 
 # head_dim 32 (tiny) and 64 (base): both in vLLM's CPU attention list and FlashAttention's.
 VISION_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(image_size=32, patch_size=8, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128),
+    "tiny": dict(
+        image_size=32, patch_size=8, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128
+    ),
     "siglip-base-224": dict(
         image_size=224, patch_size=16, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072
     ),
 }
-"""tiny: 16 tokens of width 64 for CPU tests and the laptop demo; siglip-base-224: google/siglip-base-patch16-224's
-tower (196 tokens, 86M parameters without the pooling head)."""
+"""tiny: 16 tokens of width 64 for CPU tests and the laptop demo; siglip-base-224: the tower of
+google/siglip-base-patch16-224 (196 tokens, 86M parameters without the pooling head)."""
 
 
 def get_vision_config(name: str, **overrides) -> VisionConfig:
@@ -142,7 +145,8 @@ class VLMConfig:
     """The vision tower (a dict is accepted and built into a VisionConfig)."""
     image_token_id: int
     """Id of the `<image>` placeholder; each image is expanded at data time to vision.num_image_tokens
-    consecutive copies of it. Must be below text.vocab_size (a LLaVA export stores it as image_token_index)."""
+    consecutive copies of it. Must be below text.vocab_size (a LLaVA export stores it as
+    image_token_index)."""
     projector_hidden: int | None = None
     """Hidden width of the projector (linear_1's output); None means text.n_embd, the only width LLaVA's
     projector has (any other width trains but cannot be exported as LLaVA). Resolved in __post_init__."""
@@ -166,7 +170,8 @@ class VLMConfig:
         if self.vision.num_image_tokens >= self.text.sequence_len:
             raise ConfigError(
                 f"VLMConfig: one image is {self.vision.num_image_tokens} tokens, which does not fit "
-                f"text.sequence_len={self.text.sequence_len} with any text; raise sequence_len or the patch size"
+                f"text.sequence_len={self.text.sequence_len} with any text; raise sequence_len or the "
+                "patch size"
             )
 
     @property

@@ -119,19 +119,20 @@ class VLM(nn.Module):
         per_row = mask_BT.sum(dim=1).tolist()
         if sum(per_row) != num_images * P:
             raise ConfigError(
-                f"the batch holds {sum(per_row)} image tokens (id {tid}) but {num_images} image(s) were given, "
-                f"which need {num_images * P}: every <image> must be expanded to {P} consecutive ids at data "
-                "time, and pixel_values must hold one image per expanded <image>, in order of appearance"
+                f"the batch holds {sum(per_row)} image tokens (id {tid}) but {num_images} image(s) were "
+                f"given, which need {num_images * P}: every <image> must be expanded to {P} consecutive ids "
+                "at data time, and pixel_values must hold one image per expanded <image>, in order of "
+                "appearance"
             )
         bad = [b for b, n in enumerate(per_row) if n % P]
         if bad:
             raise ConfigError(
-                f"row {bad[0]} holds {per_row[bad[0]]} image tokens, not a multiple of {P} (tokens per image): "
-                "an image was cut, e.g. by packing or truncation; a row must hold whole images"
+                f"row {bad[0]} holds {per_row[bad[0]]} image tokens, not a multiple of {P} (tokens per "
+                "image): an image was cut, e.g. by packing or truncation; a row must hold whole images"
             )
         return mask_BT
 
-    def embed(self, input_ids_BT: torch.Tensor, pixel_values_NCSS: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(self, input_ids_BT: torch.Tensor, pixel_values_NCSS: torch.Tensor | None = None):
         """Input embeddings (B, T, C): token embeddings with image features at the image-token positions."""
         num_images = 0 if pixel_values_NCSS is None else pixel_values_NCSS.shape[0]
         mask_BT = self._check_image_tokens(input_ids_BT, num_images)

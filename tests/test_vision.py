@@ -79,7 +79,7 @@ def test_tower_matches_transformers_siglip(hf_attention):
     assert pre.shape == (3, cfg.num_image_tokens, cfg.hidden_size) == (3, 16, 64)
     assert len(out.hidden_states) == cfg.num_layers + 1
     assert_parity(f"tower vs HF {hf_attention} hidden_states[-1]", pre, out.hidden_states[-1])
-    assert_parity(f"tower + post_layernorm vs HF {hf_attention} last_hidden_state", post, out.last_hidden_state)
+    assert_parity(f"tower + post-norm vs HF {hf_attention} last_hidden_state", post, out.last_hidden_state)
     # hidden_states[-1] really is before the post norm (the two outputs differ), so the test pins the choice
     assert (out.hidden_states[-1] - out.last_hidden_state).abs().max() > 0.1
 
@@ -87,11 +87,11 @@ def test_tower_matches_transformers_siglip(hf_attention):
 def test_state_dict_keys_are_siglip_keys():
     keys = set(VisionTower(get_vision_config("tiny", num_layers=1), cpu_plan()).state_dict())
     layer = "encoder.layers.0."
-    expected = {"embeddings.patch_embedding.weight", "embeddings.patch_embedding.bias",
-                "embeddings.position_embedding.weight", "post_layernorm.weight", "post_layernorm.bias"}  # fmt: skip
-    for part in ("layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2",
-                 *(f"self_attn.{n}_proj" for n in ("q", "k", "v", "out"))):  # fmt: skip
-        expected |= {f"{layer}{part}.weight", f"{layer}{part}.bias"}
+    parts = ["embeddings.patch_embedding", "post_layernorm"]
+    parts += [layer + p for p in ("layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2")]
+    parts += [f"{layer}self_attn.{n}_proj" for n in ("q", "k", "v", "out")]
+    expected = {f"{p}.{w}" for p in parts for w in ("weight", "bias")}
+    expected.add("embeddings.position_embedding.weight")
     assert keys == expected
 
 
@@ -178,6 +178,6 @@ def test_vlm_config_resolves_projector_and_checks_the_image_token():
     assert VLMConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ConfigError, match=r"image_token_id=97 must be a token id in \[0, 97\)"):
         VLMConfig(text=text, vision=get_vision_config("tiny"), image_token_id=97)
+    short = GPTConfig(n_layer=1, n_head=2, n_embd=48, vocab_size=97, sequence_len=16)
     with pytest.raises(ConfigError, match="one image is 16 tokens"):
-        VLMConfig(text=GPTConfig(n_layer=1, n_head=2, n_embd=48, vocab_size=97, sequence_len=16),
-                  vision=get_vision_config("tiny"), image_token_id=1)  # fmt: skip
+        VLMConfig(text=short, vision=get_vision_config("tiny"), image_token_id=1)
