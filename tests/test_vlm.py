@@ -48,12 +48,11 @@ def next_token_targets(ids_T: torch.Tensor, last: int = 5) -> torch.Tensor:
     return torch.cat([ids_T[1:], torch.tensor([last])])
 
 
-def hf_llava(cfg: VLMConfig):
-    """transformers' LLaVA with our shapes: SigLIP tower, features from the last layer before post-norm."""
-    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+def hf_llama_config(t: GPTConfig):
+    """transformers' LlamaConfig with our decoder's shape (the field mapping an HF export writes)."""
+    from transformers import LlamaConfig
 
-    t = cfg.text
-    text_config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=t.vocab_size,
         hidden_size=t.n_embd,
         intermediate_size=t.mlp_hidden,
@@ -65,15 +64,21 @@ def hf_llava(cfg: VLMConfig):
         rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta},
         tie_word_embeddings=t.tie_embeddings,
     )
+
+
+def hf_llava(cfg: VLMConfig):
+    """transformers' LLaVA with our shapes: SigLIP tower, features from the last layer before post-norm."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
     config = LlavaConfig(
         vision_config=hf_siglip_config(cfg.vision),
-        text_config=text_config,
+        text_config=hf_llama_config(cfg.text),
         image_token_index=cfg.image_token_id,
         image_seq_length=cfg.num_image_tokens,
         vision_feature_layer=-1,
         vision_feature_select_strategy="full",
         projector_hidden_act="gelu",
-        tie_word_embeddings=t.tie_embeddings,
+        tie_word_embeddings=cfg.text.tie_embeddings,
         # eager (explicit softmax) in both sub-models: independent of the SDPA kernel our CPU plan runs.
         # Set here, on the top config: LLaVA overrides what the sub-configs say.
         attn_implementation="eager",
