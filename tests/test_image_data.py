@@ -257,3 +257,16 @@ def test_load_image_matches_siglip_processor(tmp_path):
             assert ours.shape == theirs.shape == (3, size, size) and ours.dtype == torch.float32
             # Same Pillow resize and the same float arithmetic: identical, bound 1e-6 for safety.
             assert diff.max().item() <= 1e-6
+
+
+def test_records_encode_with_one_image_token_per_image(tmp_path):
+    from ghostvis_core.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(["a red circle at top left and a small blue square"] * 20, vocab_size=300)
+    _png(tmp_path / "a.png")
+    f = _json(tmp_path / "d.json", [_llava(["a.png", "a.png"], "<image> and <image>: same?", "yes")])
+    chat = next(iter_image_chats(f))
+    ids, mask = tok.encode_chat(chat.template_messages())
+    # The packing step will expand each <image> id into the tower's token count; here it is one id per image.
+    assert ids.count(tok.image_id) == len(chat.image_paths) == 2
+    assert all(m == 0 for i, m in zip(ids, mask, strict=True) if i == tok.image_id)
