@@ -270,3 +270,9 @@ def test_records_encode_with_one_image_token_per_image(tmp_path):
     # The packing step will expand each <image> id into the tower's token count; here it is one id per image.
     assert ids.count(tok.image_id) == len(chat.image_paths) == 2
     assert all(m == 0 for i, m in zip(ids, mask, strict=True) if i == tok.image_id)
+
+
+def test_nul_byte_in_path_is_a_record_error(folder):
+    f = _json(folder / "data.json", [_llava("ok\u0000.png")])
+    with pytest.raises(DataError, match=r"data.json:record 0: image path 'ok\\x00.png' holds a NUL byte"):
+        list(iter_image_chats(f))

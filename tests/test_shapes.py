@@ -51,7 +51,8 @@ def test_image_size_and_mode():
 
 def test_splits_disjoint_across_seeds():
     train = {scene_key(ShapesTask(32, seed=s).scene(i)) for s in (0, 1) for i in range(NUM)}
-    heldout = {scene_key(ShapesTask(32, seed=s, split="heldout").scene(i)) for s in (0, 2) for i in range(NUM)}
+    heldout = {scene_key(ShapesTask(32, seed=s, split="heldout").scene(i))
+               for s in (0, 2) for i in range(NUM)}
     assert train.isdisjoint(heldout)
     # Mostly distinct scenes: only the ~27 held-out single-shape scenes repeat (a third of the samples).
     assert len(heldout) > 0.6 * 2 * NUM
@@ -79,7 +80,7 @@ def test_answers_balanced_and_text_only_near_chance():
         assert np.all(np.abs(shares - chance) < 0.15 * chance), (kind, shares)
         ceiling = text_only_accuracy(tr)
         baseline = text_only_accuracy(tr, ho)
-        print(f"{kind}: chance {chance:.3f}  train ceiling {ceiling:.3f}  text-only on held-out {baseline:.3f}")
+        print(f"{kind}: chance {chance:.3f}  train ceiling {ceiling:.3f}  held-out {baseline:.3f}")
         # The band: a majority vote over a few hundred draws per question string beats chance by noise alone
         # (~0.02-0.04 here); anything the question gave away would show as a larger excess.
         assert ceiling < chance + 0.06

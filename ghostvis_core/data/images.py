@@ -4,8 +4,8 @@ Formats (a file, or a folder meaning every .json/.jsonl/.ndjson file in it, sort
 - LLaVA json (.json): one JSON array of {"image": "rel/path.jpg" | ["a.jpg", "b.jpg"], "conversations":
   [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}]}.
 - jsonl (.jsonl, .ndjson): one object per line, either the LLaVA fields above or a chat
-  {"messages": [{"role": "user", "content": [{"type": "image", "path": "..."}, {"type": "text", "text": "..."}]},
-  {"role": "assistant", "content": "..."}]} (content may also be a plain string).
+  {"messages": [{"role": "user", "content": [{"type": "image", "path": "..."}, {"type": "text",
+  "text": "..."}]}, {"role": "assistant", "content": "..."}]} (content may also be a plain string).
 
 Every record becomes an `ImageChat`: messages (user/assistant/system; LLaVA's human -> user, gpt ->
 assistant) whose parts are `TextPart`s and `ImagePart`s in order, each "<image>" of a LLaVA string split out
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ghostvis_core.data.sources import SkipReport, _is_utf8, _iter_json_objects, _Records
+from ghostvis_core.data.sources import SkipReport, _Records, _is_utf8, _iter_json_objects
 from ghostvis_core.errors import ConfigError, DataError
 from ghostvis_core.tokenizer import IMAGE, ROLES
 
@@ -76,7 +76,7 @@ class ImageMessage:
 
 @dataclass(frozen=True, slots=True)
 class ImageChat:
-    """One normalised record: its messages, and where it came from (for errors raised later, e.g. decoding)."""
+    """One record: its messages, and where it came from (for errors raised later, in decoding)."""
 
     messages: tuple[ImageMessage, ...]
     where: str
@@ -88,7 +88,7 @@ class ImageChat:
         return [p.path for m in self.messages for p in m.parts if isinstance(p, ImagePart)]
 
     def template_messages(self) -> list[dict[str, Any]]:
-        """The messages in the form `Tokenizer.encode_chat` takes: one {"type": "image"} per image, in place."""
+        """The messages as `Tokenizer.encode_chat` takes them: one {"type": "image"} per image, in place."""
         return [
             {"role": m.role, "content": [
                 {"type": "image"} if isinstance(p, ImagePart) else {"type": "text", "text": p.text}
@@ -139,7 +139,7 @@ def _llava_messages(obj: dict) -> str | list[tuple[str, list[tuple[str, str]]]]:
 
 
 def _chat_messages(obj: dict) -> str | list[tuple[str, list[tuple[str, str]]]]:
-    """[(role, [(kind, text or raw path)])] of a {"messages": [...]} record, or a string saying what is wrong."""
+    """[(role, [(kind, text or raw path)])] of a {"messages": [...]} record, or what is wrong."""
     raw = obj["messages"]
     if not isinstance(raw, list):
         return f"'messages' must be a list, got {type(raw).__name__}"
@@ -159,7 +159,7 @@ def _chat_messages(obj: dict) -> str | list[tuple[str, list[tuple[str, str]]]]:
                 parts.append(("image", part["path"]))
             elif kind == "text" and isinstance(part.get("text"), str) and _is_utf8(part["text"]):
                 if IMAGE in part["text"]:
-                    # A literal "<image>" would silently stay text (the tokenizer never reads it as a special).
+                    # A literal "<image>" would silently stay text (the tokenizer never reads it as special).
                     return (f"message {i}: text holds '{IMAGE}'; in chat jsonl give images as "
                             "{'type': 'image', 'path': ...} parts")
                 if part["text"]:
@@ -199,6 +199,8 @@ def resolve_image_path(raw: str, image_root: Path) -> Path | str:
     """The real path of image `raw` under image_root (a resolved folder), or a string saying what is wrong."""
     if not raw.strip():
         return "an image path is empty"
+    if "\0" in raw:
+        return f"image path {raw!r} holds a NUL byte"
     # realpath follows every symlink, so a link inside the root that points outside is caught too.
     real = Path(os.path.realpath(image_root / raw))
     if not real.is_relative_to(image_root):
@@ -219,7 +221,8 @@ def _open_rgb(path: Path, verify_only: bool = False) -> Image.Image | str:
             im.load()
             if "A" in im.getbands() or im.info.get("transparency") is not None:
                 rgba = im.convert("RGBA")
-                return Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), rgba).convert("RGB")
+                white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+                return Image.alpha_composite(white, rgba).convert("RGB")
             return im.convert("RGB")
     except FileNotFoundError:
         return "no such file"
@@ -227,7 +230,9 @@ def _open_rgb(path: Path, verify_only: bool = False) -> Image.Image | str:
         return f"not a readable image ({type(e).__name__}: {e}); replace or remove the file"
 
 
-def _to_pixels(image: Image.Image, image_size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+def _to_pixels(
+    image: Image.Image, image_size: int, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
     resized = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
     # Same arithmetic as transformers' rescale (float64 * 1/255 -> float32) and normalize (float32), so the
     # result matches SiglipImageProcessor's pixel_values exactly, not just closely.
@@ -249,7 +254,7 @@ def load_image(
     mean: Sequence[float] = SIGLIP_MEAN,
     std: Sequence[float] = SIGLIP_STD,
 ) -> torch.Tensor:
-    """(C, H, W) float32 pixels of one image file, as SiglipImageProcessor gives them; DataError if unreadable."""
+    """(C, H, W) float32 pixels of an image file, as SiglipImageProcessor gives; DataError if unreadable."""
     _check_size(image_size, mean, std)
     image = _open_rgb(Path(path))
     if isinstance(image, str):
@@ -299,7 +304,8 @@ def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from e
     if not isinstance(data, list):
-        raise DataError(f"{path}: a LLaVA .json file holds one JSON array of records, got {type(data).__name__} "
+        raise DataError(f"{path}: a LLaVA .json file holds one JSON array of records, got "
+                        f"{type(data).__name__} "
                         "(one object per line is .jsonl)")
     for i, obj in enumerate(data):
         yield f"record {i}", obj
@@ -335,8 +341,10 @@ def iter_image_chats(
         else:
             records = _iter_json_objects(f, rec)
         count = 0
+        # Images already checked in this file: QA data asks several questions about one image.
+        checked: set[Path] | None = set() if check_images else None
         for where, obj in records:
-            chat = _record(obj, root, require_image, check_images)
+            chat = _record(obj, root, require_image, checked)
             if isinstance(chat, str):
                 rec.bad(where, chat)
                 continue
@@ -345,8 +353,10 @@ def iter_image_chats(
         rec.finish(count)
 
 
-def _record(obj: Any, root: Path, require_image: bool, check_images: bool) -> str | list[tuple[str, tuple]]:
-    """[(role, parts)] with resolved image paths, or what is wrong with the record."""
+def _record(
+    obj: Any, root: Path, require_image: bool, checked: set[Path] | None
+) -> str | list[tuple[str, tuple]]:
+    """[(role, parts)] with resolved image paths, or what is wrong; checked: images verified so far (None: off)."""
     if not isinstance(obj, dict):
         return f"expected a JSON object, got {type(obj).__name__}"
     messages = _normalise(obj, require_image)
@@ -362,10 +372,11 @@ def _record(obj: Any, root: Path, require_image: bool, check_images: bool) -> st
             resolved = resolve_image_path(value, root)
             if isinstance(resolved, str):
                 return resolved
-            if check_images:
+            if checked is not None and resolved not in checked:
                 opened = _open_rgb(resolved, verify_only=True)
                 if isinstance(opened, str):
                     return f"image {value!r} ({resolved}): {opened}"
+                checked.add(resolved)
             parts.append(ImagePart(resolved))
         out.append((role, tuple(parts)))
     return out

@@ -163,7 +163,8 @@ def scene_split(shapes: Iterable[Shape]) -> Split:
 def _random_scene(rng: random.Random, num_shapes: int) -> tuple[Shape, ...]:
     kinds = rng.sample(SHAPES, num_shapes)
     cells = rng.sample(range(len(POSITIONS)), num_shapes)
-    shapes = [Shape(k, rng.choice(list(COLOURS)), rng.choice(SIZES), c) for k, c in zip(kinds, cells, strict=True)]
+    shapes = [Shape(k, rng.choice(list(COLOURS)), rng.choice(SIZES), c)
+              for k, c in zip(kinds, cells, strict=True)]
     return tuple(sorted(shapes, key=lambda s: s.cell))
 
 
@@ -226,7 +227,8 @@ class ShapesTask:
 
     def __init__(self, image_size: int = 32, seed: int = 0, split: Split = "train"):
         if not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE:
-            raise ConfigError(f"image_size={image_size!r}: the shapes task needs an integer >= {MIN_IMAGE_SIZE} "
+            raise ConfigError(f"image_size={image_size!r}: the shapes task needs an integer >= "
+                              f"{MIN_IMAGE_SIZE} "
                               "(32 for the tiny CPU tower, 224 for siglip-base-224)")
         if split not in ("train", "heldout"):
             raise ConfigError(f"split={split!r}: use 'train' or 'heldout'")
