@@ -37,7 +37,7 @@ from ghostvis_core.tokenizer import Tokenizer
 from ghostvis_core.vision_config import VisionConfig, VLMConfig
 from ghostvis_core.vlm import hf_llava_key
 
-__all__ = ["export_text", "export_vlm", "hf_llama_config", "hf_siglip_config"]
+__all__ = ["export_text", "export_vlm", "hf_llama_config_dict", "hf_siglip_config_dict"]
 
 # SiglipImageProcessor's resampling filter (PIL.Image.BICUBIC); the data pipeline should resize the same way.
 BICUBIC = 3
@@ -47,7 +47,7 @@ BICUBIC = 3
 # config.json contents
 
 
-def hf_llama_config(config: GPTConfig, tokenizer: Tokenizer) -> dict[str, Any]:
+def hf_llama_config_dict(config: GPTConfig, tokenizer: Tokenizer) -> dict[str, Any]:
     """LlamaForCausalLM's config.json for our GPTConfig (every field our GPT's math depends on, explicit)."""
     return {
         "architectures": ["LlamaForCausalLM"],
@@ -72,7 +72,7 @@ def hf_llama_config(config: GPTConfig, tokenizer: Tokenizer) -> dict[str, Any]:
     }
 
 
-def hf_siglip_config(config: VisionConfig) -> dict[str, Any]:
+def hf_siglip_config_dict(config: VisionConfig) -> dict[str, Any]:
     """SiglipVisionConfig's fields for our VisionConfig (as LLaVA's vision_config)."""
     return {
         "model_type": "siglip_vision_model",
@@ -90,13 +90,13 @@ def hf_siglip_config(config: VisionConfig) -> dict[str, Any]:
 
 
 def _hf_llava_config(config: VLMConfig, tokenizer: Tokenizer) -> dict[str, Any]:
-    text = hf_llama_config(config.text, tokenizer)
+    text = hf_llama_config_dict(config.text, tokenizer)
     del text["architectures"]
     return {
         "architectures": ["LlavaForConditionalGeneration"],
         "model_type": "llava",
         "text_config": text,
-        "vision_config": hf_siglip_config(config.vision),
+        "vision_config": hf_siglip_config_dict(config.vision),
         "image_token_index": config.image_token_id,
         "image_seq_length": config.num_image_tokens,
         "projector_hidden_act": "gelu",  # exact erf GELU, our MultiModalProjector's
@@ -241,7 +241,7 @@ def export_text(model_state: dict[str, torch.Tensor], config: GPTConfig, tokeniz
     check_state_shapes("export", state, llama_param_shapes(config))
     tensors, dtype = _tensors_for_file(state)
     files = {
-        "config.json": {**hf_llama_config(config, tokenizer), "dtype": dtype},
+        "config.json": {**hf_llama_config_dict(config, tokenizer), "dtype": dtype},
         "generation_config.json": _generation_config(tokenizer),
     }
     return _write_export(out_dir, overwrite, files, tensors, tokenizer, config.sequence_len)

@@ -1,0 +1,195 @@
+"""HF interop on CPU: folders transformers saves read into our models, and our exports load in transformers.
+
+Random models built and saved inside each test (no hub): read_hf_llama / read_hf_siglip_vision against HF's
+forward, export_text / export_vlm against AutoModelForCausalLM / LlavaForConditionalGeneration (logits and
+greedy tokens), the exported tokenizer and processor against ours, and one message naming the folder and the
+key for every bad folder.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from test_vision import assert_parity, cpu_plan, hf_siglip_config, randomize_
+from test_vlm import hf_llama_config, hf_llava
+
+from ghostvis_core.config import GPTConfig
+from ghostvis_core.errors import CheckpointError, ConfigError
+from ghostvis_core.export import export_text, export_vlm
+from ghostvis_core.gpt import GPT
+from ghostvis_core.hf_import import read_hf_llama, read_hf_siglip_vision
+from ghostvis_core.tokenizer import Tokenizer
+from ghostvis_core.vision import VisionTower, normalize_pixels
+from ghostvis_core.vision_config import VisionConfig, VLMConfig, get_vision_config
+from ghostvis_core.vlm import VLM
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+CHAT = [
+    {"role": "system", "content": "be brief"},
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour is it?"}]},
+    {"role": "assistant", "content": "a red circle"},
+    {"role": "user", "content": "and 12 more?"},
+]
+
+
+def ours(config):
+    """The one place this file builds our models (GPT takes cpu_plan() once the plan is required)."""
+    if isinstance(config, VLMConfig):
+        model = VLM(config, cpu_plan())
+    elif isinstance(config, VisionConfig):
+        model = VisionTower(config, cpu_plan())
+    else:
+        model = GPT(config)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    words = "a red blue green circle square triangle at top left right bottom what colour is it small big"
+    texts = [" ".join(words.split()[i % 7:]) + f" {i}" for i in range(200)]
+    return Tokenizer.train(texts, 300)
+
+
+def text_config(vocab_size: int, tied: bool = False) -> GPTConfig:
+    # GQA, a non-default theta and eps, an odd vocab: a field the mapping drops cannot pass unnoticed.
+    return GPTConfig(n_layer=2, n_head=2, n_kv_head=1, n_embd=48, mlp_hidden=80, vocab_size=vocab_size,
+                     sequence_len=64, rope_theta=500.0, norm_eps=1e-6, tie_embeddings=tied)
+
+
+def vlm_config(tok: Tokenizer, tied: bool = False) -> VLMConfig:
+    # a model vocab above the tokenizer's (padding rows) is allowed; <image> is the tokenizer's own id
+    return VLMConfig(text=text_config(tok.vocab_size + 3, tied), vision=get_vision_config("tiny"),
+                     image_token_id=tok.image_id)
+
+
+def random_ids(n: int, high: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(9, high, (1, n), generator=torch.Generator().manual_seed(seed))  # past the specials
+
+
+def images(n: int, cfg: VisionConfig, seed: int = 1) -> torch.Tensor:
+    pixels = torch.rand(n, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(seed))
+    return normalize_pixels(pixels, cfg)
+
+
+def greedy(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy tokens by full forwards (no cache): the plainest reference for HF's generate."""
+    with torch.no_grad():
+        for _ in range(steps):
+            ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+def until_eos(ids: list[int], start: int, eos: int) -> list[int]:
+    """The generated part of ids up to and including the first eos (HF's generate stops there)."""
+    new = ids[start:]
+    return new[: new.index(eos) + 1] if eos in new else new
+
+
+def save_hf(model, folder):
+    model.save_pretrained(folder)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------------
+# HF Llama folder -> our GPT
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_read_hf_llama_matches_transformers(tmp_path, tied):
+    from transformers import LlamaForCausalLM
+
+    cfg = text_config(97, tied)
+    hf_cfg = hf_llama_config(cfg)
+    hf_cfg._attn_implementation = "eager"  # explicit softmax: independent of the SDPA kernel our plan runs
+    hf = randomize_(LlamaForCausalLM(hf_cfg), seed=1, std=0.15).eval()
+    folder = save_hf(hf, tmp_path / "llama")
+    got_cfg, state = read_hf_llama(folder)
+    assert got_cfg == cfg
+    model = ours(got_cfg)
+    model.load_state_dict(state, strict=True)
+    ids = random_ids(24, 97)
+    with torch.no_grad():
+        assert_parity(f"read_hf_llama GPT vs HF Llama logits (tied={tied})", model(ids), hf(ids).logits)
+
+
+def test_read_hf_llama_reads_shards_and_legacy_rope_theta(tmp_path, tok):
+    cfg = text_config(tok.vocab_size)
+    model = randomize_(ours(cfg), seed=4)
+    folder = export_text(model.state_dict(), cfg, tok, tmp_path / "one")
+    # Split into two shards with an index, and write RoPE the transformers 4 way (top-level rope_theta).
+    tensors = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, folder / file, metadata={"format": "pt"})
+    weight_map = {k: file for file, keys in shards.items() for k in keys}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    hf = json.loads((folder / "config.json").read_text())
+    del hf["rope_parameters"]
+    (folder / "config.json").write_text(json.dumps(hf))
+    got_cfg, state = read_hf_llama(folder)
+    assert got_cfg == cfg and got_cfg.rope_theta == 500.0
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Our GPT -> export_text -> transformers
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_export_text_loads_in_transformers_with_same_logits_and_greedy_tokens(tmp_path, tok, tied):
+    from transformers import AutoModelForCausalLM
+
+    cfg = text_config(tok.vocab_size + 3, tied)
+    model = randomize_(ours(cfg), seed=2, std=0.15)
+    out = export_text(model.state_dict(), cfg, tok, tmp_path / "export")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "chat_template.jinja", "config.json", "generation_config.json", "model.safetensors",
+        "tokenizer.json", "tokenizer_config.json",
+    ]
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no temp folder left beside it
+    with safe_open(out / "model.safetensors", framework="pt") as f:
+        assert ("lm_head.weight" in f.keys()) == (not tied) and len(f.keys()) == 20 + (not tied)
+    hf_cfg = json.loads((out / "config.json").read_text())
+    assert hf_cfg["architectures"] == ["LlamaForCausalLM"] and hf_cfg["max_position_embeddings"] == 64
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [tok.eos_id] and gen["bos_token_id"] == tok.bos_id
+
+    hf = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    assert type(hf).__name__ == "LlamaForCausalLM" and hf.config.rope_parameters["rope_theta"] == 500.0
+    ids = random_ids(20, tok.vocab_size)
+    with torch.no_grad():
+        assert_parity(f"export_text vs HF Llama logits (tied={tied})", model(ids), hf(ids).logits)
+        hf_tokens = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+    our_tokens = greedy(model, ids, 8)
+    print("greedy tokens, ours:", our_tokens[0, 20:].tolist(), "HF:", hf_tokens[0, 20:].tolist())
+    expected = until_eos(our_tokens[0].tolist(), 20, tok.eos_id)
+    assert hf_tokens[0, 20:20 + len(expected)].tolist() == expected and len(expected) >= 2
+    # and back: the export reads as the same config and tensors
+    back_cfg, back = read_hf_llama(out)
+    assert back_cfg == cfg and all(torch.equal(back[k], v) for k, v in model.state_dict().items())
+
+
+def test_exported_tokenizer_renders_the_chat_as_encode_chat(tmp_path, tok):
+    from transformers import AutoTokenizer
+
+    cfg = text_config(tok.vocab_size)
+    out = export_text(ours(cfg).state_dict(), cfg, tok, tmp_path / "export")
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    assert (hf_tok.bos_token, hf_tok.eos_token, hf_tok.pad_token) == ("<|bos|>", "<|assistant_end|>", "<|pad|>")
+    assert hf_tok.model_max_length == 64 and hf_tok.convert_tokens_to_ids("<image>") == tok.image_id
+    for prompt in (False, True):
+        ids, _ = tok.encode_chat(CHAT, add_generation_prompt=prompt)
+        hf_ids = hf_tok.apply_chat_template(CHAT, tokenize=True, add_generation_prompt=prompt, return_dict=False)
+        assert list(hf_ids) == ids and ids.count(tok.bos_id) == 1
+    # BOS: the template writes it and the tokenizer's post-processor adds one more to any plain call, so a
+    # rendered chat tokenized as a string starts with two (pass ids, or add_special_tokens=False).
+    rendered = tok.render_chat(CHAT)
+    assert hf_tok(rendered).input_ids[:2] == [tok.bos_id, tok.bos_id]
+    assert hf_tok(rendered, add_special_tokens=False).input_ids == tok.encode_chat(CHAT)[0]
+    assert hf_tok("a red circle").input_ids == [tok.bos_id, *tok.encode("a red circle")]
