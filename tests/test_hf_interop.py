@@ -193,3 +193,66 @@ def test_exported_tokenizer_renders_the_chat_as_encode_chat(tmp_path, tok):
     assert hf_tok(rendered).input_ids[:2] == [tok.bos_id, tok.bos_id]
     assert hf_tok(rendered, add_special_tokens=False).input_ids == tok.encode_chat(CHAT)[0]
     assert hf_tok("a red circle").input_ids == [tok.bos_id, *tok.encode("a red circle")]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Our VLM -> export_vlm -> transformers' LLaVA and LlavaProcessor
+
+
+def expand_images(ids: list[int], image_id: int, num_tokens: int) -> torch.Tensor:
+    """(1, T) ids with every <image> expanded to num_tokens copies (what the data pipeline does)."""
+    out = [t for i in ids for t in ([i] * num_tokens if i == image_id else [i])]
+    return torch.tensor([out])
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_export_vlm_loads_in_transformers_llava_with_same_logits(tmp_path, tok, tied):
+    from transformers import LlavaForConditionalGeneration
+
+    cfg = vlm_config(tok, tied)
+    model = randomize_(ours(cfg), seed=3, std=0.15)
+    out = export_vlm(model.state_dict(), cfg, tok, tmp_path / "vlm")
+    with safe_open(out / "model.safetensors", framework="pt") as f:
+        keys = set(f.keys())
+    prefixes = ("vision_tower.vision_model.", "language_model.model.", "multi_modal_projector.linear_")
+    assert all(k.startswith(prefixes) or k == "language_model.lm_head.weight" for k in keys)
+    assert ("language_model.lm_head.weight" in keys) == (not tied)
+    assert "vision_tower.vision_model.post_layernorm.weight" in keys
+    hf_cfg = json.loads((out / "config.json").read_text())
+    assert hf_cfg["architectures"] == ["LlavaForConditionalGeneration"]
+    assert (hf_cfg["image_token_index"], hf_cfg["vision_feature_layer"]) == (tok.image_id, -1)
+    assert hf_cfg["vision_feature_select_strategy"] == "full" and hf_cfg["projector_hidden_act"] == "gelu"
+
+    hf = LlavaForConditionalGeneration.from_pretrained(out, attn_implementation="eager").eval()
+    assert hf.model.language_model.config._attn_implementation == "eager"
+    assert hf.model.vision_tower.config._attn_implementation == "eager"
+    chat = [CHAT[1], {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "and this?"}]}]
+    ids = expand_images(tok.encode_chat(chat, add_generation_prompt=True)[0], tok.image_id, cfg.num_image_tokens)
+    pixels = images(2, cfg.vision)
+    with torch.no_grad():
+        got, ref = model(ids, pixels), hf(input_ids=ids, pixel_values=pixels).logits
+    assert got.shape == (1, ids.shape[1], cfg.text.vocab_size)
+    assert_parity(f"export_vlm vs HF LLaVA logits (tied={tied})", got, ref)
+    # the tower reads back from the export (vision_tower.vision_model.* layout) unchanged
+    back_cfg, back = read_hf_siglip_vision(out)
+    assert back_cfg == cfg.vision
+    assert all(torch.equal(back[k], v) for k, v in model.vision_tower.state_dict().items())
+
+
+def test_exported_processor_expands_image_and_normalises_like_the_tower(tmp_path, tok):
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    cfg = vlm_config(tok)
+    out = export_vlm(ours(cfg).state_dict(), cfg, tok, tmp_path / "vlm")
+    processor = AutoProcessor.from_pretrained(out)
+    assert type(processor).__name__ == "LlavaProcessor"
+    rgb = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    prompt = tok.render_chat([CHAT[1]], add_generation_prompt=True)
+    batch = processor(text=prompt, images=Image.fromarray(rgb), return_tensors="pt", add_special_tokens=False)
+    ids, _ = tok.encode_chat([CHAT[1]], add_generation_prompt=True)
+    assert batch["input_ids"].tolist() == expand_images(ids, tok.image_id, 16).tolist()
+    # a 32 px image needs no resize: the processor's pixels are exactly normalize_pixels of [0, 1] pixels
+    expected = normalize_pixels(torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255, cfg.vision)
+    assert_parity("LlavaProcessor pixels vs normalize_pixels", batch["pixel_values"], expected)
