@@ -299,12 +299,12 @@ def read_hf_siglip_vision(folder: str | Path) -> tuple[VisionConfig, dict[str, t
     prefix = next((p for p in candidates if p + probe in index), None)
     if prefix is None:
         raise CheckpointError(f"{folder}: missing tensor {candidates[0] + probe!r} (the vision tower's patch "
-                              f"embedding; also looked under {', '.join(repr(p) for p in candidates[1:])})")
+                              f"embedding; looked under the prefixes {', '.join(map(repr, candidates))})")
     shapes = siglip_param_shapes(config)
     state = _load_tensors(folder, index, {k: prefix + k for k in shapes})
     # Everything else under the tower's prefix must be ours or the pooling head; other prefixes (the text
     # model of SiglipModel, LLaVA's language model and projector) are not the tower's business.
-    tower = {k[len(prefix):] for k in index if k.startswith(prefix)}
-    present = {k: state.get(k, torch.empty(0)) for k in tower if not k.startswith("head.")}
-    check_state_shapes(f"{folder} (under {prefix!r})" if prefix else str(folder), present, shapes)
+    present = {k: state.get(k[len(prefix):], torch.empty(0)) for k in index
+               if k.startswith(prefix) and not k.startswith(prefix + "head.")}
+    check_state_shapes(str(folder), present, {prefix + k: s for k, s in shapes.items()})
     return config, state

@@ -256,3 +256,184 @@ def test_exported_processor_expands_image_and_normalises_like_the_tower(tmp_path
     # a 32 px image needs no resize: the processor's pixels are exactly normalize_pixels of [0, 1] pixels
     expected = normalize_pixels(torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255, cfg.vision)
     assert_parity("LlavaProcessor pixels vs normalize_pixels", batch["pixel_values"], expected)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# HF SigLIP towers (alone, in a SiglipModel, in a LLaVA) -> our VisionTower
+
+
+def hf_tower_folder(kind: str, cfg: VisionConfig, tok: Tokenizer, folder):
+    """A random HF model of `kind` saved to folder, and its SiglipVisionModel (the reference tower)."""
+    from transformers import SiglipConfig, SiglipModel, SiglipVisionModel
+
+    vision = hf_siglip_config(cfg)
+    if kind == "siglip_vision_model":
+        vision.vision_use_head = True  # the pooling head is saved and must be dropped
+        hf = SiglipVisionModel(vision)
+        tower = hf
+    elif kind == "siglip":
+        text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                    vocab_size=100, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+        hf = SiglipModel(SiglipConfig(vision_config=vision.to_dict(), text_config=text,
+                                      attn_implementation="eager"))
+        tower = hf.vision_model
+    else:
+        hf = hf_llava(vlm_config(tok))
+        tower = hf.model.vision_tower
+    randomize_(tower, seed=5, std=0.15)
+    save_hf(hf, folder)
+    return tower.eval()
+
+
+@pytest.mark.parametrize("kind", ["siglip_vision_model", "siglip", "llava"])
+def test_read_hf_siglip_vision_matches_the_hf_tower(tmp_path, tok, kind):
+    cfg = get_vision_config("tiny")
+    hf_tower = hf_tower_folder(kind, cfg, tok, tmp_path / kind)
+    got_cfg, state = read_hf_siglip_vision(tmp_path / kind)
+    assert got_cfg == cfg
+    tower = ours(got_cfg)
+    tower.load_state_dict(state, strict=True)
+    pixels = images(2, cfg)
+    with torch.no_grad():
+        out = hf_tower(pixel_values=pixels, output_hidden_states=True)
+        assert_parity(f"read_hf_siglip_vision ({kind}) vs HF hidden_states[-1]", tower(pixels),
+                      out.hidden_states[-1])
+        post = tower(pixels, apply_post_norm=True)
+    assert_parity(f"read_hf_siglip_vision ({kind}) + post-norm vs HF", post, out.last_hidden_state)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad folders: one message naming the folder and the key
+
+
+def edit_json(path, **changes):
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def edit_tensors(folder, drop=(), **replace):
+    tensors = load_file(folder / "model.safetensors")
+    tensors = {k: v for k, v in tensors.items() if k not in drop}
+    tensors.update({k.replace("__", "."): v for k, v in replace.items()})
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.fixture
+def llama_folder(tmp_path, tok):
+    cfg = text_config(tok.vocab_size)
+    return export_text(ours(cfg).state_dict(), cfg, tok, tmp_path / "llama")
+
+
+@pytest.fixture
+def siglip_folder(tmp_path):
+    cfg = get_vision_config("tiny", num_layers=1)
+    folder = tmp_path / "siglip"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(hf_siglip_config(cfg).to_dict()))
+    save_file(ours(cfg).state_dict(), folder / "model.safetensors", metadata={"format": "pt"})
+    assert read_hf_siglip_vision(folder)[0] == cfg  # the unbroken folder reads
+    return folder
+
+
+LLAMA_BREAKAGES = {
+    "missing folder": (lambda f: f.rename(f.with_name("moved")), CheckpointError, "no such folder"),
+    "no config": (lambda f: (f / "config.json").unlink(), CheckpointError, "no config.json"),
+    "no weights": (lambda f: (f / "model.safetensors").rename(f / "pytorch_model.bin"), CheckpointError,
+                   "no model.safetensors or model.safetensors.index.json (found pytorch_model.bin"),
+    "wrong model_type": (lambda f: edit_json(f / "config.json", model_type="mistral"), ConfigError,
+                         "key 'model_type' is 'mistral'"),
+    "attention bias": (lambda f: edit_json(f / "config.json", attention_bias=True), ConfigError,
+                       "key 'attention_bias' is true"),
+    "rope scaling": (lambda f: edit_json(f / "config.json", rope_parameters={"rope_type": "llama3",
+                     "rope_theta": 5e5, "factor": 8.0}), ConfigError, "key 'rope_parameters' has rope_type 'llama3'"),
+    "head_dim": (lambda f: edit_json(f / "config.json", head_dim=32), ConfigError, "key 'head_dim' is 32"),
+    "missing tensor": (lambda f: edit_tensors(f, drop=["model.layers.1.mlp.up_proj.weight"]), CheckpointError,
+                       "missing tensor 'model.layers.1.mlp.up_proj.weight'"),
+    "bad shape": (lambda f: edit_tensors(f, model__norm__weight=torch.ones(47)), CheckpointError,
+                  r"tensor 'model.norm.weight' has shape [47], the config implies [48]"),
+    "bias tensor": (lambda f: edit_tensors(f, model__layers__0__self_attn__q_proj__bias=torch.zeros(48)),
+                    CheckpointError, "unexpected tensor 'model.layers.0.self_attn.q_proj.bias'"),
+    "bad config value": (lambda f: edit_json(f / "config.json", num_key_value_heads=3), ConfigError,
+                         "GPTConfig.n_kv_head=3 must divide n_head=2"),
+}
+
+
+@pytest.mark.parametrize("case", list(LLAMA_BREAKAGES))
+def test_bad_llama_folder_names_the_folder_and_the_key(llama_folder, case):
+    breakage, error, message = LLAMA_BREAKAGES[case]
+    breakage(llama_folder)
+    with pytest.raises(error) as info:
+        read_hf_llama(llama_folder)
+    print(info.value)
+    assert str(info.value).startswith(str(llama_folder)) and message in str(info.value)
+
+
+SIGLIP_BREAKAGES = {
+    "wrong model_type": (lambda f: edit_json(f / "config.json", model_type="clip_vision_model"), ConfigError,
+                         "key 'model_type' is 'clip_vision_model'"),
+    "clip tower in llava": (lambda f: edit_json(f / "config.json", model_type="llava",
+                            vision_config={"model_type": "clip_vision_model"}), ConfigError,
+                            "key 'vision_config.model_type' is 'clip_vision_model'"),
+    "quick_gelu": (lambda f: edit_json(f / "config.json", hidden_act="quick_gelu"), ConfigError,
+                   "key 'hidden_act' of the vision model is 'quick_gelu'"),
+    "missing tensor": (lambda f: edit_tensors(f, drop=["encoder.layers.0.mlp.fc1.bias"]), CheckpointError,
+                       "missing tensor 'encoder.layers.0.mlp.fc1.bias'"),
+    "no tower": (lambda f: edit_tensors(f, drop=["embeddings.patch_embedding.weight"]), CheckpointError,
+                 "missing tensor 'vision_model.embeddings.patch_embedding.weight'"),
+    "bad shape": (lambda f: edit_tensors(f, embeddings__position_embedding__weight=torch.zeros(9, 64)),
+                  CheckpointError, "tensor 'embeddings.position_embedding.weight' has shape [9, 64], the "
+                  "config implies [16, 64]"),
+}
+
+
+@pytest.mark.parametrize("case", list(SIGLIP_BREAKAGES))
+def test_bad_siglip_folder_names_the_folder_and_the_key(siglip_folder, case):
+    breakage, error, message = SIGLIP_BREAKAGES[case]
+    breakage(siglip_folder)
+    with pytest.raises(error) as info:
+        read_hf_siglip_vision(siglip_folder)
+    print(info.value)
+    assert str(info.value).startswith(str(siglip_folder)) and message in str(info.value)
+
+
+def test_a_llama_folder_is_not_a_siglip_folder(llama_folder):
+    with pytest.raises(ConfigError, match="key 'model_type' is 'llama'; read_hf_siglip_vision reads"):
+        read_hf_siglip_vision(llama_folder)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Export refusals
+
+
+def test_export_refuses_an_existing_folder_unless_overwrite_then_replaces_it_whole(tmp_path, tok):
+    cfg = text_config(tok.vocab_size)
+    state = ours(cfg).state_dict()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an older export")
+    with pytest.raises(ConfigError, match=r"out already exists \(a folder\).*overwrite=True"):
+        export_text(state, cfg, tok, out)
+    assert sorted(p.name for p in out.iterdir()) == ["stale.txt"]  # untouched
+    export_text(state, cfg, tok, out, overwrite=True)
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # neither the temp nor the old folder is left
+
+
+def test_export_refuses_what_hf_could_not_load(tmp_path, tok):
+    cfg = vlm_config(tok)
+    state = ours(cfg).state_dict()
+    other_image = VLMConfig(text=cfg.text, vision=cfg.vision, image_token_id=tok.image_id + 1)
+    with pytest.raises(ConfigError, match=f"image_token_id is {tok.image_id + 1} but the tokenizer's <image> is"):
+        export_vlm(state, other_image, tok, tmp_path / "a")
+    small = text_config(tok.vocab_size - 1)
+    with pytest.raises(ConfigError, match=f"tokenizer has {tok.vocab_size} tokens but the model's vocab_size"):
+        export_text(ours(small).state_dict(), small, tok, tmp_path / "b")
+    # a state that is not this config's: named by key before anything is written
+    text = text_config(tok.vocab_size)
+    with pytest.raises(CheckpointError, match="export: tensor 'model.embed_tokens.weight' has shape"):
+        export_text(ours(text_config(tok.vocab_size + 1)).state_dict(), text, tok, tmp_path / "c")
+    wide = VLMConfig(text=cfg.text, vision=cfg.vision, image_token_id=tok.image_id, projector_hidden=64)
+    with pytest.raises(ConfigError, match="projector_hidden=64 differs from the text width 48"):
+        export_vlm(ours(wide).state_dict(), wide, tok, tmp_path / "d")
+    assert list(tmp_path.iterdir()) == []
