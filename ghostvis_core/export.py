@@ -140,7 +140,7 @@ def _processor_configs(config: VLMConfig, tokenizer: Tokenizer) -> dict[str, dic
     processor = {
         "processor_class": "LlavaProcessor",
         "image_token": tokenizer.id_to_token(config.image_token_id),
-        # (image_size / patch_size)^2 tokens per <image>: the "full" strategy drops nothing, SigLIP has no CLS.
+        # (image_size / patch_size)^2 tokens per <image>: "full" drops nothing (SigLIP has no CLS token)
         "patch_size": v.patch_size,
         "vision_feature_select_strategy": "full",
         "num_additional_image_tokens": 0,
@@ -208,8 +208,8 @@ def _write_export(out_dir: str | os.PathLike, overwrite: bool, files: dict[str, 
     final = Path(out_dir)
     if final.exists() and not (overwrite and final.is_dir()):
         what = "a file" if not final.is_dir() else "a folder"
-        raise ConfigError(f"export: {final} already exists ({what}); choose a new OUT_DIR"
-                          + (", or pass overwrite=True (--overwrite) to replace it" if final.is_dir() else ""))
+        fix = ", or pass overwrite=True (--overwrite) to replace it" if final.is_dir() else ""
+        raise ConfigError(f"export: {final} already exists ({what}); choose a new OUT_DIR{fix}")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
@@ -261,12 +261,13 @@ def _vlm_param_shapes(config: VLMConfig) -> dict[str, tuple[int, ...]]:
 
 def export_vlm(model_state: dict[str, torch.Tensor], config: VLMConfig, tokenizer: Tokenizer,
                out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write a VLM's state dict as an HF LlavaForConditionalGeneration folder (SigLIP tower); returns its path."""
+    """Write a VLM's state dict as an HF LlavaForConditionalGeneration folder (SigLIP tower); returns it."""
     _check_tokenizer(config.text, tokenizer)
     if config.projector_hidden != config.text.n_embd:
         raise ConfigError(
             f"export: projector_hidden={config.projector_hidden} differs from the text width "
-            f"{config.text.n_embd}; LLaVA's projector has only that width, so this VLM is not exportable as LLaVA"
+            f"{config.text.n_embd}; LLaVA's projector has only that width, so this VLM cannot be "
+            "exported as LLaVA"
         )
     if tokenizer.image_id != config.image_token_id:
         raise ConfigError(

@@ -1,10 +1,10 @@
 """Read local Hugging Face folders (`save_pretrained` layout) into our configs and state dicts.
 
-`read_hf_llama(folder)` -> (GPTConfig, state_dict) for a LlamaForCausalLM folder; `read_hf_siglip_vision(folder)`
--> (VisionConfig, state_dict) for a SiglipVisionModel folder, a full SiglipModel folder (its vision half) or a
-LLaVA folder (its vision tower). Our parameter names are HF's (gpt.py, vision.py), so reading is a prefix strip
-plus a check of every shape against the one table of shapes a config implies (`llama_param_shapes`,
-`siglip_param_shapes`, shared with export.py). Safetensors only: nothing is ever unpickled.
+`read_hf_llama(folder)` -> (GPTConfig, state_dict) for a LlamaForCausalLM folder;
+`read_hf_siglip_vision(folder)` -> (VisionConfig, state_dict) for a SiglipVisionModel folder, a full
+SiglipModel folder (its vision half) or a LLaVA folder (its vision tower). Our parameter names are HF's
+(gpt.py, vision.py), so reading is a prefix strip plus a check of every shape against the one table of
+shapes a config implies (`llama_param_shapes`, `siglip_param_shapes`, shared with export.py). Safetensors only: nothing is ever unpickled.
 
 Every problem is one message naming the folder and the key: a missing folder, config.json or weights file
 (CheckpointError), a model type or feature our models cannot represent (ConfigError), a missing tensor or a
@@ -101,14 +101,17 @@ def siglip_param_shapes(config: VisionConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_state_shapes(where: str, state: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> None:
+def check_state_shapes(
+    where: str, state: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]
+) -> None:
     """CheckpointError naming `where` and the key unless `state` holds exactly `shapes`' keys and shapes."""
     for key, shape in shapes.items():
         if key not in state:
             raise CheckpointError(f"{where}: missing tensor {key!r} (shape {list(shape)} expected)")
         if tuple(state[key].shape) != shape:
             raise CheckpointError(
-                f"{where}: tensor {key!r} has shape {list(state[key].shape)}, the config implies {list(shape)}"
+                f"{where}: tensor {key!r} has shape {list(state[key].shape)}, "
+                f"the config implies {list(shape)}"
             )
     extra = sorted(set(state) - set(shapes))
     if extra:
@@ -243,7 +246,7 @@ def read_hf_llama(folder: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor
     index = _weight_index(folder)
     shapes = llama_param_shapes(config)
     state = _load_tensors(folder, index, {k: k for k in shapes})
-    # HF drops lm_head from a tied file (some writers keep a copy); rotary inv_freq is a buffer old ones saved.
+    # HF leaves lm_head out of a tied file (some writers keep a copy); old writers saved rotary inv_freq.
     ignored = {"lm_head.weight"} if config.tie_embeddings else set()
     present = {k: state.get(k, torch.empty(0)) for k in index if k not in ignored and "rotary_emb" not in k}
     check_state_shapes(str(folder), present, shapes)
@@ -277,14 +280,14 @@ def read_hf_siglip_vision(folder: str | Path) -> tuple[VisionConfig, dict[str, t
     folder, hf = _read_config(folder)
     model_type = _expect_model_type(folder, hf, tuple(_TOWER_PREFIXES), "read_hf_siglip_vision")
     vision = hf if model_type == "siglip_vision_model" else hf.get("vision_config")
-    if not isinstance(vision, dict) or vision.get("model_type", "siglip_vision_model") != "siglip_vision_model":
-        found = vision.get("model_type") if isinstance(vision, dict) else vision
-        raise ConfigError(f"{folder}: config.json key 'vision_config.model_type' is {found!r}; "
+    tower_type = vision.get("model_type", "siglip_vision_model") if isinstance(vision, dict) else None
+    if tower_type != "siglip_vision_model":
+        raise ConfigError(f"{folder}: config.json key 'vision_config.model_type' is {tower_type!r}; "
                           "GhostVis's tower is SigLIP (siglip_vision_model)")
     get = {k: vision.get(k, default) for k, default in _SIGLIP_DEFAULTS.items()}
     if get["hidden_act"] != "gelu_pytorch_tanh":
-        raise ConfigError(f"{folder}: config.json key 'hidden_act' of the vision model is {get['hidden_act']!r}; "
-                          "GhostVis's tower uses gelu_pytorch_tanh (SigLIP)")
+        raise ConfigError(f"{folder}: config.json key 'hidden_act' of the vision model is "
+                          f"{get['hidden_act']!r}; GhostVis's tower uses gelu_pytorch_tanh (SigLIP)")
     mean, std = _image_normalization(folder)
     config = _build(
         folder, VisionConfig,
