@@ -4,7 +4,8 @@
 `read_hf_siglip_vision(folder)` -> (VisionConfig, state_dict) for a SiglipVisionModel folder, a full
 SiglipModel folder (its vision half) or a LLaVA folder (its vision tower). Our parameter names are HF's
 (gpt.py, vision.py), so reading is a prefix strip plus a check of every shape against the one table of
-shapes a config implies (`llama_param_shapes`, `siglip_param_shapes`, shared with export.py). Safetensors only: nothing is ever unpickled.
+shapes a config implies (`llama_param_shapes`, `siglip_param_shapes`, shared with export.py).
+Safetensors only: nothing is ever unpickled.
 
 Every problem is one message naming the folder and the key: a missing folder, config.json or weights file
 (CheckpointError), a model type or feature our models cannot represent (ConfigError), a missing tensor or a
@@ -264,8 +265,11 @@ def _image_normalization(folder: Path) -> tuple[tuple[float, ...], tuple[float, 
     for name in ("preprocessor_config.json", "processor_config.json"):
         path = folder / name
         if path.is_file():
-            data = json.loads(path.read_text("utf-8"))
-            data = data.get("image_processor", data)
+            try:
+                data = json.loads(path.read_text("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+            data = data.get("image_processor", data) if isinstance(data, dict) else {}
             if "image_mean" in data and "image_std" in data:
                 return tuple(data["image_mean"]), tuple(data["image_std"])
     return SIGLIP_MEAN, SIGLIP_STD
