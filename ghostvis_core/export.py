@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from ghostvis_core.config import GPTConfig
 from ghostvis_core.errors import CheckpointError, ConfigError
 from ghostvis_core.hf_import import WEIGHTS_FILE, check_state_shapes, llama_param_shapes, siglip_param_shapes
-from ghostvis_core.tokenizer import Tokenizer
+from ghostvis_core.tokenizer import ASSISTANT_END, Tokenizer
 from ghostvis_core.vision_config import VisionConfig, VLMConfig
 from ghostvis_core.vlm import hf_llava_key
 
@@ -112,7 +112,7 @@ def _hf_llava_config(config: VLMConfig, tokenizer: Tokenizer) -> dict[str, Any]:
 def _eos_ids(tokenizer: Tokenizer) -> list[int]:
     # The end-of-assistant token is also the tokenizer's eos (tokenizer.eos_id); dict.fromkeys keeps one copy
     # of each id should the two ever differ.
-    return list(dict.fromkeys([tokenizer.token_id("<|assistant_end|>"), tokenizer.eos_id]))
+    return list(dict.fromkeys([tokenizer.token_id(ASSISTANT_END), tokenizer.eos_id]))
 
 
 def _token_ids(tokenizer: Tokenizer) -> dict[str, Any]:
