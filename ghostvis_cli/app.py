@@ -23,8 +23,9 @@ err_console = Console(stderr=True)
 
 # --debug is read before Typer parses anything, so an error raised while parsing also honours it.
 _DEBUG = {"enabled": False}
-# The trainer (recipes/_main.py) shows its tracebacks when this is "1"; `ghostvis train` passes its environment
-# to the child, so exporting the flag here is how --debug reaches it (no subcommand imports this module).
+# The trainer (recipes/_main.py) shows its tracebacks when this is "1"; `ghostvis train` passes its
+# environment to the child, so exporting the flag here is how --debug reaches it (no subcommand imports this
+# module).
 DEBUG_ENV_VAR = "GHOSTVIS_DEBUG"
 
 

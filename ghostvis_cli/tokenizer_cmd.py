@@ -46,7 +46,10 @@ def train_tokenizer(
     )
     trained = tokenizer_training.train_from_data(data, vocab_size, kind, text_column, skip_bad_records)
     tok, stats = trained.tokenizer, trained.stats
-    what = f"{stats.chats:,} chats ({stats.docs:,} messages, " if trained.chat else f"{stats.docs:,} documents ("
+    if trained.chat:
+        what = f"{stats.chats:,} chats ({stats.docs:,} messages, "
+    else:
+        what = f"{stats.docs:,} documents ("
     console.print(f"Read {what}{stats.chars:,} characters) from {data}", soft_wrap=True)
     note = "" if tok.vocab_size == vocab_size else f" (asked for {vocab_size}: the data supports no more)"
     console.print(f"Vocab size: {tok.vocab_size}{note}")

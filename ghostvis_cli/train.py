@@ -108,7 +108,8 @@ def train(
     if nodes > 1:
         where += f" x {nodes} nodes (this is node {node_rank})"
     err_console.print(f"[bold]ghostvis train[/] {recipe}: run {cfg.run} on {where}")
-    err_console.print(f"$ {launch.format_command(job.cmd, job.changes)}", style="dim", soft_wrap=True, markup=False)
+    line = launch.format_command(job.cmd, job.changes)
+    err_console.print(f"$ {line}", style="dim", soft_wrap=True, markup=False)
     # The root callback exported --debug as GHOSTVIS_DEBUG=1, so the trainer shows its tracebacks too.
     code = launch.run_child(job.cmd, launch.child_env(job, os.environ))
     if code == 130:

@@ -1,4 +1,4 @@
-"""Training a tokenizer from a data file: which files and records count, what text BPE sees, where it is saved.
+"""Training a tokenizer from data: which files and records count, what text BPE sees, how it is saved.
 
 `ghostvis tokenizer train` parses flags and prints; the rules live here so they are testable without the CLI.
 """
@@ -45,9 +45,15 @@ class TrainedTokenizer:
 
 
 def output_dir(
-    data: Path, vocab_size: int, out: Path | None, name: str | None, kind: str, force: bool, default_root: Path
+    data: Path,
+    vocab_size: int,
+    out: Path | None,
+    name: str | None,
+    kind: str,
+    force: bool,
+    default_root: Path,
 ) -> Path:
-    """Check the flags against the data and the output folder; the folder to save into (--out or the default)."""
+    """Check the flags against the data and the output folder; the folder to save into (--out or default)."""
     if kind not in KINDS:
         raise ConfigError(f"--kind {kind}: expected one of {', '.join(KINDS)}")
     if not data.exists():
@@ -107,7 +113,9 @@ def save(tok: Tokenizer, out: Path) -> None:
     try:
         _save_atomically(tok, out)
     except OSError as e:
-        raise ConfigError(f"--out {out}: cannot write the tokenizer there ({e.strerror}); pick another folder") from e
+        raise ConfigError(
+            f"--out {out}: cannot write the tokenizer there ({e.strerror}); pick another folder"
+        ) from e
 
 
 def _texts(

@@ -7,20 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_cli
 
-from ghostvis_cli.app import main
 from ghostvis_core import env as env_module
 from ghostvis_core.train import launch
 
 PY = sys.executable
-
-
-def run_cli(args, capsys):
-    """Run the CLI in-process: (exit code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    captured = capsys.readouterr()
-    return exc.value.code or 0, captured.out, captured.err
 
 
 def write_profile(path: Path, num_gpus: int, visible: str | None = None, cpu_count: int = 16) -> Path:

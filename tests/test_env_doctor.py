@@ -3,8 +3,7 @@
 import json
 
 import pytest
-from conftest import FA2_UNDEFINED_SYMBOL, make_env
-from test_install_cli import run_cli
+from helpers import FA2_UNDEFINED_SYMBOL, make_env, run_cli
 
 from ghostvis_core import env as env_mod
 from ghostvis_core.backends import ATTENTION_CASES

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import typer
+from helpers import cli_app
 from typer.testing import CliRunner
 
 from ghostvis_cli import bench as bench_cli
@@ -63,14 +64,7 @@ def test_explicit_requests_that_cannot_run_on_cpu_raise(monkeypatch):
 
 
 def _bench_app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def _root() -> None:
-        """Test root."""
-
-    bench_cli.register(app)
-    return app
+    return cli_app(bench_cli.register)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")

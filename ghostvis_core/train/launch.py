@@ -369,7 +369,10 @@ def prepare_launch(
     # Only GPU/CPU counts: the full probe_env() also imports every optional package (seconds for vLLM).
     facts = probe_gpus()
     nproc = resolve_nproc(
-        gpus, gpu_count=facts.gpu_count, cuda_available=facts.cuda_available, visible_devices=facts.visible_devices
+        gpus,
+        gpu_count=facts.gpu_count,
+        cuda_available=facts.cuda_available,
+        visible_devices=facts.visible_devices,
     )
     check_multinode(nodes, node_rank, rdzv_endpoint)
     if cfg.fsdp and nproc == 0:
@@ -395,7 +398,7 @@ def prepare_launch(
 
 
 def child_env(launch: Launch, parent_env: Mapping[str, str]) -> dict[str, str]:
-    """The child's full environment: the parent's plus the launch's changes (GHOSTVIS_DEBUG passes through)."""
+    """The child's full environment: the parent's plus the launch's changes (GHOSTVIS_DEBUG rides along)."""
     return {**parent_env, **launch.changes}
 
 
@@ -473,6 +476,6 @@ def write_launch_config(launch: Launch) -> Path:
         return write_resolved_config(launch.cfg.to_dict(), launch.plan.config_path)
     except OSError as e:
         raise ConfigError(
-            f"cannot write the run's config to {launch.plan.config_path} ({e.strerror}): pick another --run NAME "
-            "or fix the runs folder (GHOSTVIS_HOME / runs_root)"
+            f"cannot write the run's config to {launch.plan.config_path} ({e.strerror}): pick another "
+            "--run NAME or fix the runs folder (GHOSTVIS_HOME / runs_root)"
         ) from e
