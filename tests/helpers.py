@@ -206,6 +206,12 @@ def rms_norm_reference(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> t
     return n if w is None else n * w
 
 
+def hf_llama_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """Hugging Face LlamaRMSNorm: normalize in float32, round to x's dtype, then scale by w (promoting)."""
+    x_f32 = x.float()
+    return w * (x_f32 * torch.rsqrt(x_f32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
 def attention_reference(q, k, v, allowed_BTT: torch.Tensor) -> torch.Tensor:
     """float64 softmax(q k^T / sqrt(D)) v with GQA by repeating K/V heads; (B, T, H, D) layout.
 
