@@ -248,7 +248,7 @@ def test_list_shows_recipes_and_presets(capsys):
     from recipes import RECIPES
 
     lines = out.splitlines()
-    # Names padded to the longest recipe or preset name ("base_train", 10), then two spaces and the description.
+    # Names padded to the longest recipe or preset name ("base_train"), two spaces, the description.
     assert f"  base_train  {RECIPES['base_train'][1]}" in lines
     assert f"  chat_sft    {RECIPES['chat_sft'][1]}" in lines
     assert f"  tiny        {PRESETS['tiny'][0]}" in lines
@@ -347,8 +347,8 @@ def test_cli_modules_do_not_import_the_app():
         assert "ghostvis_cli.app" not in imported, path.name
 
 
-# Every option of `ghostvis train`, written out: adding, removing or renaming a flag is a deliberate change that
-# updates this list (and the docs that name the flags).
+# Every option of `ghostvis train`, written out: adding, removing or renaming a flag is a deliberate change
+# that updates this list (and the docs that name the flags).
 TRAIN_OPTIONS = {
     "--gpus", "--nodes", "--node-rank", "--rdzv-endpoint", "--run", "--resume", "--preset", "--data",
     "--device-batch-size", "--pack-max-length", "--num-steps", "--compile", "--no-compile", "--fsdp",

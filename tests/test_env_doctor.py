@@ -29,8 +29,8 @@ def test_doctor_json_on_this_machine(capsys, monkeypatch):
     assert data["exit_code"] == 0 and data["blocking"] == []
 
 
-# (check name, status) of each line, in order, written out for fixed profiles. GHOSTVIS_HOME (set by the autouse
-# fixture) and the hand-built profile (GHOSTVIS_ENV_PROFILE) each get a line of their own.
+# (check name, status) of each line, in order, written out for fixed profiles. GHOSTVIS_HOME (set by the
+# autouse fixture) and the hand-built profile (GHOSTVIS_ENV_PROFILE) each get a line of their own.
 CPU_CHECKS = [
     ("python", "ok"), ("os", "ok"), ("cpu", "ok"), ("cuda", "warn"), ("torch", "warn"), ("nvcc", "ok"),
     ("ninja", "ok"), ("triton", "warn"), ("flash-attn", "warn"), ("vllm", "warn"), ("apex", "warn"),

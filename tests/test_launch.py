@@ -275,12 +275,14 @@ def test_missing_path_fields_are_reported(tmp_path, monkeypatch):
 def test_config_sources_name_the_flag_or_key_value():
     flags = {"--num-steps": 5, "--compile/--no-compile": False}
     assert launch.config_sources(flags, ["optim.lr=1e-3", "model.n-layer = 2"]) == {
-        "num_steps": "--num-steps", "compile": "--compile", "optim.lr": "key=value", "model.n_layer": "key=value",
+        "num_steps": "--num-steps", "compile": "--compile",
+        "optim.lr": "key=value", "model.n_layer": "key=value",
     }  # fmt: skip
 
 
 def test_flatten_config_dots_model_and_optim_only():
-    flat = launch.flatten_config({"num_steps": 3, "model": {"n_layer": 2}, "optim": {"lr": 0.1}, "x": {"a": 1}})
+    cfg = {"num_steps": 3, "model": {"n_layer": 2}, "optim": {"lr": 0.1}, "x": {"a": 1}}
+    flat = launch.flatten_config(cfg)
     assert flat == {"num_steps": 3, "model.n_layer": 2, "optim.lr": 0.1, "x": {"a": 1}}
 
 

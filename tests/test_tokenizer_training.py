@@ -1,4 +1,4 @@
-"""ghostvis_core.tokenizer_training: chat detection, output-folder rules, what BPE is fed, the round-trip guard."""
+"""ghostvis_core.tokenizer_training: chat detection, output folder rules, BPE input, the round-trip guard."""
 
 import json
 
@@ -42,8 +42,10 @@ def test_output_dir_default_and_refusals(tmp_path):
 
 
 def test_chats_train_on_message_texts_and_count(tmp_path):
-    chats = [{"messages": [{"role": "user", "content": f"question {i}"},
-                           {"role": "assistant", "content": f"answer number {i}"}]} for i in range(40)]  # fmt: skip
+    chats = [
+        {"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"{i}"}]}
+        for i in range(40)
+    ]
     data = _jsonl(tmp_path / "chat.jsonl", chats)
     trained = tt.train_from_data(data, 300, "auto", "text", False)
     assert trained.chat is True
