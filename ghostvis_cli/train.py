@@ -111,7 +111,7 @@ def train(
     line = launch.format_command(job.cmd, job.changes)
     err_console.print(f"$ {line}", style="dim", soft_wrap=True, markup=False)
     # The root callback exported --debug as GHOSTVIS_DEBUG=1, so the trainer shows its tracebacks too.
-    code = launch.run_child(job.cmd, launch.child_env(job, os.environ))
+    code = launch.run_child(job.cmd, launch.build_env(plan, os.environ, job.cpu_count))
     if code == 130:
         err_console.print(f"interrupted (run {cfg.run}, folder {cfg.run_dir})")
         raise typer.Exit(code)

@@ -300,4 +300,3 @@ def test_config_rows_mark_changes_and_sources(tmp_path, monkeypatch):
     assert rows["recipe"] == launch.ConfigRow("recipe", "base_train", False, "")
     assert rows["compile"].value == "auto: off (on for CUDA, off on CPU)"
     assert job.changes == {"PYTHONUNBUFFERED": "1"} and job.plan.nproc == 0
-    assert launch.child_env(job, {"GHOSTVIS_DEBUG": "1"}) == {"GHOSTVIS_DEBUG": "1", "PYTHONUNBUFFERED": "1"}

@@ -342,6 +342,8 @@ class Launch:
     """Environment variables the child gets on top of the parent's (env_changes)."""
     set_by: dict[str, str]
     """Config key -> what set it (the flag name, or "key=value")."""
+    cpu_count: int
+    """CPU cores of this node (build_env shares them between ranks)."""
 
 
 def prepare_launch(
@@ -394,12 +396,8 @@ def prepare_launch(
         cmd=cmd,
         changes=env_changes(plan, parent_env, facts.cpu_count),
         set_by=config_sources(given, overrides),
+        cpu_count=facts.cpu_count,
     )
-
-
-def child_env(launch: Launch, parent_env: Mapping[str, str]) -> dict[str, str]:
-    """The child's full environment: the parent's plus the launch's changes (GHOSTVIS_DEBUG rides along)."""
-    return {**parent_env, **launch.changes}
 
 
 def config_sources(flags: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, str]:
