@@ -1,5 +1,6 @@
 """The `ghostvis` Typer app: global flags, error rendering, and the subcommand registry."""
 
+import os
 import sys
 
 import typer
@@ -22,6 +23,10 @@ err_console = Console(stderr=True)
 
 # --debug is read before Typer parses anything, so an error raised while parsing also honours it.
 _DEBUG = {"enabled": False}
+# The trainer (recipes/_main.py) shows its tracebacks when this is "1"; `ghostvis train` passes its
+# environment to the child, so exporting the flag here is how --debug reaches it (no subcommand imports this
+# module).
+DEBUG_ENV_VAR = "GHOSTVIS_DEBUG"
 
 
 def _version_callback(value: bool) -> None:
@@ -39,6 +44,8 @@ def _root(
 ) -> None:
     """GhostVis: train and serve small vision-language models fast."""
     _DEBUG["enabled"] = _DEBUG["enabled"] or debug
+    if _DEBUG["enabled"]:
+        os.environ[DEBUG_ENV_VAR] = "1"
 
 
 for _module in (doctor, install, train, infer, bench, tokenizer_cmd):

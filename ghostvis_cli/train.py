@@ -6,10 +6,8 @@ ghostvis_core.train.launch; this module reads flags, renders, and runs the child
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
-from typing import Any
 
 import typer
 from rich.console import Console
@@ -75,8 +73,7 @@ def train(
         raise ConfigError("missing RECIPE: e.g. `ghostvis train base_train` (see `ghostvis train --list`)")
     from recipes import RECIPES
 
-    module_name = launch.lookup_recipe(recipe, RECIPES)
-    flag_values = {
+    flags = {
         "--run": run,
         "--resume": resume,
         "--preset": preset,
@@ -87,62 +84,34 @@ def train(
         "--compile/--no-compile": compile_model,
         "--fsdp/--no-fsdp": fsdp,
     }
-    flags = {k: v for k, v in flag_values.items() if v is not None}
-    default = importlib.import_module(module_name).default_config()
-    cfg = launch.resolve_config(default, recipe, flags, overrides or [])
-
-    from ghostvis_core.env import probe_gpus
-
-    # Only GPU/CPU counts: the full probe_env() also imports every optional package (seconds for vLLM).
-    facts = probe_gpus()
-    nproc = launch.resolve_nproc(
-        gpus,
-        gpu_count=facts.gpu_count,
-        cuda_available=facts.cuda_available,
-        visible_devices=facts.visible_devices,
-    )
-    launch.check_multinode(nodes, node_rank, rdzv_endpoint)
-    if cfg.fsdp and nproc == 0:
-        raise ConfigError("--fsdp shards across GPUs: it needs --gpus 1 or more (this launch runs on CPU)")
-    plan = launch.LaunchPlan(
-        recipe_module=module_name,
-        config_path=launch.resolved_config_path(cfg.run_dir),
-        nproc=nproc,
-        run_id=cfg.run,
+    job = launch.prepare_launch(
+        RECIPES,
+        recipe,
+        flags,
+        overrides or [],
+        gpus=gpus,
         nodes=nodes,
         node_rank=node_rank,
         rdzv_endpoint=rdzv_endpoint,
+        parent_env=os.environ,
     )
-    cmd = launch.build_command(plan)
-    changes = launch.env_changes(plan, os.environ, facts.cpu_count)
-    set_by = {launch.FLAG_FIELDS[f]: f.split("/")[0] for f in flags}
-    set_by.update({o.split("=", 1)[0].strip().replace("-", "_"): "key=value" for o in overrides or []})
-
+    cfg, plan = job.cfg, job.plan
     if dry_run:
         if json_out:
-            typer.echo(json.dumps(_dry_run_dict(cfg, plan, cmd, changes), indent=2))
+            typer.echo(json.dumps(launch.dry_run_dict(job), indent=2))
         else:
-            _print_dry_run(cfg, default, plan, cmd, changes, set_by)
+            _print_dry_run(job)
         return
 
-    try:
-        launch.write_resolved_config(cfg.to_dict(), plan.config_path)
-    except OSError as e:
-        raise ConfigError(
-            f"cannot write the run's config to {plan.config_path} ({e.strerror}): pick another --run NAME "
-            "or fix the runs folder (GHOSTVIS_HOME / runs_root)"
-        ) from e
-    where = "CPU" if nproc == 0 else f"{nproc} GPU{'s' if nproc > 1 else ''}"
+    launch.write_launch_config(job)
+    where = "CPU" if plan.nproc == 0 else f"{plan.nproc} GPU{'s' if plan.nproc > 1 else ''}"
     if nodes > 1:
         where += f" x {nodes} nodes (this is node {node_rank})"
     err_console.print(f"[bold]ghostvis train[/] {recipe}: run {cfg.run} on {where}")
-    err_console.print(f"$ {launch.format_command(cmd, changes)}", style="dim", soft_wrap=True, markup=False)
-    from ghostvis_cli.app import is_debug  # the app imports this module: look the flag up at run time
-
-    env = launch.build_env(plan, os.environ, facts.cpu_count)
-    if is_debug():
-        env["GHOSTVIS_DEBUG"] = "1"  # the trainer then shows its tracebacks too
-    code = launch.run_child(cmd, env)
+    line = launch.format_command(job.cmd, job.changes)
+    err_console.print(f"$ {line}", style="dim", soft_wrap=True, markup=False)
+    # The root callback exported --debug as GHOSTVIS_DEBUG=1, so the trainer shows its tracebacks too.
+    code = launch.run_child(job.cmd, launch.build_env(plan, os.environ, job.cpu_count))
     if code == 130:
         err_console.print(f"interrupted (run {cfg.run}, folder {cfg.run_dir})")
         raise typer.Exit(code)
@@ -155,71 +124,25 @@ def train(
         raise typer.Exit(code)
 
 
-def _flatten(cfg_dict: dict[str, Any]) -> dict[str, Any]:
-    """model.* and optim.* as dotted keys, the way overrides name them."""
-    flat: dict[str, Any] = {}
-    for key, value in cfg_dict.items():
-        if key in ("model", "optim") and isinstance(value, dict):
-            for sub, sub_value in value.items():
-                flat[f"{key}.{sub}"] = sub_value
-        else:
-            flat[key] = value
-    return flat
-
-
-def _dry_run_dict(
-    cfg: Any, plan: launch.LaunchPlan, cmd: list[str], changes: dict[str, str]
-) -> dict[str, Any]:
-    return {
-        "recipe": cfg.recipe,
-        "config": cfg.to_dict(),
-        "config_path": str(plan.config_path),
-        "run_dir": str(cfg.run_dir),
-        "nproc_per_node": plan.nproc,
-        "nodes": plan.nodes,
-        "node_rank": plan.node_rank,
-        "world_size": plan.world_size,
-        "device": "cuda" if plan.nproc > 0 else "cpu",
-        "command": cmd,
-        "command_line": launch.format_command(cmd),
-        "env": changes,
-    }
-
-
-def _print_dry_run(
-    cfg: Any,
-    default: Any,
-    plan: launch.LaunchPlan,
-    cmd: list[str],
-    changes: dict[str, str],
-    set_by: dict[str, str],
-) -> None:
-    flat = _flatten(cfg.to_dict())
-    defaults = _flatten(default.to_dict())
+def _print_dry_run(job: launch.Launch) -> None:
+    cfg, plan = job.cfg, job.plan
     table = Table(title=f"Resolved config: {cfg.recipe} (run {cfg.run})", title_justify="left")
     table.add_column("key", style="cyan", no_wrap=True)
     table.add_column("value", overflow="fold")
     table.add_column("set by", style="dim")
-    for key, value in flat.items():
-        source = set_by.get(key, "")
-        if not source and key.startswith("model.") and key not in defaults:
-            source = "key=value"
-        changed = key in set_by or defaults.get(key, object()) != value
-        shown = json.dumps(value) if not isinstance(value, str) else value
-        if key == "compile" and value is None:
-            shown = f"auto: {'on' if plan.nproc else 'off'} (on for CUDA, off on CPU)"
-        table.add_row(key, f"[bold]{shown}[/]" if changed else shown, source)
+    for row in launch.config_rows(job):
+        table.add_row(row.key, f"[bold]{row.value}[/]" if row.changed else row.value, row.source)
     console.print(table)
     where = "CPU, one process" if plan.nproc == 0 else f"{plan.nproc} GPU process(es) per node"
     console.print(f"Launch: {where} x {plan.nodes} node(s) = world size {plan.world_size}")
     console.print(f"Config file: {plan.config_path} (written at launch)", soft_wrap=True, markup=False)
-    if changes:
+    if job.changes:
         console.print("Environment added for every rank:")
-        for key, value in changes.items():
+        for key, value in job.changes.items():
             console.print(f"  {key}={value}", markup=False)
     console.print("Command:")
     # Plain echo: the exact line, no wrapping or markup, so it can be copied into a shell.
-    typer.echo(launch.format_command(cmd))
+    typer.echo(launch.format_command(job.cmd))
     console.print("[dim]Dry run: nothing was written or started.[/]")
 
 

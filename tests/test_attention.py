@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
+from helpers import assert_max_diff
+from helpers import attention_reference as reference
 
 from ghostvis_core.attention import (
     AttentionContext,
@@ -23,16 +23,6 @@ from ghostvis_core.config import GPTConfig
 B, T, H, K, D = 2, 40, 4, 2, 16
 
 
-def reference(q, k, v, allowed_BTT):
-    """float64 softmax(q k^T / sqrt(D)) v with GQA by repeating K/V heads; (B, T, H, D) layout."""
-    q, k, v = (t.double().transpose(1, 2) for t in (q, k, v))
-    rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    s = s.masked_fill(~allowed_BTT[:, None], float("-inf"))
-    return (s.softmax(-1) @ v).transpose(1, 2)
-
-
 def qkv(seed=0):
     g = torch.Generator().manual_seed(seed)
     return (
@@ -47,9 +37,7 @@ def packed_positions():
 
 
 def report(name, got, ref):
-    diff = (got.double() - ref).abs()
-    print(f"{name}: max {diff.max():.2e} mean {diff.mean():.2e}")
-    assert diff.max() < 1e-5, name
+    assert_max_diff(name, got, ref, atol=1e-5)
 
 
 def test_doc_ids_and_cu_seqlens():

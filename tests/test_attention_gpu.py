@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
+from helpers import assert_max_diff
+from helpers import attention_reference as reference
 
 from ghostvis_core.attention import (
     AttentionContext,
@@ -35,14 +35,6 @@ def has_flash() -> bool:
     return True
 
 
-def reference(q, k, v, allowed_BTT):
-    q, k, v = (t.double().transpose(1, 2) for t in (q, k, v))
-    rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    s = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(~allowed_BTT[:, None], float("-inf"))
-    return (s.softmax(-1) @ v).transpose(1, 2)
-
-
 def qkv(n_kv=K):
     g = torch.Generator(device="cuda").manual_seed(0)
     mk = lambda h: torch.randn(B, T, h, D, device="cuda", dtype=torch.bfloat16, generator=g)  # noqa: E731
@@ -55,9 +47,7 @@ def positions():
 
 
 def check(name, got, ref):
-    diff = (got.double() - ref).abs()
-    print(f"{name}: max {diff.max():.2e} mean {diff.mean():.2e}")
-    assert diff.max() < BF16_ATOL, name
+    assert_max_diff(name, got, ref, atol=BF16_ATOL)
 
 
 DENSE = ["sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math", "flex", "flash_attn"]

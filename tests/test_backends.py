@@ -4,7 +4,7 @@ import logging
 from types import SimpleNamespace
 
 import pytest
-from conftest import FA2_UNDEFINED_SYMBOL, make_env
+from helpers import FA2_UNDEFINED_SYMBOL, make_env
 
 from ghostvis_core import backends
 from ghostvis_core.backends import ATTENTION_CASES, BackendPlan, format_banner, plan_backends, plan_for_model

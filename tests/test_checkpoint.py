@@ -3,7 +3,6 @@ resume resolution, and clear errors that leave every file byte-identical."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import tree_hashes as _hashes
 
 from ghostvis_core.config import GPTConfig, OptimizerConfig
 from ghostvis_core.errors import CheckpointError
@@ -36,9 +36,6 @@ def _save(run_dir: Path, step: int, model, opt, keep_last: int = 0) -> Path:
                                 keep_last=keep_last)
 
 
-def _hashes(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_round_trip_with_tied_weights_and_weights_only_optimizer(tmp_path):

@@ -1,10 +1,6 @@
 """CLI basics: --version, --help everywhere, --debug, suggestions, and bad input as one clear line."""
 
-import subprocess
-import sys
-
-from conftest import make_env
-from test_install_cli import run_cli
+from helpers import make_env, run_cli, run_cli_process
 
 from ghostvis_cli.app import app
 from ghostvis_core import __version__
@@ -64,13 +60,13 @@ def test_unknown_require_one_line(capsys):
 
 def test_debug_shows_traceback(use_profile, tmp_path):
     """A user error is one line; with --debug the full traceback is shown (real process, real entry point)."""
-    cmd = [sys.executable, "-m", "ghostvis_cli", "install", "flash-attn", "--dry-run"]
+    cmd = ["install", "flash-attn", "--dry-run"]
     use_profile(make_env("cpu"))
-    plain = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    plain = run_cli_process(cmd)
     assert plain.returncode == 2
     assert "Traceback" not in plain.stderr
     assert "cannot install flash-attn here" in plain.stderr
-    debug = subprocess.run([*cmd[:3], "--debug", *cmd[3:]], capture_output=True, text=True, timeout=120)
+    debug = run_cli_process(["--debug", *cmd])
     assert debug.returncode != 0
     assert "Traceback" in debug.stderr
     assert "BackendUnavailableError" in debug.stderr

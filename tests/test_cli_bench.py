@@ -7,6 +7,7 @@ import json
 import pytest
 import typer
 from rich.console import Console
+from helpers import cli_app
 from typer.testing import CliRunner
 
 from ghostvis_cli import bench as bench_cli
@@ -93,14 +94,7 @@ def test_attention_table_is_readable(width):
 
 
 def _app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def _root() -> None:
-        """Test root."""
-
-    bench_cli.register(app)
-    return app
+    return cli_app(bench_cli.register)
 
 
 def test_bench_kernels_text_at_80_columns_and_json_only(monkeypatch):

@@ -2,21 +2,11 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from helpers import run_cli, run_cli_process
 
-from ghostvis_cli.app import main
 from ghostvis_core.tokenizer import SPECIAL_TOKENS, Tokenizer
-
-
-def run_cli(args, capsys):
-    """Run the CLI in-process: (exit code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    captured = capsys.readouterr()
-    return exc.value.code or 0, captured.out, captured.err
 
 
 @pytest.fixture(autouse=True)
@@ -108,9 +98,7 @@ def test_malformed_record_names_file_and_line(tmp_path, capsys):
 def test_name_must_be_a_plain_folder_name(tmp_path, name):
     data = tmp_path / "t.txt"
     data.write_text("hello world\n\nanother paragraph here\n")
-    proc = subprocess.run([sys.executable, "-m", "ghostvis_cli", "tokenizer", "train", "--data", str(data),
-                           "--vocab-size", "300", "--name", name],
-                          capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "GHOSTVIS_HOME": str(tmp_path / "home")})
+    proc = run_cli_process(["tokenizer", "train", "--data", str(data), "--vocab-size", "300", "--name", name],
+                           env={**os.environ, "GHOSTVIS_HOME": str(tmp_path / "home")})
     assert proc.returncode == 2 and "a plain folder name" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "home" / "datasets").exists()

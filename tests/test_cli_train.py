@@ -7,56 +7,31 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import make_env, run_cli, write_profile
 
-from ghostvis_cli.app import main
 from ghostvis_core import env as env_module
 from ghostvis_core.train import launch
 
 PY = sys.executable
 
 
-def run_cli(args, capsys):
-    """Run the CLI in-process: (exit code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    captured = capsys.readouterr()
-    return exc.value.code or 0, captured.out, captured.err
-
-
-def write_profile(path: Path, num_gpus: int, visible: str | None = None, cpu_count: int = 16) -> Path:
-    """A hand-built env profile (GHOSTVIS_ENV_PROFILE) for a machine with `num_gpus` H100s."""
-    gpus = [{"index": i, "name": "NVIDIA H100 80GB HBM3", "capability": [9, 0], "memory_gib": 79.1}
-            for i in range(num_gpus)]  # fmt: skip
-    facts = {
-        "os_name": "Linux",
-        "torch_version": "2.13.0+cu130",
-        "torch_cuda": "13.0" if num_gpus else None,
-        "cuda_available": bool(num_gpus),
-        "gpus": gpus,
-        "visible_devices": visible,
-        "cpu_count": cpu_count,
-    }
-    path.write_text(json.dumps(facts))
-    return path
-
-
 @pytest.fixture(autouse=True)
 def machine(tmp_path, monkeypatch):
-    """GHOSTVIS_HOME in tmp, a CPU-only profile, a fresh env cache, no inherited launch variables."""
+    """GHOSTVIS_HOME in tmp, a CPU-only profile, no inherited launch variables; machine(N) = N H100s."""
     monkeypatch.setenv("GHOSTVIS_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("COLUMNS", "200")
-    env_module.reset_env_cache()
-    for name in ("OMP_NUM_THREADS", *launch.RANK_ENV_PASSTHROUGH):
+    for name in ("OMP_NUM_THREADS", "PYTHONUNBUFFERED", *launch.RANK_ENV_PASSTHROUGH):
         monkeypatch.delenv(name, raising=False)
 
     def use(num_gpus: int, visible: str | None = None, cpu_count: int = 16) -> None:
-        profile = write_profile(tmp_path / f"profile{num_gpus}.json", num_gpus, visible, cpu_count)
+        facts = make_env("h100" if num_gpus else "cpu", num_gpus=num_gpus, cpu_count=cpu_count)
+        facts.visible_devices = visible
+        profile = write_profile(facts, tmp_path / f"profile{num_gpus}.json")
         monkeypatch.setenv("GHOSTVIS_ENV_PROFILE", str(profile))
         env_module.reset_env_cache()
 
     use(0)
-    yield use
-    env_module.reset_env_cache()  # later tests must not see this test's profile
+    return use
 
 
 def dry_json(args, capsys) -> dict:
@@ -89,7 +64,15 @@ def test_cpu_default_dry_run_json(tmp_path, capsys):
     assert got["device"] == "cpu" and got["nproc_per_node"] == 0 and got["world_size"] == 1
     assert got["command"] == [PY, "-m", "recipes.base_train", "--config", str(config_path(tmp_path))]
     assert got["config"]["recipe"] == "base_train"
-    assert got["env"] == {"PYTHONUNBUFFERED": "1"} or "PYTHONUNBUFFERED" not in got["env"]
+    assert got["env"] == {"PYTHONUNBUFFERED": "1"}  # one CPU process: no thread split, no NVLS switches
+
+
+def test_parent_settings_are_kept_not_overridden(capsys, monkeypatch, machine):
+    """A variable the user set is inherited as is, so the dry run adds nothing for it."""
+    machine(2, cpu_count=16)
+    monkeypatch.setenv("PYTHONUNBUFFERED", "0")
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert dry_json(["base_train", "--gpus", "2"], capsys)["env"] == {}
 
 
 def test_two_gpus_use_torchrun_standalone(machine, tmp_path, capsys):
@@ -100,7 +83,7 @@ def test_two_gpus_use_torchrun_standalone(machine, tmp_path, capsys):
         PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
         "-m", "recipes.base_train", "--config", str(config_path(tmp_path)),
     ]  # fmt: skip
-    assert got["env"]["OMP_NUM_THREADS"] == "8"  # 16 cores shared by 2 ranks
+    assert got["env"] == {"OMP_NUM_THREADS": "8", "PYTHONUNBUFFERED": "1"}  # 16 cores shared by 2 ranks
 
 
 def test_gpus_default_to_all_visible(machine, capsys):
@@ -146,10 +129,15 @@ def test_flags_set_config_fields(tmp_path, capsys):
 def test_rich_dry_run_marks_who_set_what(capsys):
     code, out, _ = run_cli(["train", "base_train", "--num-steps", "9", "optim.lr=0.01", "--dry-run"], capsys)
     assert code == 0
-    steps_line = next(line for line in out.splitlines() if " num_steps " in line)
-    lr_line = next(line for line in out.splitlines() if " optim.lr " in line)
-    assert "9" in steps_line and "--num-steps" in steps_line
-    assert "0.01" in lr_line and "key=value" in lr_line
+    rows = {cells[0]: cells[1:] for cells in _table_rows(out)}
+    assert rows["num_steps"] == ["9", "--num-steps"]
+    assert rows["optim.lr"] == ["0.01", "key=value"]
+    assert rows["recipe"] == ["base_train", ""]  # the default, set by nobody
+
+
+def _table_rows(out: str) -> list[list[str]]:
+    """The cells of each body row of a Rich table (rows drawn as `│ a │ b │ c │`)."""
+    return [[c.strip() for c in line.split("│")[1:-1]] for line in out.splitlines() if line.startswith("│")]
 
 
 def test_nvls_switches_reach_the_command_env(capsys, monkeypatch, machine):
@@ -157,9 +145,10 @@ def test_nvls_switches_reach_the_command_env(capsys, monkeypatch, machine):
     monkeypatch.setenv("NCCL_NVLS_ENABLE", "0")
     monkeypatch.setenv("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
     got = dry_json(["base_train", "--gpus", "2"], capsys)
-    assert got["env"]["NCCL_NVLS_ENABLE"] == "0"
-    assert got["env"]["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1"
-    assert "NVSHMEM_DISABLE_NVLS" not in got["env"]
+    assert got["env"] == {
+        "OMP_NUM_THREADS": "8", "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+        "PYTHONUNBUFFERED": "1",
+    }  # fmt: skip
     code, out, _ = run_cli(["train", "base_train", "--gpus", "2", "--dry-run"], capsys)
     assert "NCCL_NVLS_ENABLE=0" in out
 
@@ -255,8 +244,15 @@ def test_list_shows_recipes_and_presets(capsys):
     assert code == 0, err
     for name in ("base_train", "chat_sft", "tiny", "d12", "d20"):
         assert name in out
-    base_line = next(line for line in out.splitlines() if line.strip().startswith("base_train"))
-    assert len(base_line.split()) > 2  # name plus a description
+    from ghostvis_core.model_configs import PRESETS
+    from recipes import RECIPES
+
+    lines = out.splitlines()
+    # Names padded to the longest recipe or preset name ("base_train"), two spaces, the description.
+    assert f"  base_train  {RECIPES['base_train'][1]}" in lines
+    assert f"  chat_sft    {RECIPES['chat_sft'][1]}" in lines
+    assert f"  tiny        {PRESETS['tiny'][0]}" in lines
+    assert lines.index("Recipes (ghostvis train RECIPE):") < lines.index("Model presets (--preset NAME):")
     code, out, _ = run_cli(["train", "--list", "--json"], capsys)
     listed = json.loads(out)
     assert {"base_train", "chat_sft"} <= set(listed["recipes"]) and "tiny" in listed["presets"]
@@ -315,3 +311,61 @@ def test_train_uses_the_light_gpu_probe(machine, monkeypatch, capsys):
     machine(4, visible="0,1,2,3")
     got = dry_json(["base_train"], capsys)
     assert got["nproc_per_node"] == 4 and got["device"] == "cuda"
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_debug_reaches_the_trainer_through_its_environment(debug, capsys, monkeypatch):
+    """`ghostvis --debug train` exports GHOSTVIS_DEBUG=1, which the child (recipes/_main.py) reads."""
+    monkeypatch.delenv("GHOSTVIS_DEBUG", raising=False)
+    seen = {}
+
+    def fake_run_child(cmd, env, **_):
+        seen["env"] = env
+        return 0
+
+    monkeypatch.setattr(launch, "run_child", fake_run_child)
+    args = ["--debug"] * debug + ["train", "base_train", "num_steps=1"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert seen["env"].get("GHOSTVIS_DEBUG") == ("1" if debug else None)
+
+
+def test_cli_modules_do_not_import_the_app():
+    """The app imports the subcommands, never the other way round (no import cycle)."""
+    import ast
+
+    cli = Path(__file__).resolve().parents[1] / "ghostvis_cli"
+    for path in sorted(cli.glob("*.py")):
+        if path.name in ("app.py", "__main__.py"):
+            continue
+        imported = {
+            node.module if isinstance(node, ast.ImportFrom) else alias.name
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Import | ast.ImportFrom)
+            for alias in node.names
+        }
+        assert "ghostvis_cli.app" not in imported, path.name
+
+
+# Every option of `ghostvis train`, written out: adding, removing or renaming a flag is a deliberate change
+# that updates this list (and the docs that name the flags).
+TRAIN_OPTIONS = {
+    "--gpus", "--nodes", "--node-rank", "--rdzv-endpoint", "--run", "--resume", "--preset", "--data",
+    "--device-batch-size", "--pack-max-length", "--num-steps", "--compile", "--no-compile", "--fsdp",
+    "--no-fsdp", "--dry-run", "--json", "--list",
+}  # fmt: skip (-h/--help come from the app's context settings, checked in test_cli_basics)
+TRAIN_ARGUMENTS = ["recipe", "overrides"]
+
+
+def test_train_flags_are_frozen():
+    import typer.main
+
+    from ghostvis_cli.app import app
+
+    params = typer.main.get_command(app).commands["train"].params
+    # param_type_name rather than isinstance: typer builds on its own copy of click's classes.
+    options = [p for p in params if p.param_type_name == "option"]
+    assert {name for p in options for name in (*p.opts, *p.secondary_opts)} == TRAIN_OPTIONS
+    assert [p.name for p in params if p.param_type_name == "argument"] == TRAIN_ARGUMENTS
+    # Every flag the library maps to a config field (launch.FLAG_FIELDS) is a real flag of the command.
+    assert set(launch.FLAG_FIELDS) <= {"/".join((*p.opts, *p.secondary_opts)) for p in options}

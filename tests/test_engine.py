@@ -1,9 +1,7 @@
 """Native inference: a trained run loads from its checkpoint and answers exactly as the model generates."""
 
-import subprocess
-import sys
-
 import torch
+from helpers import run_cli_process
 from test_train_config import REPO, tiny_config
 
 from ghostvis_core.engine import LoadedModel, generate_text, load_for_inference
@@ -40,11 +38,9 @@ def test_trained_run_loads_and_generates_like_the_model(tmp_path):
 
 def test_infer_cli_without_a_run_is_one_clear_error(tmp_path):
     env = {"GHOSTVIS_HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "ghostvis_cli", "infer", "--run", "nope", "--prompt", "hi"],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    proc = run_cli_process(["infer", "--run", "nope", "--prompt", "hi"], env=env, cwd=REPO)
     assert proc.returncode == 2
     assert "nope" in proc.stderr and "Traceback" not in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "ghostvis_cli", "infer", "--prompt", "hi"],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    proc = run_cli_process(["infer", "--prompt", "hi"], env=env, cwd=REPO)
     assert proc.returncode == 2
     assert "ghostvis train base_train" in proc.stderr and "Traceback" not in proc.stderr

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import FA2_UNDEFINED_SYMBOL, make_env, write_profile
+from helpers import FA2_UNDEFINED_SYMBOL, make_env, write_profile
 
 from ghostvis_core import env as env_mod
 from ghostvis_core.env import (

@@ -255,7 +255,11 @@ def test_num_params_and_flops():
 def test_explicit_flash_request_on_cpu_raises_one_clear_error():
     with pytest.raises(BackendUnavailableError, match="flash") as info:
         GPT(tiny_config(attn_backend="flash"))
-    assert "Fix" in str(info.value) or "fix" in str(info.value)
+    message = str(info.value)
+    # One line naming the request, why it cannot run here, and both ways out.
+    assert "\n" not in message and message.startswith("attention backend 'flash_attn' was requested")
+    assert "FlashAttention-2 needs a CUDA GPU" in message
+    assert "Fix: `ghostvis install flash-attn`" in message and "attn_backend=auto" in message
 
 
 def test_seed_api_and_d20_size_on_meta():

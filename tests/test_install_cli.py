@@ -1,18 +1,7 @@
 """`ghostvis install X --dry-run` through the CLI, on hand-built machine profiles (GHOSTVIS_ENV_PROFILE)."""
 
 import pytest
-from conftest import FA2_UNDEFINED_SYMBOL, make_env
-
-from ghostvis_cli.app import main
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    """Run the console entry point in-process; return (exit code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-        raise SystemExit(0)
-    captured = capsys.readouterr()
-    return exc.value.code or 0, captured.out, captured.err
+from helpers import FA2_UNDEFINED_SYMBOL, make_env, run_cli
 
 
 @pytest.mark.parametrize(

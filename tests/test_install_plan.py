@@ -1,7 +1,7 @@
 """`ghostvis install` plans per machine profile: the exact commands, and refusals with the reason."""
 
 import pytest
-from conftest import FA2_UNDEFINED_SYMBOL, make_env
+from helpers import FA2_UNDEFINED_SYMBOL, make_env
 
 from ghostvis_core.errors import BackendUnavailableError, ConfigError
 from ghostvis_core.install_plan import max_jobs, plan_install, resolve_extra, triton_pin

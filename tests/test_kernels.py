@@ -11,6 +11,9 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close
+from helpers import float64_leaf as _leaf
+from helpers import rms_norm_reference as rms_norm_ref
 
 pytest.importorskip("triton")
 
@@ -18,12 +21,6 @@ _KERNEL_MODULES = ("ghostvis_core.kernels.rms_norm_triton", "ghostvis_core.kerne
 
 SHAPES = [(5, 123, 123), (2, 128, 512), (3, 7, 4096)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# dtype -> (atol, rtol) elementwise, and the bound on ||out - ref|| / ||ref||.
-TOLERANCES = {
-    torch.float32: (1e-4, 1e-5, 1e-6),
-    torch.bfloat16: (5e-2, 2e-2, 1e-2),
-    torch.float16: (5e-3, 2e-3, 1e-3),
-}
 
 
 @pytest.fixture(scope="module")
@@ -45,35 +42,6 @@ def interpreted():
             os.environ.pop("TRITON_INTERPRET", None)
         else:
             os.environ["TRITON_INTERPRET"] = saved_env
-
-
-def assert_close(
-    name: str, out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, summed: int = 1
-) -> None:
-    """Per-dtype elementwise and relative-norm check against a float64 reference; prints the diffs.
-
-    `summed`: rows a gradient sums over (the weight gradient); its rounding errors grow like sqrt(summed).
-    """
-    atol, rtol, rel_max = TOLERANCES[dtype]
-    atol *= summed**0.5
-    out, ref = out.detach(), ref.detach()
-    diff = (out.double() - ref).abs()
-    rel = float(diff.norm() / ref.norm())
-    print(
-        f"{name:>6} {str(dtype):>15}: max {diff.max().item():.3e} mean {diff.mean().item():.3e} rel {rel:.3e}"
-    )
-    assert torch.isfinite(out).all()
-    assert rel <= rel_max, f"{name}: relative error {rel:.3e} > {rel_max:.1e}"
-    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
-
-
-def rms_norm_ref(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
-    n = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return n if w is None else n * w
-
-
-def _leaf(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().double().requires_grad_()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -7,16 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 import typer
+from helpers import cli_app
+from helpers import hf_llama_rms_norm as _llama_rms_norm
 from typer.testing import CliRunner
 
 from ghostvis_cli import bench as bench_cli
 from ghostvis_core.errors import BackendUnavailableError, ConfigError, GhostVisError
 from ghostvis_core.kernels import rms_norm, swiglu
-
-
-def _llama_rms_norm(x, w, eps):
-    x_f32 = x.float()
-    return w * (x_f32 * torch.rsqrt(x_f32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch"])
@@ -63,14 +60,7 @@ def test_explicit_requests_that_cannot_run_on_cpu_raise(monkeypatch):
 
 
 def _bench_app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def _root() -> None:
-        """Test root."""
-
-    bench_cli.register(app)
-    return app
+    return cli_app(bench_cli.register)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")

@@ -3,6 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close
+from helpers import float64_leaf as _leaf
 
 pytestmark = [
     pytest.mark.gpu,
@@ -11,30 +13,6 @@ pytestmark = [
 
 SHAPES = [(5, 123, 123), (2, 128, 512), (3, 7, 4096), (4, 2048, 1280), (2, 1024, 5120), (64, 10000)]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-TOLERANCES = {  # dtype -> (atol, rtol, bound on ||out - ref|| / ||ref||)
-    torch.float32: (1e-4, 1e-5, 1e-6),
-    torch.bfloat16: (5e-2, 2e-2, 1e-2),
-    torch.float16: (5e-3, 2e-3, 1e-3),
-}
-
-
-def assert_close(name, out, ref, dtype, summed=1):
-    atol, rtol, rel_max = TOLERANCES[dtype]
-    out, ref = out.detach(), ref.detach()
-    diff = (out.double() - ref).abs()
-    rel = float(diff.norm() / ref.norm())
-    print(
-        f"{name:>6} {str(dtype):>15}: max {diff.max().item():.3e} mean {diff.mean().item():.3e} rel {rel:.3e}"
-    )
-    assert torch.isfinite(out).all()
-    assert rel <= rel_max
-    torch.testing.assert_close(out.double(), ref, atol=atol * summed**0.5, rtol=rtol)
-
-
-def _leaf(t):
-    return t.detach().double().requires_grad_()
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_rms_norm_cuda_matches_float64(shape, dtype):

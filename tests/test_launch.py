@@ -267,3 +267,36 @@ def test_missing_path_fields_are_reported(tmp_path, monkeypatch):
     assert out.resume == str((tmp_path / "runs" / "base" / "step_000002").resolve())
     # A run name is the trainer's to resolve under the runs folder: passed through unchanged.
     assert out.init_from == "base_train"
+
+
+# ---- what the dry run shows: where each config key came from -------------------------------------------
+
+
+def test_config_sources_name_the_flag_or_key_value():
+    flags = {"--num-steps": 5, "--compile/--no-compile": False}
+    assert launch.config_sources(flags, ["optim.lr=1e-3", "model.n-layer = 2"]) == {
+        "num_steps": "--num-steps", "compile": "--compile",
+        "optim.lr": "key=value", "model.n_layer": "key=value",
+    }  # fmt: skip
+
+
+def test_flatten_config_dots_model_and_optim_only():
+    cfg = {"num_steps": 3, "model": {"n_layer": 2}, "optim": {"lr": 0.1}, "x": {"a": 1}}
+    flat = launch.flatten_config(cfg)
+    assert flat == {"num_steps": 3, "model.n_layer": 2, "optim.lr": 0.1, "x": {"a": 1}}
+
+
+def test_config_rows_mark_changes_and_sources(tmp_path, monkeypatch):
+    from recipes import RECIPES
+
+    monkeypatch.setenv("GHOSTVIS_HOME", str(tmp_path))
+    job = launch.prepare_launch(
+        RECIPES, "base_train", {"--num-steps": 9, "--run": None}, ["model.n_layer=3"],
+        gpus=0, nodes=1, node_rank=0, rdzv_endpoint=None, parent_env={},
+    )  # fmt: skip
+    rows = {row.key: row for row in launch.config_rows(job)}
+    assert rows["num_steps"] == launch.ConfigRow("num_steps", "9", True, "--num-steps")
+    assert rows["model.n_layer"] == launch.ConfigRow("model.n_layer", "3", True, "key=value")
+    assert rows["recipe"] == launch.ConfigRow("recipe", "base_train", False, "")
+    assert rows["compile"].value == "auto: off (on for CUDA, off on CPU)"
+    assert job.changes == {"PYTHONUNBUFFERED": "1"} and job.plan.nproc == 0

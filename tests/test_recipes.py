@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import math
@@ -10,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import tree_hashes as _hashes
 from test_train_config import subprocess_env, tiny_config
 
 from ghostvis_core.log import get_logger
@@ -20,9 +20,6 @@ from ghostvis_core.train.metrics import read_metrics
 from recipes import RECIPES
 
 
-def _hashes(folder):
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))

@@ -4,7 +4,7 @@ with one clear message, and the run folder is byte-identical afterwards."""
 from __future__ import annotations
 
 import pytest
-from test_checkpoint import _hashes as snapshot
+from helpers import tree_hashes as snapshot
 from test_train_config import tiny_config
 
 from ghostvis_core.errors import CheckpointError

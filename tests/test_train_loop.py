@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import tree_hashes as _hashes
 from test_train_config import tiny_config
 
 from ghostvis_core.errors import CheckpointError, ConfigError, TrainingAborted
@@ -24,9 +23,6 @@ def _home(tmp_path, monkeypatch):
         monkeypatch.delenv(key, raising=False)
 
 
-def _hashes(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_run_writes_checkpoints_metrics_plot_and_resumes_bitwise_from_a_path(tmp_path):

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import re
 import signal
-import subprocess
-import time
 
 import pytest
+from helpers import signal_after_metrics
 from test_train_config import recipe_cmd, subprocess_env, tiny_config
 
 from ghostvis_core.train import checkpoint as ckpt
@@ -19,17 +18,12 @@ pytestmark = pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_at_the_stop_step_and_exits_zero(tmp_path):
     cfg = tiny_config(tmp_path, num_steps=400, save_every=0, keep_last=2)
     cfg.to_json(tmp_path / "cfg.json")
-    proc = subprocess.Popen(recipe_cmd("recipes.base_train", tmp_path / "cfg.json"), env=subprocess_env(tmp_path),
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = cfg.run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 240
-    while not (metrics.exists() and len(read_metrics(metrics)) >= 3):
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-3000:]
+    code, out, err = signal_after_metrics(
+        recipe_cmd("recipes.base_train", tmp_path / "cfg.json"), subprocess_env(tmp_path), tmp_path, metrics,
+        records=3, sig=signal.SIGTERM,
+    )
+    assert code == 0, err[-3000:]
     m = re.search(r"stopped by SIGTERM at step (\d+); resume with the same command", out)
     assert m, out + err[-2000:]
     step = int(m.group(1))

@@ -322,3 +322,158 @@ def run_child(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+# ---- one `ghostvis train` launch: config, machine checks, command, and where each config key came from ----
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Everything `ghostvis train` decided, ready to print (dry run) or start."""
+
+    cfg: Any
+    """The resolved TrainConfig."""
+    default: Any
+    """The recipe's default TrainConfig (the dry run marks what differs)."""
+    plan: LaunchPlan
+    cmd: list[str]
+    """The argv that runs the recipe."""
+    changes: dict[str, str]
+    """Environment variables the child gets on top of the parent's (env_changes)."""
+    set_by: dict[str, str]
+    """Config key -> what set it (the flag name, or "key=value")."""
+    cpu_count: int
+    """CPU cores of this node (build_env shares them between ranks)."""
+
+
+def prepare_launch(
+    registry: Mapping[str, tuple[str, str]],
+    recipe: str,
+    flags: Mapping[str, Any],
+    overrides: Sequence[str],
+    *,
+    gpus: int | None,
+    nodes: int,
+    node_rank: int,
+    rdzv_endpoint: str | None,
+    parent_env: Mapping[str, str],
+) -> Launch:
+    """Resolve `recipe` with `flags` (FLAG_FIELDS flag -> value; None = not given) and `key=value` overrides,
+    check GPUs and nodes, and build the command: every decision of `ghostvis train` before anything runs."""
+    import importlib
+
+    from ghostvis_core.env import probe_gpus
+
+    module_name = lookup_recipe(recipe, registry)
+    given = {flag: value for flag, value in flags.items() if value is not None}
+    default = importlib.import_module(module_name).default_config()
+    cfg = resolve_config(default, recipe, given, overrides)
+    # Only GPU/CPU counts: the full probe_env() also imports every optional package (seconds for vLLM).
+    facts = probe_gpus()
+    nproc = resolve_nproc(
+        gpus,
+        gpu_count=facts.gpu_count,
+        cuda_available=facts.cuda_available,
+        visible_devices=facts.visible_devices,
+    )
+    check_multinode(nodes, node_rank, rdzv_endpoint)
+    if cfg.fsdp and nproc == 0:
+        raise ConfigError("--fsdp shards across GPUs: it needs --gpus 1 or more (this launch runs on CPU)")
+    plan = LaunchPlan(
+        recipe_module=module_name,
+        config_path=resolved_config_path(cfg.run_dir),
+        nproc=nproc,
+        run_id=cfg.run,
+        nodes=nodes,
+        node_rank=node_rank,
+        rdzv_endpoint=rdzv_endpoint,
+    )
+    cmd = build_command(plan)
+    return Launch(
+        cfg=cfg,
+        default=default,
+        plan=plan,
+        cmd=cmd,
+        changes=env_changes(plan, parent_env, facts.cpu_count),
+        set_by=config_sources(given, overrides),
+        cpu_count=facts.cpu_count,
+    )
+
+
+def config_sources(flags: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, str]:
+    """Config key -> what set it: the flag (its first spelling, e.g. --compile) or "key=value"."""
+    set_by = {FLAG_FIELDS[flag]: flag.split("/")[0] for flag in flags}
+    set_by.update({o.split("=", 1)[0].strip().replace("-", "_"): "key=value" for o in overrides})
+    return set_by
+
+
+def flatten_config(cfg_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """model.* and optim.* as dotted keys, the way overrides name them."""
+    flat: dict[str, Any] = {}
+    for key, value in cfg_dict.items():
+        if key in ("model", "optim") and isinstance(value, dict):
+            for sub, sub_value in value.items():
+                flat[f"{key}.{sub}"] = sub_value
+        else:
+            flat[key] = value
+    return flat
+
+
+@dataclass(frozen=True)
+class ConfigRow:
+    """One key of the resolved config as the dry run shows it."""
+
+    key: str
+    value: str
+    """The value as text: strings as they are, everything else as JSON; compile=None explained."""
+    changed: bool
+    """Set by the user or different from the recipe's default."""
+    source: str
+    """What set it ("" = the recipe default)."""
+
+
+def config_rows(launch: Launch) -> list[ConfigRow]:
+    """The resolved config, key by key, with what differs from the default and what set it."""
+    flat = flatten_config(launch.cfg.to_dict())
+    defaults = flatten_config(launch.default.to_dict())
+    rows = []
+    for key, value in flat.items():
+        source = launch.set_by.get(key, "")
+        if not source and key.startswith("model.") and key not in defaults:
+            source = "key=value"  # a model field the preset does not set can only come from an override
+        changed = key in launch.set_by or defaults.get(key, object()) != value
+        shown = json.dumps(value) if not isinstance(value, str) else value
+        if key == "compile" and value is None:
+            shown = f"auto: {'on' if launch.plan.nproc else 'off'} (on for CUDA, off on CPU)"
+        rows.append(ConfigRow(key, shown, changed, source))
+    return rows
+
+
+def dry_run_dict(launch: Launch) -> dict[str, Any]:
+    """The dry run as JSON: config, paths, process layout, the exact command and the added environment."""
+    cfg, plan = launch.cfg, launch.plan
+    return {
+        "recipe": cfg.recipe,
+        "config": cfg.to_dict(),
+        "config_path": str(plan.config_path),
+        "run_dir": str(cfg.run_dir),
+        "nproc_per_node": plan.nproc,
+        "nodes": plan.nodes,
+        "node_rank": plan.node_rank,
+        "world_size": plan.world_size,
+        "device": "cuda" if plan.nproc > 0 else "cpu",
+        "command": launch.cmd,
+        "command_line": format_command(launch.cmd),
+        "env": launch.changes,
+    }
+
+
+def write_launch_config(launch: Launch) -> Path:
+    """Write the resolved config for the child; an unwritable runs folder is a ConfigError naming the fix."""
+    try:
+        return write_resolved_config(launch.cfg.to_dict(), launch.plan.config_path)
+    except OSError as e:
+        raise ConfigError(
+            f"cannot write the run's config to {launch.plan.config_path} ({e.strerror}): pick another "
+            "--run NAME or fix the runs folder (GHOSTVIS_HOME / runs_root)"
+        ) from e

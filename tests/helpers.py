@@ -1,0 +1,284 @@
+"""Shared test helpers, one copy each: machine profiles, running the CLI, numeric references and tolerances,
+checkpoint hashing, and the signal-a-training-subprocess loop. Fixtures live in conftest.py.
+
+Shape legend: B batch, T time (tokens), H query heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+import torch
+import typer
+
+from ghostvis_core.env import EnvFacts, GPUInfo, PackageStatus
+
+# ---- machine profiles ------------------------------------------------------------------------------------
+
+FA2_UNDEFINED_SYMBOL = (
+    "ImportError: /usr/lib/python3.12/site-packages/flash_attn_2_cuda.cpython-312-x86_64-linux-gnu.so: "
+    "undefined symbol: _ZN3c104cuda9SetDeviceEi"
+)
+
+# name -> (GPU name, capability, memory GiB); None = no GPU.
+GPU_PROFILES: dict[str, tuple[str, tuple[int, int], float] | None] = {
+    "h100": ("NVIDIA H100 80GB HBM3", (9, 0), 79.2),
+    "a100": ("NVIDIA A100-SXM4-80GB", (8, 0), 79.2),
+    "v100": ("Tesla V100-SXM2-32GB", (7, 0), 31.7),
+    "t4": ("Tesla T4", (7, 5), 14.6),
+    "rtx4090": ("NVIDIA GeForce RTX 4090", (8, 9), 23.5),
+    "b200": ("NVIDIA B200", (10, 0), 178.4),
+    "windows_gpu": ("NVIDIA GeForce RTX 3090", (8, 6), 24.0),
+    "cpu": None,
+}
+
+
+def _pkg(name: str, version: str | None = None, **kw) -> PackageStatus:
+    """An installed-and-importable package, or a not-installed one when version is None."""
+    if version is None:
+        return PackageStatus(name=name, installed=False)
+    return PackageStatus(
+        name=name, installed=True, version=version, importable=kw.pop("importable", True), **kw
+    )
+
+
+def make_env(
+    profile: str,
+    *,
+    num_gpus: int = 1,
+    flash_attn: str | None = None,
+    flash_attn_error: str | None = None,
+    triton: str | None = "auto",
+    apex: str | None = None,
+    apex_ext: bool = True,
+    vllm: str | None = None,
+    liger: str | None = None,
+    torch_version: str = "2.11.0+cu130",
+    muon: bool = True,
+    nvcc: str | None = "13.0",
+    ninja: str | None = "1.11.1",
+    ram_gib: float = 256.0,
+    cpu_count: int = 32,
+) -> EnvFacts:
+    """Build EnvFacts for a named machine profile (see GPU_PROFILES) with chosen optional packages."""
+    gpu = GPU_PROFILES[profile]
+    windows = profile == "windows_gpu"
+    has_gpu = gpu is not None
+    if not has_gpu:
+        torch_version = "2.13.0+cpu"
+    if triton == "auto":
+        # Triton ships with torch on Linux; on Windows it is a separate, usually absent, install.
+        triton = None if windows else ("3.6.0" if has_gpu else "3.9.0")
+    packages = {
+        "triton": _pkg("triton", triton),
+        "flash_attn": _pkg("flash_attn", flash_attn),
+        "apex": _pkg(
+            "apex", apex, extensions={"fused_layer_norm_cuda": apex_ext, "amp_C": apex_ext} if apex else {}
+        ),
+        "vllm": _pkg("vllm", vllm),
+        "liger_kernel": _pkg("liger_kernel", liger),
+    }
+    if flash_attn_error is not None:
+        from ghostvis_core.env import diagnose_import_error
+
+        packages["flash_attn"] = PackageStatus(
+            name="flash_attn",
+            installed=True,
+            version=flash_attn or "2.8.3",
+            importable=False,
+            error=flash_attn_error,
+            diagnosis=diagnose_import_error("flash_attn", flash_attn_error, torch_version),
+        )
+    gpus = [GPUInfo(i, gpu[0], gpu[1], gpu[2]) for i in range(num_gpus)] if has_gpu else []
+    return EnvFacts(
+        os_name="Windows" if windows else "Linux",
+        os_release="10" if windows else "6.8.0",
+        machine="AMD64" if windows else "x86_64",
+        python="3.12.3",
+        torch_version=torch_version,
+        torch_cuda=("13.0" if has_gpu else None),
+        cuda_available=has_gpu,
+        driver="580.65.06" if has_gpu else None,
+        cudnn="91900" if has_gpu else None,
+        nccl=("2.27.7" if has_gpu and not windows else None),
+        gpus=gpus,
+        visible_devices=None,
+        nvcc=nvcc if has_gpu else None,
+        ninja=ninja,
+        ram_gib=ram_gib,
+        cpu_count=cpu_count,
+        runs_dir="/tmp/ghostvis/runs",
+        disk_free_gib=500.0,
+        packages=packages,
+        torch_features={"flex_attention": True, "muon": muon, "cudnn_sdpa": has_gpu},
+    )
+
+
+def write_profile(env: EnvFacts, path: Path) -> Path:
+    """Write EnvFacts as the JSON that GHOSTVIS_ENV_PROFILE reads."""
+    path.write_text(json.dumps(env.to_dict()))
+    return path
+
+
+# ---- running the CLI -------------------------------------------------------------------------------------
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """Run the console entry point in-process; return (exit code, stdout, stderr)."""
+    from ghostvis_cli.app import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+        raise SystemExit(0)  # main always exits; this only guards against a silent return
+    captured = capsys.readouterr()
+    return exc.value.code or 0, captured.out, captured.err
+
+
+def run_cli_process(args: Sequence[str], **kwargs) -> subprocess.CompletedProcess:
+    """`python -m ghostvis_cli ARGS` in a real process (real entry point, real exit code), text output."""
+    kwargs.setdefault("timeout", 120)
+    return subprocess.run(
+        [sys.executable, "-m", "ghostvis_cli", *args], capture_output=True, text=True, **kwargs
+    )
+
+
+def cli_app(*registers: Callable[[typer.Typer], None]) -> typer.Typer:
+    """A bare Typer app with a root callback and the given subcommands (their `register` functions), for
+    CliRunner tests that check what a command raises rather than how `main` renders it."""
+    app = typer.Typer()
+
+    @app.callback()
+    def _root() -> None:
+        """Test root."""
+
+    for register in registers:
+        register(app)
+    return app
+
+
+# ---- numeric references ----------------------------------------------------------------------------------
+
+# dtype -> (atol, rtol) elementwise, and the bound on ||out - ref|| / ||ref||, for kernels vs float64.
+TOLERANCES = {
+    torch.float32: (1e-4, 1e-5, 1e-6),
+    torch.bfloat16: (5e-2, 2e-2, 1e-2),
+    torch.float16: (5e-3, 2e-3, 1e-3),
+}
+
+
+def assert_close(
+    name: str, out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, summed: int = 1
+) -> None:
+    """Per-dtype elementwise and relative-norm check against a float64 reference; prints the diffs.
+
+    `summed`: rows a gradient sums over (the weight gradient); its rounding errors grow like sqrt(summed).
+    """
+    atol, rtol, rel_max = TOLERANCES[dtype]
+    atol *= summed**0.5
+    out, ref = out.detach(), ref.detach()
+    diff = (out.double() - ref).abs()
+    rel = float(diff.norm() / ref.norm())
+    print(
+        f"{name:>6} {str(dtype):>15}: max {diff.max().item():.3e} mean {diff.mean().item():.3e} rel {rel:.3e}"
+    )
+    assert torch.isfinite(out).all()
+    assert rel <= rel_max, f"{name}: relative error {rel:.3e} > {rel_max:.1e}"
+    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
+
+
+def float64_leaf(t: torch.Tensor) -> torch.Tensor:
+    """A float64 copy of `t` that takes gradients: the input of a reference computation."""
+    return t.detach().double().requires_grad_()
+
+
+def rms_norm_reference(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * w, in the dtype of x (float64 for a reference)."""
+    n = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return n if w is None else n * w
+
+
+def hf_llama_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """Hugging Face LlamaRMSNorm: normalize in float32, round to x's dtype, then scale by w (promoting)."""
+    x_f32 = x.float()
+    return w * (x_f32 * torch.rsqrt(x_f32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def attention_reference(q, k, v, allowed_BTT: torch.Tensor) -> torch.Tensor:
+    """float64 softmax(q k^T / sqrt(D)) v with GQA by repeating K/V heads; (B, T, H, D) layout.
+
+    `allowed_BTT[b, i, j]`: query i of row b may attend to key j.
+    """
+    q, k, v = (t.double().transpose(1, 2) for t in (q, k, v))
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    s = s.masked_fill(~allowed_BTT[:, None], float("-inf"))
+    return (s.softmax(-1) @ v).transpose(1, 2)
+
+
+def assert_max_diff(name: str, got: torch.Tensor, ref: torch.Tensor, atol: float) -> None:
+    """max |got - ref| below atol; prints max and mean difference."""
+    diff = (got.double() - ref).abs()
+    print(f"{name}: max {diff.max():.2e} mean {diff.mean():.2e}")
+    assert diff.max() < atol, name
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------------
+
+
+def tree_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file below `folder`, by relative path: equal before and after = nothing changed."""
+    folder = Path(folder)
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+# ---- signals ---------------------------------------------------------------------------------------------
+
+
+def signal_after_metrics(
+    cmd: Sequence[str],
+    env: dict[str, str],
+    cwd: Path,
+    metrics: Path,
+    *,
+    records: int,
+    sig: signal.Signals,
+    start_timeout_s: float = 240,
+    stop_timeout_s: float = 120,
+) -> tuple[int, str, str]:
+    """Start a training subprocess, send `sig` once `metrics` holds `records` lines, and wait for it to exit.
+
+    Returns (exit code, stdout, stderr). Fails if the process exits before that, or takes over
+    start_timeout_s to get there (a hang, not a speed check).
+    """
+    from ghostvis_core.train.metrics import read_metrics
+
+    proc = subprocess.Popen(
+        list(cmd), env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while not (metrics.exists() and len(read_metrics(metrics)) >= records):
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=stop_timeout_s)
+    finally:
+        if proc.poll() is None:  # a failed wait must not leave a trainer running after the test
+            proc.kill()
+            proc.wait()
+    return proc.returncode, out, err
