@@ -5,6 +5,11 @@ A checkpoint is written into `.tmp_step_NNNNNN-<pid>/`, every file fsynced, the 
 `state.json` carries a manifest (size + sha256 of every other file) so truncation or corruption after the fact
 is caught on load. Loading never unpickles: safetensors for weights, torch.load(weights_only=True) for the
 optimizer, JSON for the rest. An error while loading never changes anything on disk.
+
+state.json is a `TrainState` (step, tokens, per-rank loader position and RNG, the model's kind and config, the
+recipe and its data format) plus the format number and the manifest; `TrainState.read` validates it, naming the
+file and the field, and gives fields older writers did not record their documented defaults. Weights go into a
+model only through `load_model_weights` (every key and shape checked), which `GPT.from_checkpoint` uses too.
 """
 
 from __future__ import annotations

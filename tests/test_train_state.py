@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from test_checkpoint import _hashes, _save, _tied_model_and_optimizer
 
 from ghostvis_core import atomic
