@@ -1,17 +1,16 @@
 """Native inference: load a trained run's checkpoint and answer prompts with the KV-cache decoder.
 
-A chat run (chat_sft) is prompted through the tokenizer's chat template, the same template training used; a
-base run (base_train) continues plain text after BOS. Generation stops at the assistant's end token.
+A run trained on chats (data_format "chat" in its state.json) is prompted through the tokenizer's chat template,
+the same template training used; a text run continues plain text after BOS. Generation stops at the assistant's
+end token.
 """
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ghostvis_core.config import GPTConfig
 from ghostvis_core.errors import CheckpointError, ConfigError
 from ghostvis_core.paths import runs_dir
 from ghostvis_core.tokenizer import Tokenizer
@@ -19,22 +18,24 @@ from ghostvis_core.tokenizer import Tokenizer
 
 @dataclass
 class LoadedModel:
-    """A model ready to generate, with the tokenizer and recipe of the run it came from."""
+    """A model ready to generate, with the tokenizer, recipe and data format of the run it came from."""
 
     model: torch.nn.Module
     tokenizer: Tokenizer
     checkpoint: Path
     recipe: str
+    data_format: str
+    """TrainState.data_format of the checkpoint: "text", "chat" or "image-chat"."""
 
     @property
     def is_chat(self) -> bool:
         """True for runs trained on chats: prompts go through the chat template."""
-        return self.recipe == "chat_sft"
+        return self.data_format != "text"
 
 
 def latest_run(root: Path) -> Path:
     """The run folder with the newest complete checkpoint under `root`."""
-    from ghostvis_core.train.checkpoint import latest_checkpoint
+    from ghostvis_core.checkpoint import latest_checkpoint
 
     candidates = []
     for run in root.iterdir() if root.is_dir() else []:
@@ -51,33 +52,22 @@ def latest_run(root: Path) -> Path:
 
 def load_for_inference(spec: str | None = None, device: str | None = None) -> LoadedModel:
     """Load a run name, run folder or step_NNNNNN folder (None: the newest run) for generation."""
+    from ghostvis_core.checkpoint import TrainState, resolve_checkpoint_spec
     from ghostvis_core.gpt import GPT
-    from ghostvis_core.train.checkpoint import load_model_state, resolve_checkpoint_spec, verify_checkpoint
 
     root = runs_dir()
     step_dir = resolve_checkpoint_spec(spec, root, "--run/--checkpoint") if spec else None
     if step_dir is None:
         step_dir = resolve_checkpoint_spec(str(latest_run(root)), root, "latest run")
-    state = verify_checkpoint(step_dir)
     run_dir = step_dir.parent
     tokenizer_dir = run_dir / "tokenizer"
     if not (tokenizer_dir / "tokenizer.json").is_file():
         raise CheckpointError(f"{run_dir} has no tokenizer/tokenizer.json: it is not a complete GhostVis run folder")
-    recipe = str(state.get("recipe") or _recipe_from_config(run_dir))
-    config = GPTConfig.from_dict(state["model_config"])
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    with torch.device(device):
-        model = GPT(config)
-    model.load_state_dict(load_model_state(step_dir), strict=True)
+    model = GPT.from_checkpoint(step_dir, None, device=device)  # integrator: pass the inference plan
     model.eval()
-    return LoadedModel(model, Tokenizer.load(tokenizer_dir), step_dir, recipe)
-
-
-def _recipe_from_config(run_dir: Path) -> str:
-    path = run_dir / "config.json"
-    if not path.is_file():
-        return "base_train"
-    return json.loads(path.read_text()).get("train", {}).get("recipe", "base_train")
+    state = TrainState.read(step_dir, verify=False)  # from_checkpoint verified the files
+    return LoadedModel(model, Tokenizer.load(tokenizer_dir), step_dir, state.recipe or "unknown", state.data_format)
 
 
 @torch.no_grad()

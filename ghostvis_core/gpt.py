@@ -28,13 +28,13 @@ from ghostvis_core.attention import (
 )
 from ghostvis_core.backends import BackendPlan, log_backends_once, plan_for_model
 from ghostvis_core.config import GPTConfig
+from ghostvis_core.constants import IGNORE_INDEX
 from ghostvis_core.errors import ConfigError
 from ghostvis_core.kernels.dispatch import rms_norm_fn, swiglu_fn
 from ghostvis_core.log import get_logger
 
 __all__ = ["GPT", "GPTConfig", "KVCache", "linear_cross_entropy"]
 
-IGNORE_INDEX = -100
 # Rows of the (rows, V) logits block the chunked loss materialises at once: 4096 x 65536 fp32 = 1 GiB,
 # against 8 GiB for 32k tokens unchunked.
 CE_CHUNK_ROWS = 4096
@@ -544,6 +544,24 @@ class GPT(nn.Module):
                 break
             logits = self.forward_with_cache(nxt, cache) if use_cache else self(out)
         return out
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_checkpoint(cls, step_dir, plan: BackendPlan | None, device: torch.device | str | None = None) -> GPT:
+        """The GPT saved in checkpoint folder `step_dir` (verified: manifest sizes and sha256), on `device`.
+
+        The config comes from its state.json (TrainState); weights load with every key and shape checked, so a
+        mismatch is one CheckpointError naming the folder and the key.
+        """
+        from ghostvis_core.checkpoint import TrainState, load_model_weights
+
+        state = TrainState.read(step_dir)
+        config = GPTConfig.from_dict(state.require_model_config("gpt", step_dir))
+        with torch.device(device or "cpu"):
+            model = cls(config)  # integrator: becomes cls(config, plan)
+        load_model_weights(model, step_dir)
+        return model
 
 
 def _sample(logits_BV: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:

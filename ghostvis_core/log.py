@@ -26,3 +26,20 @@ def setup_logging(level: int = logging.INFO) -> None:
     logger.addHandler(handler)
     logger.setLevel(level if is_rank_zero() else logging.WARNING)
     logger.propagate = False
+
+
+_LOGGED_ONCE: set[str] = set()
+
+
+def log_once(msg: str, level: int = logging.INFO) -> bool:
+    """Log `msg` the first time this process asks for it (later identical calls are silent); True if logged."""
+    if msg in _LOGGED_ONCE:
+        return False
+    _LOGGED_ONCE.add(msg)
+    get_logger().log(level, msg)
+    return True
+
+
+def reset_log_once() -> None:
+    """Forget what log_once printed (tests that assert on a once-per-process line)."""
+    _LOGGED_ONCE.clear()

@@ -17,7 +17,6 @@ import functools
 import importlib.resources
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
+from ghostvis_core.atomic import write_text_atomic
 from ghostvis_core.errors import ConfigError, DataError
 from ghostvis_core.log import get_logger
 
@@ -66,20 +66,6 @@ def _compiled_template():
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = _raise_template_error
     return env.from_string(chat_template_source())
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temp file in the same folder + os.replace (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _content_parts(content: Any, where: str) -> list[tuple[str, str]]:
@@ -185,9 +171,9 @@ class Tokenizer:
                 for t, i in self._special_ids.items()
             },
         }
-        atomic_write_text(d / "tokenizer.json", self._tok.to_str(pretty=True))
-        atomic_write_text(d / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-        atomic_write_text(d / TEMPLATE_FILE, template)
+        write_text_atomic(d / "tokenizer.json", self._tok.to_str(pretty=True))
+        write_text_atomic(d / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        write_text_atomic(d / TEMPLATE_FILE, template)
         return d
 
     @classmethod

@@ -7,10 +7,31 @@ import os
 import sys
 from collections.abc import Callable
 
+from typing import Any
+
 from ghostvis_core.errors import GhostVisError
 from ghostvis_core.train.config import TrainConfig
+from ghostvis_core.train.recipe_spec import RecipeSpec
 
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, the shell's convention
+
+
+def default_config_for(spec: RecipeSpec, **fields: Any) -> TrainConfig:
+    """The recipes' shared small default (tiny preset, 8 x 128-token rows) with the recipe's own `fields`.
+
+    A recipe that starts from another recipe's run names it as init_from, so `--dry-run` shows where the
+    weights come from.
+    """
+    defaults: dict[str, Any] = dict(
+        recipe=spec.name, run=spec.name, preset="tiny", init_from=spec.starts_from, device_batch_size=8,
+        pack_max_length=128, warmdown_frac=0.3, log_every=5, keep_last=2,
+    )
+    return TrainConfig(**{**defaults, **fields})
+
+
+def recipe_main(spec: RecipeSpec, default_config: Callable[[], TrainConfig], argv: list[str] | None) -> int:
+    """A recipe module's `main`: run it (also under torchrun) and return the process exit code."""
+    return run_recipe(argv, default_config, f"python -m recipes.{spec.name}")
 
 
 def parse_config(argv: list[str] | None, default_config: Callable[[], TrainConfig], prog: str) -> TrainConfig:

@@ -10,31 +10,20 @@ import sys
 
 from ghostvis_core.config import OptimizerConfig
 from ghostvis_core.train.config import TrainConfig
+from ghostvis_core.train.recipe_spec import RecipeSpec
+from recipes._main import default_config_for, recipe_main
+
+SPEC = RecipeSpec(name="base_train", data_format="text", model_kind="gpt")
 
 
 def default_config() -> TrainConfig:
     """Tiny model, embedded corpus, 128-token rows, 80 steps."""
-    return TrainConfig(
-        recipe="base_train",
-        run="base_train",
-        preset="tiny",
-        optim=OptimizerConfig(lr=3e-3),
-        device_batch_size=8,
-        pack_max_length=128,
-        num_steps=80,
-        warmup_steps=5,
-        warmdown_frac=0.3,
-        log_every=5,
-        save_every=40,
-        keep_last=2,
-    )
+    return default_config_for(SPEC, optim=OptimizerConfig(lr=3e-3), num_steps=80, warmup_steps=5, save_every=40)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point (also under torchrun); returns the process exit code."""
-    from recipes._main import run_recipe
-
-    return run_recipe(argv, default_config, "python -m recipes.base_train")
+    return recipe_main(SPEC, default_config, argv)
 
 
 if __name__ == "__main__":

@@ -10,32 +10,21 @@ import sys
 
 from ghostvis_core.config import OptimizerConfig
 from ghostvis_core.train.config import TrainConfig
+from ghostvis_core.train.recipe_spec import RecipeSpec
+from recipes._main import default_config_for, recipe_main
+
+SPEC = RecipeSpec(name="chat_sft", data_format="chat", model_kind="gpt", starts_from="base_train",
+                  init_from_allowed=True)
 
 
 def default_config() -> TrainConfig:
     """SFT of the base_train checkpoint on the embedded chats, 40 steps at a lower LR."""
-    return TrainConfig(
-        recipe="chat_sft",
-        run="chat_sft",
-        preset="tiny",
-        init_from="base_train",
-        optim=OptimizerConfig(lr=1e-3),
-        device_batch_size=8,
-        pack_max_length=128,
-        num_steps=40,
-        warmup_steps=2,
-        warmdown_frac=0.3,
-        log_every=5,
-        save_every=20,
-        keep_last=2,
-    )
+    return default_config_for(SPEC, optim=OptimizerConfig(lr=1e-3), num_steps=40, warmup_steps=2, save_every=20)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point (also under torchrun); returns the process exit code."""
-    from recipes._main import run_recipe
-
-    return run_recipe(argv, default_config, "python -m recipes.chat_sft")
+    return recipe_main(SPEC, default_config, argv)
 
 
 if __name__ == "__main__":

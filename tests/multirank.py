@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from ghostvis_core.train.checkpoint import step_dir_name
+from ghostvis_core.checkpoint import step_dir_name
 from ghostvis_core.train.metrics import read_metrics
 
 

@@ -18,7 +18,7 @@ import pytest
 from multirank import kill_after_checkpoint, losses, torchrun_cmd
 from test_train_config import subprocess_env, tiny_config
 
-from ghostvis_core.train import checkpoint as ckpt
+from ghostvis_core import checkpoint as ckpt
 
 pytestmark = [
     pytest.mark.slow,

@@ -29,7 +29,7 @@ def test_trained_run_loads_and_generates_like_the_model(tmp_path):
     assert text == tok.decode(expected[:cut], skip_special=True)
 
     # a chat run goes through the chat template and stops at the assistant's end token
-    chat = LoadedModel(loaded.model, tok, loaded.checkpoint, "chat_sft")
+    chat = LoadedModel(loaded.model, tok, loaded.checkpoint, "chat_sft", "chat")
     ids, _ = tok.encode_chat([{"role": "user", "content": "hi"}], add_generation_prompt=True)
     expected = _manual_reply(chat, ids, 8)
     stop = next((i for i, t in enumerate(expected) if t in (tok.eos_id, tok.bos_id)), len(expected))

@@ -46,7 +46,8 @@ def test_lone_surrogate_escapes_are_malformed_records(tmp_path):
     (dict(max_new_tokens=0), "--max-new-tokens must be >= 1"),
 ])
 def test_sampling_options_are_checked_before_generating(kwargs, match):
-    loaded = LoadedModel(model=None, tokenizer=None, checkpoint=None, recipe="chat_sft")  # never reached
+    loaded = LoadedModel(model=None, tokenizer=None, checkpoint=None, recipe="chat_sft",
+                         data_format="chat")  # never reached
     with pytest.raises(ConfigError, match=match):
         generate_text(loaded, "hi", **kwargs)
 

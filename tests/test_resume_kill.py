@@ -15,7 +15,7 @@ import time
 import pytest
 from test_train_config import recipe_cmd, subprocess_env, tiny_config
 
-from ghostvis_core.train import checkpoint as ckpt
+from ghostvis_core import checkpoint as ckpt
 from ghostvis_core.train.metrics import read_metrics
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,7 @@ import pytest
 from helpers import signal_after_metrics
 from test_train_config import recipe_cmd, subprocess_env, tiny_config
 
-from ghostvis_core.train import checkpoint as ckpt
+from ghostvis_core import checkpoint as ckpt
 from ghostvis_core.train.metrics import read_metrics
 
 pytestmark = pytest.mark.slow

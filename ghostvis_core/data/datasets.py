@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from itertools import islice
 from pathlib import Path
 
+from ghostvis_core.atomic import atomic_dir
 from ghostvis_core.data.packing import PackedData, pack_documents
 from ghostvis_core.data.sources import iter_chats, iter_documents
 from ghostvis_core.data.synthetic import SYNTHETIC_VERSION, embedded_chats, embedded_corpus
@@ -112,21 +111,16 @@ def default_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE) -> Tokenizer:
     if (final / "tokenizer.json").is_file():
         return Tokenizer.load(final)
     tok = Tokenizer.train(embedded_training_texts(), vocab_size)
-    final.parent.mkdir(parents=True, exist_ok=True)
     # Save into a private temp folder, then rename it into place: readers never see a half-written folder,
     # and when several ranks race, the first rename wins and the others (identical) are discarded.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
-        tok.save(tmp)
-        os.replace(tmp, final)
+        with atomic_dir(final, keep_existing=True) as tmp:
+            tok.save(tmp)
+        problem = None if (final / "tokenizer.json").is_file() else "the folder exists without tokenizer.json"
     except OSError as e:
-        if not (final / "tokenizer.json").is_file():
-            raise DataError(
-                f"cannot cache the default tokenizer at {final} ({e.strerror}); if that folder is left from an "
-                "interrupted run, delete it and run again"
-            ) from e
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        problem = e.strerror
+    if problem is not None:
+        raise DataError(f"cannot cache the default tokenizer at {final} ({problem}); if that folder is left from an "
+                        "interrupted run, delete it and run again")
     get_logger().info("Trained the default tokenizer (%d tokens) -> %s", tok.vocab_size, final)
     return tok

@@ -28,9 +28,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ghostvis_core.constants import IGNORE_INDEX
 from ghostvis_core.errors import ConfigError
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "PackedData", "best_fit_rows", "pack_documents"]
 
 
 @dataclass

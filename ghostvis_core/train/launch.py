@@ -20,19 +20,18 @@ signal it receives to every worker and waits for them (30 s by default) before k
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shlex
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ghostvis_core.atomic import write_json_atomic
 from ghostvis_core.errors import ConfigError, DataError, did_you_mean
 
 # Multicast/NVLS switches that must be identical on every rank (a rank that tries NVLS while another does not
@@ -269,21 +268,8 @@ def resolved_config_path(run_dir: Path) -> Path:
 
 
 def write_resolved_config(config: Mapping[str, Any], path: Path) -> Path:
-    """Write the config JSON atomically (temp file + os.replace): a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(config, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write the config JSON atomically: a reader never sees half a file."""
+    return write_json_atomic(path, dict(config))
 
 
 def exit_code(returncode: int) -> int:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import sys
 from pathlib import Path
@@ -16,6 +15,8 @@ from typing import Any
 
 import torch
 from rich.console import Console
+
+from ghostvis_core.atomic import write_text_atomic
 
 # Dense bf16 tensor-core peaks from the datasheets (no sparsity).
 _PEAK_BF16_FLOPS = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12))
@@ -117,9 +118,7 @@ class MetricsLog:
                 kept.append(line)
             else:
                 dropped += 1
-        tmp = self.path.with_name(self.path.name + f".tmp-{os.getpid()}")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
         return dropped
 
     def append(self, record: dict[str, Any]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ghostvis_core.atomic import atomic_path
 from ghostvis_core.train.metrics import read_metrics
 
 
@@ -25,8 +26,9 @@ def plot_loss(metrics_path: Path, out_path: Path, title: str = "") -> Path:
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     out_path = Path(out_path)
-    tmp = out_path.with_name(".tmp_" + out_path.name)
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    tmp.replace(out_path)
+    try:
+        with atomic_path(out_path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
     return out_path

@@ -1,28 +1,28 @@
 """Everything the loop needs before step 0: resume point, tokenizer, packed data, model config and weights.
 
 Kept apart from loop.py so each piece can be tested alone. Precedence when several sources could give the
-tokenizer or the model shape: a checkpoint of this run (resume) > the chat_sft base run (init_from) > the
-config (tokenizer path / preset + overrides).
+tokenizer or the model shape: a checkpoint of this run (resume) > the run the recipe starts from (init_from,
+RecipeSpec.starts_from) > the config (tokenizer path / preset + overrides). What a recipe does comes from its
+RecipeSpec; nothing here looks at recipe names.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ghostvis_core import checkpoint as ckpt
+from ghostvis_core.checkpoint import TrainState
 from ghostvis_core.config import GPTConfig
 from ghostvis_core.errors import CheckpointError, ConfigError
 from ghostvis_core.log import get_logger
-from ghostvis_core.train import checkpoint as ckpt
 from ghostvis_core.train.config import TrainConfig
+from ghostvis_core.train.recipe_spec import RecipeSpec, spec_for
 
 # Fields that fix the shape of the weights: a checkpoint only loads into a model that agrees on all of them.
 ARCH_FIELDS = ("n_layer", "n_head", "n_kv_head", "n_embd", "vocab_size", "mlp_hidden", "tie_embeddings")
-SFT_RECIPES = ("chat_sft",)
-BASE_RUN_FOR_SFT = "base_train"
 
 
 @dataclass
@@ -31,10 +31,10 @@ class StartPoint:
 
     resume_dir: Path | None
     """step_NNNNNN folder to resume (model + optimizer + data position + RNG), or None."""
-    resume_state: dict[str, Any] | None
+    resume_state: TrainState | None
     """Its verified state.json."""
     init_dir: Path | None
-    """chat_sft: the base checkpoint whose model weights (only) start this run, or None."""
+    """The checkpoint whose model weights (only) start this run (init_from / RecipeSpec.starts_from), or None."""
     base_model_config: dict[str, Any] | None
     """Model config of the checkpoint we load from (resume or init), used to build a matching model."""
     tokenizer_dir: Path | None
@@ -46,20 +46,9 @@ def runs_root(cfg: TrainConfig) -> Path:
     return cfg.run_dir.parent
 
 
-def _run_model_config(run_dir: Path) -> dict[str, Any] | None:
-    """The "model" entry of a run's config.json, or None when absent."""
-    path = run_dir / "config.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text()).get("model")
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); the run folder is damaged") from None
-
-
-def _check_same_recipe_and_preset(cfg: TrainConfig, state: dict[str, Any], resume_dir: Path) -> None:
+def _check_same_recipe_and_preset(cfg: TrainConfig, state: TrainState, resume_dir: Path) -> None:
     """A resume continues the run it came from: another recipe or preset would be silently ignored."""
-    for field, saved in (("recipe", state.get("recipe")), ("preset", state.get("preset"))):
+    for field, saved in (("recipe", state.recipe), ("preset", state.preset)):
         wanted = getattr(cfg, field)
         if saved is not None and saved != wanted:
             raise CheckpointError(
@@ -69,37 +58,46 @@ def _check_same_recipe_and_preset(cfg: TrainConfig, state: dict[str, Any], resum
             )
 
 
+def _tokenizer_dir(step_dir: Path) -> Path | None:
+    tok_dir = step_dir.parent / "tokenizer"
+    return tok_dir if tok_dir.is_dir() else None
+
+
 def find_start(cfg: TrainConfig) -> StartPoint:
-    """Resolve cfg.resume (auto | none | PATH) and, for SFT, cfg.init_from; verify what will be loaded."""
+    """Resolve cfg.resume (auto | none | PATH) and the weights the recipe starts from; verify what will load."""
     log = get_logger()
+    spec = spec_for(cfg.recipe)
     resume_dir = ckpt.resolve_resume(cfg.resume, cfg.run_dir, runs_root(cfg))
     if resume_dir is not None:
-        state = ckpt.verify_checkpoint(resume_dir)
+        state = TrainState.read(resume_dir)
         _check_same_recipe_and_preset(cfg, state, resume_dir)
-        model_config = state.get("model_config") or _run_model_config(resume_dir.parent)
-        tok_dir = resume_dir.parent / "tokenizer"
-        log.info(f"Resuming from {resume_dir} (step {state['step']})")
-        return StartPoint(resume_dir, state, None, model_config, tok_dir if tok_dir.is_dir() else None)
-    if cfg.recipe in SFT_RECIPES:
-        spec = cfg.init_from or BASE_RUN_FOR_SFT
-        try:
-            init_dir = ckpt.resolve_checkpoint_spec(spec, runs_root(cfg), "init_from")
-        except CheckpointError as e:
-            if cfg.init_from in (None, BASE_RUN_FOR_SFT):
-                raise CheckpointError(
-                    f"{cfg.recipe} starts from a base model, but run '{BASE_RUN_FOR_SFT}' has no checkpoint in "
-                    f"{runs_root(cfg)}: run `ghostvis train base_train` first (or set init_from=PATH)"
-                ) from e
-            raise
-        state = ckpt.verify_checkpoint(init_dir)
-        model_config = state.get("model_config") or _run_model_config(init_dir.parent)
-        tok_dir = init_dir.parent / "tokenizer"
-        log.info(f"Initialising model weights from {init_dir} (step {state['step']}; optimizer starts fresh)")
-        return StartPoint(None, None, init_dir, model_config, tok_dir if tok_dir.is_dir() else None)
-    if cfg.init_from:
-        raise ConfigError(f"init_from is for fine-tuning recipes ({', '.join(SFT_RECIPES)}); "
-                          f"recipe {cfg.recipe} trains from scratch: drop init_from")
-    return StartPoint(None, None, None, None, None)
+        log.info(f"Resuming from {resume_dir} (step {state.step})")
+        return StartPoint(resume_dir, state, None, state.model_config, _tokenizer_dir(resume_dir))
+    init_dir = _find_init(cfg, spec)
+    if init_dir is None:
+        return StartPoint(None, None, None, None, None)
+    state = TrainState.read(init_dir)
+    log.info(f"Initialising model weights from {init_dir} (step {state.step}; optimizer starts fresh)")
+    return StartPoint(None, None, init_dir, state.model_config, _tokenizer_dir(init_dir))
+
+
+def _find_init(cfg: TrainConfig, spec: RecipeSpec) -> Path | None:
+    """The checkpoint a fresh run of `spec` takes its weights from: init_from, else the run it starts from."""
+    if cfg.init_from and not spec.init_from_allowed:
+        raise ConfigError(f"init_from={cfg.init_from}: recipe {cfg.recipe} trains from scratch: drop init_from")
+    source = cfg.init_from or spec.starts_from
+    if source is None:
+        return None
+    try:
+        return ckpt.resolve_checkpoint_spec(source, runs_root(cfg), "init_from")
+    except CheckpointError as e:
+        if source == spec.starts_from:
+            raise CheckpointError(
+                f"{cfg.recipe} starts from a {spec.starts_from} model, but run '{spec.starts_from}' has no "
+                f"checkpoint in {runs_root(cfg)}: run `ghostvis train {spec.starts_from}` first (or set "
+                "init_from=PATH)"
+            ) from e
+        raise
 
 
 def load_tokenizer(cfg: TrainConfig, start: StartPoint):
@@ -122,13 +120,17 @@ def load_tokenizer(cfg: TrainConfig, start: StartPoint):
 
 
 def build_dataset(cfg: TrainConfig, tokenizer):
-    """Packed rows of (pack_max_length) tokens: chats with assistant-only loss for SFT, text otherwise."""
+    """Packed rows of (pack_max_length) tokens in the recipe's data format: chats with assistant-only loss, or
+    text."""
     from ghostvis_core.data import build_chat_dataset, build_text_dataset
 
-    if cfg.recipe in SFT_RECIPES:
+    data_format = spec_for(cfg.recipe).data_format
+    if data_format == "chat":
         return build_chat_dataset(cfg.data, tokenizer, cfg.pack_max_length, skip_bad_records=cfg.skip_bad_records)
-    return build_text_dataset(cfg.data, tokenizer, cfg.pack_max_length, kind=cfg.data_kind,
-                              text_column=cfg.text_column, skip_bad_records=cfg.skip_bad_records)
+    if data_format == "text":
+        return build_text_dataset(cfg.data, tokenizer, cfg.pack_max_length, kind=cfg.data_kind,
+                                  text_column=cfg.text_column, skip_bad_records=cfg.skip_bad_records)
+    raise ConfigError(f"recipe {cfg.recipe}: data_format {data_format!r} is not trainable by the GPT trainer yet")
 
 
 def build_model_config(cfg: TrainConfig, vocab_size: int, start: StartPoint) -> GPTConfig:
@@ -159,9 +161,9 @@ def build_model_config(cfg: TrainConfig, vocab_size: int, start: StartPoint) -> 
     return model_config
 
 
-def check_resume_compatible(model_config: GPTConfig, state: dict[str, Any], path: Path) -> None:
+def check_resume_compatible(model_config: GPTConfig, state: TrainState, path: Path) -> None:
     """The resumed checkpoint's weights fit this model (architecture fields agree)."""
-    saved = state.get("model_config")
+    saved = state.model_config
     if not saved:
         return
     current = dataclasses.asdict(model_config)

@@ -5,11 +5,17 @@ A checkpoint is written into `.tmp_step_NNNNNN-<pid>/`, every file fsynced, the 
 `state.json` carries a manifest (size + sha256 of every other file) so truncation or corruption after the fact
 is caught on load. Loading never unpickles: safetensors for weights, torch.load(weights_only=True) for the
 optimizer, JSON for the rest. An error while loading never changes anything on disk.
+
+state.json is a `TrainState` (step, tokens, per-rank loader position and RNG, the model's kind and config, the
+recipe and its data format) plus the format number and the manifest; `TrainState.read` validates it, naming the
+file and the field, and gives fields older writers did not record their documented defaults. Weights go into a
+model only through `load_model_weights` (every key and shape checked), which `GPT.from_checkpoint` uses too.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import os
@@ -17,6 +23,8 @@ import pickle
 import random
 import re
 import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +33,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from ghostvis_core.atomic import atomic_path, fsync_dir, fsync_file, replace_dir_atomic, write_json_atomic
 from ghostvis_core.errors import CheckpointError
 from ghostvis_core.log import get_logger
+from ghostvis_core.train.recipe_spec import DATA_FORMATS, MODEL_KINDS, DataFormat, ModelKind, legacy_data_format
 
 STEP_DIR_RE = re.compile(r"^step_(\d{6,})$")
 MODEL_FILE = "model.safetensors"
@@ -63,25 +73,6 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 # ---------------------------------------------------------------------------------------------- file helpers
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so renames and new entries in it survive a power loss (no-op where unsupported)."""
-    if os.name == "nt":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -93,18 +84,6 @@ def _sha256(path: Path) -> str:
 def file_info(path: Path) -> dict[str, Any]:
     """Manifest entry: size in bytes and sha256 hex digest."""
     return {"size": path.stat().st_size, "sha256": _sha256(path)}
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temporary file, fsync, rename over `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".tmp_{path.name}-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 # ------------------------------------------------------------------------------------------------ RNG state
@@ -166,10 +145,13 @@ def save_checkpoint(
     *,
     model_state: dict[str, torch.Tensor],
     optimizer_state: dict[str, Any],
-    state: dict[str, Any],
+    state: Mapping[str, Any],
     keep_last: int,
 ) -> Path:
-    """Write step_NNNNNN atomically (tmp folder + fsync + rename), then prune to the newest `keep_last`."""
+    """Write step_NNNNNN atomically (tmp folder + fsync + rename), then prune to the newest `keep_last`.
+
+    `state` is what state.json holds besides format/step/manifest: `TrainState.to_dict()` in training.
+    """
     run_dir = Path(run_dir)
     final = run_dir / step_dir_name(step)
     tmp = run_dir / f".tmp_{final.name}-{os.getpid()}"
@@ -179,28 +161,15 @@ def save_checkpoint(
 
     tensors, aliases = _dedup_tied(model_state)
     save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt", _TIED_KEY: json.dumps(aliases)})
-    _fsync_file(tmp / MODEL_FILE)
-    with open(tmp / OPTIMIZER_FILE, "wb") as f:
-        torch.save(optimizer_state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    fsync_file(tmp / MODEL_FILE)
+    with atomic_path(tmp / OPTIMIZER_FILE) as optimizer_file:
+        torch.save(optimizer_state, optimizer_file)
     manifest = {name: file_info(tmp / name) for name in (MODEL_FILE, OPTIMIZER_FILE)}
     full_state = {"format": FORMAT_VERSION, **state, "step": step, "manifest": manifest}
-    with open(tmp / STATE_FILE, "w") as f:
-        f.write(json.dumps(full_state) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    fsync_dir(tmp)
+    write_json_atomic(tmp / STATE_FILE, full_state, indent=None)
 
-    replaced = None
-    if final.exists():
-        # only when a run restarted from an older step re-reaches this one: the new timeline wins
-        replaced = run_dir / f".old_{final.name}-{os.getpid()}"
-        os.rename(final, replaced)
-    os.rename(tmp, final)
-    fsync_dir(run_dir)
-    if replaced is not None:
-        shutil.rmtree(replaced)
+    # final exists only when a run restarted from an older step re-reaches this one: the new timeline wins
+    replace_dir_atomic(tmp, final)
     prune_checkpoints(run_dir, step, keep_last)
     return final
 
@@ -276,9 +245,14 @@ def read_state(path: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"checkpoint {path} is corrupted: {STATE_FILE} is not valid JSON ({e}). "
                               f"{_fix_hint(path)}") from None
-    required = ("step", "manifest")
-    if not isinstance(state, dict) or any(k not in state for k in required) or not isinstance(state["manifest"], dict):
-        raise CheckpointError(f"checkpoint {path} is corrupted: {STATE_FILE} lacks step/manifest. {_fix_hint(path)}")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{state_path}: expected a JSON object, got {type(state).__name__}. {_fix_hint(path)}")
+    for name in ("step", "manifest"):
+        if name not in state:
+            raise CheckpointError(f"{state_path}: field {name!r} is missing. {_fix_hint(path)}")
+    if not isinstance(state["manifest"], dict):
+        raise CheckpointError(f"{state_path}: field 'manifest' must be an object, got {state['manifest']!r}. "
+                              f"{_fix_hint(path)}")
     return state
 
 
@@ -329,6 +303,164 @@ def load_optimizer_state(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path}: cannot read {OPTIMIZER_FILE} ({e}). {_fix_hint(Path(path))}") from e
 
 
+def check_model_state(expected: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Every key of the model present with its shape, and nothing else: one CheckpointError naming the key."""
+    problem = None
+    for key, value in expected.items():
+        if key not in tensors:
+            problem = f"has no tensor {key!r}, which the model needs"
+        elif tuple(tensors[key].shape) != tuple(value.shape):
+            problem = (f"tensor {key!r} has shape {tuple(tensors[key].shape)}, the model's is "
+                       f"{tuple(value.shape)}")
+        if problem:
+            break
+    extra = [key for key in tensors if key not in expected]
+    if problem is None and extra:
+        problem = f"has tensor {extra[0]!r}, which the model does not have"
+    if problem:
+        raise CheckpointError(f"checkpoint {path}: {MODEL_FILE} {problem}: it was written for another model "
+                              "shape or kind; load it with the model config in its state.json")
+
+
+def load_model_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load checkpoint `path`'s weights into `model` (plain, DDP's module or FSDP2-sharded), keys and shapes checked.
+
+    The one way weights get from disk into a model: training (resume, init_from) and GPT.from_checkpoint.
+    """
+    from ghostvis_core.train.distributed import load_full_model_state
+
+    tensors = load_model_state(path)
+    check_model_state(model.state_dict(), tensors, Path(path))
+    load_full_model_state(model, tensors)
+
+
+# ------------------------------------------------------------------------------------------------ state.json
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number_or_none(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _is_per_rank_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, dict) for v in value)
+
+
+# field -> (what it must be, check); every TrainState field is here, so to_dict() output always validates
+_FIELD_RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "step": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+    "tokens_seen": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+    "lr_multiplier": ("a number or null", _is_number_or_none),
+    "world_size": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    "loader": ("a list of objects, one per rank", _is_per_rank_list),
+    "rng": ("a list of objects, one per rank", _is_per_rank_list),
+    "model_kind": (f"one of {', '.join(MODEL_KINDS)}", lambda v: v in MODEL_KINDS),
+    "model_config": ("an object or null", lambda v: v is None or isinstance(v, dict)),
+    "recipe": ("a string or null", lambda v: v is None or isinstance(v, str)),
+    "preset": ("a string or null", lambda v: v is None or isinstance(v, str)),
+    "data_format": (f"one of {', '.join(DATA_FORMATS)}", lambda v: v in DATA_FORMATS),
+    "time": ("a number or null", _is_number_or_none),
+}
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainState:
+    """Everything in state.json besides the format number and the manifest: where a run stands at a checkpoint.
+
+    Defaults are what a state.json written before the field existed means (read() fills them in; the one place).
+    """
+
+    step: int
+    """Optimizer steps completed (required)."""
+    tokens_seen: int = 0
+    """Training tokens consumed over all ranks."""
+    lr_multiplier: float | None = None
+    """Schedule multiplier of the learning rate at `step` (informational; the schedule recomputes it)."""
+    world_size: int = 1
+    """Ranks that wrote `loader` and `rng`."""
+    loader: list[dict[str, Any]] = field(default_factory=list)
+    """PackedBatchLoader.state_dict() of each rank, rank order."""
+    rng: list[dict[str, Any]] = field(default_factory=list)
+    """capture_rng_state() of each rank, rank order."""
+    model_kind: ModelKind = "gpt"
+    """Which model class the weights belong to."""
+    model_config: dict[str, Any] | None = None
+    """The model's config dict (GPTConfig.to_dict()); legacy: the run's config.json "model" entry."""
+    recipe: str | None = None
+    """Recipe that trained it; legacy: the run's config.json "train.recipe", else None."""
+    preset: str | None = None
+    """Model preset name of the run."""
+    data_format: DataFormat = "text"
+    """What the model was trained on; inference prompts chat models through the chat template. Legacy: the
+    recipe's RecipeSpec.data_format ("text" for an unregistered or unknown recipe)."""
+    time: float | None = None
+    """Unix time the checkpoint was written."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-able fields, as written into state.json."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: Path) -> TrainState:
+        """Validate a state.json object read from `where` (the file, for messages); CheckpointError names the
+        file and the field."""
+        where = Path(where)
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{where}: expected a JSON object, got {type(data).__name__}. "
+                                  f"{_fix_hint(where.parent)}")
+        if "step" not in data:
+            raise CheckpointError(f"{where}: field 'step' is missing. {_fix_hint(where.parent)}")
+        for name, (expected, ok) in _FIELD_RULES.items():
+            if name in data and not ok(data[name]):
+                raise CheckpointError(f"{where}: field {name!r} must be {expected}, got {data[name]!r}. "
+                                      f"{_fix_hint(where.parent)}")
+        return cls(**{name: data[name] for name in _FIELD_RULES if name in data})
+
+    @classmethod
+    def read(cls, step_dir: Path, *, verify: bool = True) -> TrainState:
+        """state.json of checkpoint `step_dir`, validated, legacy fields filled in; verify: also check the
+        manifest (size and sha256 of every file) first."""
+        step_dir = Path(step_dir)
+        data = verify_checkpoint(step_dir) if verify else read_state(step_dir)
+        return cls.from_dict(_with_legacy_fields(data, step_dir.parent), step_dir / STATE_FILE)
+
+    def require_model_config(self, kind: ModelKind, step_dir: Path) -> dict[str, Any]:
+        """The model config, checked to belong to a `kind` model (CheckpointError otherwise)."""
+        if self.model_kind != kind:
+            raise CheckpointError(f"checkpoint {step_dir} holds a {self.model_kind} model, not a {kind} model")
+        if self.model_config is None:
+            raise CheckpointError(f"{Path(step_dir) / STATE_FILE}: field 'model_config' is missing, and the run's "
+                                  "config.json has no \"model\" entry either")
+        return self.model_config
+
+
+def run_config(run_dir: Path) -> dict[str, Any]:
+    """A run folder's config.json ({"train": ..., "model": ...}), or {} when it has none."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); the run folder is damaged") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _with_legacy_fields(data: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """state.json of an older writer with the fields it lacks derived as TrainState documents."""
+    out = dict(data)
+    if "model_config" not in out or "recipe" not in out:
+        config = run_config(run_dir)
+        out.setdefault("model_config", config.get("model"))
+        out.setdefault("recipe", (config.get("train") or {}).get("recipe"))
+    if "data_format" not in out:
+        out["data_format"] = legacy_data_format(out["recipe"] if isinstance(out["recipe"], str) else None)
+    return out
+
+
 def resolve_checkpoint_spec(spec: str, runs_root: Path, what: str) -> Path:
     """A step_NNNNNN folder from a path to one, a run folder (its latest) or a run name under runs_root."""
     path = Path(spec).expanduser()
@@ -366,12 +498,6 @@ def resolve_resume(resume: str, run_dir: Path, runs_root: Path) -> Path | None:
             "continue this run with --resume auto"
         )
     return path
-
-
-def describe(path: Path) -> str:
-    """'step_000042 (run base_train)' for log lines."""
-    path = Path(path)
-    return f"{path.name} (run {path.parent.name})"
 
 
 def log_superseded(moved: list[Path]) -> None:

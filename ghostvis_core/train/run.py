@@ -1,0 +1,271 @@
+"""A training run's parts and progress: build them, restore them from a checkpoint, save them into one.
+
+The loop (loop.py) steps a `TrainingRun` (what is built once: config, model, optimizer, loader, run folder)
+and a `Progress` (what changes every step and goes into state.json as a TrainState).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ghostvis_core import checkpoint as ckpt
+from ghostvis_core.atomic import write_json_atomic
+from ghostvis_core.checkpoint import TrainState
+from ghostvis_core.config import GPTConfig
+from ghostvis_core.log import get_logger
+from ghostvis_core.train import setup
+from ghostvis_core.train.config import TrainConfig
+from ghostvis_core.train.distributed import (
+    DistInfo,
+    all_gather_objects,
+    barrier,
+    check_fsdp,
+    gather_full_model_state,
+    gather_full_optimizer_state,
+    shard_optimizer_state,
+    wrap_model,
+)
+from ghostvis_core.train.metrics import MetricsLog, ProgressPrinter, peak_flops
+from ghostvis_core.train.recipe_spec import RecipeSpec, spec_for
+from ghostvis_core.train.schedule import lr_multiplier
+
+
+def compute_dtype(cfg: TrainConfig, device: torch.device) -> str:
+    """cfg.dtype resolved: auto = bfloat16 on CUDA, float32 on CPU."""
+    if cfg.dtype == "auto":
+        return "bfloat16" if device.type == "cuda" else "float32"
+    return cfg.dtype
+
+
+def build_model_and_optimizer(cfg: TrainConfig, model_config: GPTConfig, info: DistInfo):
+    """(raw model, wrapped model, optimizer): built on the device, compiled per cfg.compile, DDP/FSDP2-wrapped.
+
+    Weights are the seeded init; restore() loads a checkpoint's into the wrapped model afterwards.
+    """
+    from ghostvis_core.gpt import GPT
+    from ghostvis_core.optim import build_optimizer
+
+    device = info.device
+    torch.manual_seed(cfg.seed)
+    with torch.device(device):
+        raw_model = GPT(model_config)
+    use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
+    why = f"compile={str(cfg.compile).lower()}" if cfg.compile is not None else f"the default on {device.type}"
+    get_logger().info(f"torch.compile: {'on' if use_compile else 'off'} ({why}; --compile / --no-compile to change)")
+    if use_compile:
+        # regional compilation: the identical blocks share one graph (whole-model compile takes far longer,
+        # and the attention setup and chunked loss are deliberate eager regions)
+        raw_model.compile_blocks()
+    param_dtype = torch.bfloat16 if compute_dtype(cfg, device) == "bfloat16" else None
+    model = wrap_model(raw_model, info, cfg.fsdp, param_dtype=param_dtype)
+    optimizer, _ = build_optimizer(raw_model, cfg.optim, device.type)
+    return raw_model, model, optimizer
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or cleanly stopped) run reports back."""
+
+    run_dir: Path
+    step: int
+    """Optimizer steps completed."""
+    last_loss: float | None
+    checkpoint: Path | None
+    """The newest checkpoint written by this process, or None."""
+    stopped_by: str | None = None
+    """'SIGTERM' / 'SIGINT' when a signal stopped the run early, else None."""
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    """(step, loss) of every step run in this process."""
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step measured (every rank holds the same numbers)."""
+
+    loss: float
+    grad_norm: float
+    lr_mult: float
+    dt: float
+    """Seconds, from setting the LR to the device being idle again."""
+    stop_now: bool
+    """A stop signal reached some rank: every rank saves and returns after this step."""
+
+
+@dataclass
+class Progress:
+    """Where the run stands; step and tokens_seen go into each checkpoint."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    start_step: int = 0
+    """The step this process started at (its first step pays for warmup and compilation)."""
+    last_loss: float | None = None
+    last_saved: Path | None = None
+    """The newest checkpoint this process wrote."""
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)
+
+    def advance(self, loss: float, tokens: int) -> None:
+        """Count one finished optimizer step."""
+        self.step += 1
+        self.tokens_seen += tokens
+        self.last_loss = loss
+        self.losses.append((self.step, loss))
+
+    def result(self, run_dir: Path, stopped_by: str | None = None) -> TrainResult:
+        """The TrainResult of this process."""
+        return TrainResult(run_dir, self.step, self.last_loss, self.last_saved, stopped_by=stopped_by,
+                           losses=self.losses)
+
+
+@dataclass
+class TrainingRun:
+    """What a run builds once, before step 0."""
+
+    cfg: TrainConfig
+    info: DistInfo
+    spec: RecipeSpec
+    start: setup.StartPoint
+    tokenizer: Any
+    model_config: GPTConfig
+    raw_model: torch.nn.Module
+    model: torch.nn.Module
+    """raw_model wrapped for DDP / FSDP2 (raw_model itself in one process)."""
+    optimizer: Any
+    loader: Any
+    grad_accum: int
+    tokens_per_step: int
+    metrics: MetricsLog
+    printer: ProgressPrinter
+    flops_per_token: float
+    peak_flops: float | None
+
+    def restore(self) -> Progress:
+        """Load the start point: weights (resume or init_from), and on resume optimizer, loader and RNG too."""
+        start, info = self.start, self.info
+        source = start.resume_dir or start.init_dir
+        if source is not None:
+            restore_model_and_optimizer(self.raw_model, self.optimizer, source,
+                                        with_optimizer=start.resume_dir is not None)
+        state = start.resume_state
+        if state is None:
+            return Progress()
+        same_world = state.world_size == info.world_size
+        if state.loader:
+            self.loader.load_state_dict(state.loader[info.rank] if same_world else state.loader[0])
+        if state.rng:
+            ckpt.restore_rng_state(state.rng[info.rank] if same_world else state.rng[0], info.device)
+        return Progress(step=state.step, tokens_seen=state.tokens_seen, start_step=state.step)
+
+    def prepare_run_dir(self, step: int) -> None:
+        """Rank 0 readies the run folder for a run continuing at `step`; every rank waits for it."""
+        cfg, run_dir = self.cfg, self.cfg.run_dir
+        if self.info.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.clean_stale_temporaries(run_dir)
+            resume_dir = self.start.resume_dir
+            if resume_dir is not None and resume_dir.parent.resolve() == run_dir.resolve():
+                ckpt.log_superseded(ckpt.supersede_newer(run_dir, step))
+            self.metrics.truncate_after(step)
+            write_json_atomic(run_dir / "config.json", {"train": cfg.to_dict(), "model": self.model_config.to_dict()})
+            if not (run_dir / "tokenizer" / "tokenizer.json").is_file():
+                self.tokenizer.save(run_dir / "tokenizer")
+        barrier()
+        get_logger().info(f"Run folder: {run_dir}")
+
+    def train_state(self, progress: Progress) -> TrainState:
+        """The TrainState of a checkpoint at `progress.step` (a collective: every rank calls it)."""
+        cfg = self.cfg
+        return TrainState(
+            step=progress.step,
+            tokens_seen=progress.tokens_seen,
+            lr_multiplier=lr_multiplier(progress.step, cfg.num_steps, cfg.warmup_steps, cfg.warmdown_frac),
+            world_size=self.info.world_size,
+            loader=all_gather_objects(self.loader.state_dict()),
+            rng=all_gather_objects(ckpt.capture_rng_state(self.info.device)),
+            model_kind=self.spec.model_kind,
+            model_config=self.model_config.to_dict(),
+            recipe=cfg.recipe,
+            preset=cfg.preset,
+            data_format=self.spec.data_format,
+            time=time.time(),
+        )
+
+    def save(self, progress: Progress) -> Path | None:
+        """Write the checkpoint of `progress.step` (rank 0 writes; all ranks gather); its folder on rank 0."""
+        model_sd, optim_sd = full_state_dicts(self.raw_model, self.optimizer, self.cfg.fsdp)
+        state = self.train_state(progress)
+        path = None
+        if self.info.is_main:
+            path = ckpt.save_checkpoint(self.cfg.run_dir, progress.step, model_state=model_sd,
+                                        optimizer_state=optim_sd, state=state.to_dict(), keep_last=self.cfg.keep_last)
+            get_logger().info(f"Saved checkpoint {path}")
+        barrier()
+        return path
+
+    def finish(self, progress: Progress) -> None:
+        """Rank 0: the loss curve and the closing line."""
+        if not self.info.is_main:
+            return
+        from ghostvis_core.train.plot import plot_loss
+
+        cfg = self.cfg
+        plot_loss(self.metrics.path, cfg.run_dir / "loss.png", title=f"{cfg.recipe} / {cfg.run}")
+        get_logger().info(f"Done: {progress.step} steps, last loss {progress.last_loss:.4f}; checkpoint "
+                          f"{progress.last_saved}; loss curve {cfg.run_dir / 'loss.png'}")
+
+
+def build_run(cfg: TrainConfig, info: DistInfo) -> TrainingRun:
+    """Everything before step 0: start point, tokenizer, data, model, optimizer, loader (weights not loaded yet)."""
+    from ghostvis_core.data import PackedBatchLoader
+
+    log = get_logger()
+    if cfg.fsdp:
+        check_fsdp(info)  # before the dataset and model are built
+    grad_accum = cfg.grad_accum_steps(info.world_size)
+    tokens_per_step = cfg.total_tokens_per_step(info.world_size)
+    start = setup.find_start(cfg)
+    tokenizer = setup.load_tokenizer(cfg, start)
+    packed = setup.build_dataset(cfg, tokenizer)
+    model_config = setup.build_model_config(cfg, tokenizer.vocab_size, start)
+    if start.resume_state is not None:
+        setup.check_resume_compatible(model_config, start.resume_state, start.resume_dir)
+    raw_model, model, optimizer = build_model_and_optimizer(cfg, model_config, info)
+    log.info(f"Model: preset {cfg.preset}, {raw_model.num_params() / 1e6:.2f}M parameters "
+             f"({raw_model.num_params(exclude_embedding=True) / 1e6:.2f}M without the embedding), "
+             f"{model_config.n_layer} layers x {model_config.n_embd}, vocab {model_config.vocab_size}")
+    log.info(f"Batch: {cfg.device_batch_size} rows x {cfg.pack_max_length} tokens x {info.world_size} rank(s) x "
+             f"{grad_accum} accumulation step(s) = {tokens_per_step:,} tokens per step")
+    loader = PackedBatchLoader(packed, cfg.device_batch_size, rank=info.rank, world_size=info.world_size,
+                               seed=cfg.seed)
+    return TrainingRun(
+        cfg=cfg, info=info, spec=spec_for(cfg.recipe), start=start, tokenizer=tokenizer, model_config=model_config,
+        raw_model=raw_model, model=model, optimizer=optimizer, loader=loader, grad_accum=grad_accum,
+        tokens_per_step=tokens_per_step, metrics=MetricsLog(cfg.run_dir / "metrics.jsonl"),
+        printer=ProgressPrinter(cfg.num_steps, enabled=info.is_main),
+        flops_per_token=raw_model.flops_per_token(cfg.pack_max_length), peak_flops=peak_flops(info.device),
+    )
+
+
+def restore_model_and_optimizer(raw_model: torch.nn.Module, optimizer, step_dir: Path, *, with_optimizer: bool) -> None:
+    """Load checkpoint weights (and optimizer state) into the built model: one path for one process, DDP and
+    FSDP2. Every rank reads the same full tensors; where the model is sharded each keeps its own shard."""
+    ckpt.load_model_weights(raw_model, step_dir)
+    if with_optimizer:
+        optimizer.load_state_dict(shard_optimizer_state(optimizer, ckpt.load_optimizer_state(step_dir)))
+
+
+def full_state_dicts(raw_model: torch.nn.Module, optimizer, fsdp: bool) -> tuple[dict, dict]:
+    """(model, optimizer) state dicts with full (unsharded) tensors, for the rank-0 writer.
+
+    FSDP2 gathers every sharded tensor (a collective: every rank calls this) into the same format DDP saves,
+    so a checkpoint does not depend on the layout that wrote it.
+    """
+    if fsdp:
+        return gather_full_model_state(raw_model), gather_full_optimizer_state(optimizer)
+    return raw_model.state_dict(), optimizer.state_dict()
