@@ -36,7 +36,13 @@ from safetensors.torch import load_file, save_file
 from ghostvis_core.atomic import atomic_path, fsync_dir, fsync_file, replace_dir_atomic, write_json_atomic
 from ghostvis_core.errors import CheckpointError
 from ghostvis_core.log import get_logger
-from ghostvis_core.train.recipe_spec import DATA_FORMATS, MODEL_KINDS, DataFormat, ModelKind, legacy_data_format
+from ghostvis_core.train.recipe_spec import (
+    DATA_FORMATS,
+    MODEL_KINDS,
+    DataFormat,
+    ModelKind,
+    legacy_data_format,
+)
 
 STEP_DIR_RE = re.compile(r"^step_(\d{6,})$")
 MODEL_FILE = "model.safetensors"

@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
+from ghostvis_core.atomic import atomic_dir
 from ghostvis_core.config import GPTConfig
 from ghostvis_core.errors import CheckpointError, ConfigError
 from ghostvis_core.hf_import import WEIGHTS_FILE, check_state_shapes, llama_param_shapes, siglip_param_shapes
@@ -187,21 +186,6 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Put the finished folder `tmp` at `final`, replacing a folder there (moves to atomic.py at merge).
-
-    os.replace cannot replace a non-empty folder, so an old one is renamed aside first and removed last:
-    at every moment `final` is either the complete old export or the complete new one (a crash between
-    the two renames leaves no `final` and the old one beside it, never a mix)."""
-    old = None
-    if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-        os.replace(final, old / final.name)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old)
-
-
 def _write_export(out_dir: str | os.PathLike, overwrite: bool, files: dict[str, dict[str, Any]],
                   tensors: dict[str, torch.Tensor], tokenizer: Tokenizer, max_length: int) -> Path:
     """Write config/json files, model.safetensors and the tokenizer into a temp folder, then rename it."""
@@ -210,9 +194,7 @@ def _write_export(out_dir: str | os.PathLike, overwrite: bool, files: dict[str, 
         what = "a file" if not final.is_dir() else "a folder"
         fix = ", or pass overwrite=True (--overwrite) to replace it" if final.is_dir() else ""
         raise ConfigError(f"export: {final} already exists ({what}); choose a new OUT_DIR{fix}")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
+    with atomic_dir(final) as tmp:  # replaces an existing folder whole (overwrite=True)
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         tokenizer.save(tmp)
         tok_config_path = tmp / "tokenizer_config.json"
@@ -221,10 +203,6 @@ def _write_export(out_dir: str | os.PathLike, overwrite: bool, files: dict[str, 
         _write_json(tok_config_path, {**tok_config, "model_max_length": max_length})
         for name, obj in files.items():
             _write_json(tmp / name, obj)
-        _replace_dir(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return final
 
 

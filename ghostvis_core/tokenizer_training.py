@@ -6,13 +6,11 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ghostvis_core.atomic import atomic_dir
 from ghostvis_core.errors import ConfigError, DataError
 from ghostvis_core.tokenizer import Tokenizer
 
@@ -150,11 +148,5 @@ def _save_atomically(tok: Tokenizer, out: Path) -> None:
     if out.is_dir() and any(out.iterdir()):
         tok.save(out)
         return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         tok.save(tmp)
-        os.replace(tmp, out)  # rename over a missing or empty folder
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)

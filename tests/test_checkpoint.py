@@ -12,11 +12,11 @@ import pytest
 import torch
 from helpers import tree_hashes as _hashes
 
+from ghostvis_core import checkpoint as ckpt
 from ghostvis_core.config import GPTConfig, OptimizerConfig
 from ghostvis_core.errors import CheckpointError
 from ghostvis_core.gpt import GPT
 from ghostvis_core.optim import build_optimizer
-from ghostvis_core import checkpoint as ckpt
 
 
 def _tied_model_and_optimizer():

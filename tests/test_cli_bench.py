@@ -6,8 +6,8 @@ import json
 
 import pytest
 import typer
-from rich.console import Console
 from helpers import cli_app
+from rich.console import Console
 from typer.testing import CliRunner
 
 from ghostvis_cli import bench as bench_cli

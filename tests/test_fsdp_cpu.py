@@ -30,9 +30,9 @@ import torch
 from multirank import kill_after_checkpoint, losses, torchrun_cmd
 from test_train_config import subprocess_env, tiny_config
 
+from ghostvis_core import checkpoint as ckpt
 from ghostvis_core.config import GPTConfig, OptimizerConfig
 from ghostvis_core.gpt import GPT
-from ghostvis_core import checkpoint as ckpt
 from ghostvis_core.train.metrics import read_metrics
 
 pytestmark = [

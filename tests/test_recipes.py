@@ -12,14 +12,12 @@ import pytest
 from helpers import tree_hashes as _hashes
 from test_train_config import subprocess_env, tiny_config
 
-from ghostvis_core.log import get_logger
 from ghostvis_core import checkpoint as ckpt
+from ghostvis_core.log import get_logger
 from ghostvis_core.train.config import TrainConfig
 from ghostvis_core.train.loop import train
 from ghostvis_core.train.metrics import read_metrics
 from recipes import RECIPES
-
-
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))

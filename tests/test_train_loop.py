@@ -9,8 +9,8 @@ import torch
 from helpers import tree_hashes as _hashes
 from test_train_config import tiny_config
 
-from ghostvis_core.errors import CheckpointError, ConfigError, TrainingAborted
 from ghostvis_core import checkpoint as ckpt
+from ghostvis_core.errors import CheckpointError, ConfigError, TrainingAborted
 from ghostvis_core.train import loop
 from ghostvis_core.train.loop import train
 from ghostvis_core.train.metrics import read_metrics

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ghostvis_core.data.sources import SkipReport, _Records, _is_utf8, _iter_json_objects
+from ghostvis_core.data.sources import SkipReport, _is_utf8, _iter_json_objects, _Records
 from ghostvis_core.errors import ConfigError, DataError
 from ghostvis_core.tokenizer import IMAGE, ROLES
 

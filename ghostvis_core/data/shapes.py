@@ -38,8 +38,6 @@ import itertools
 import json
 import os
 import random
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -48,6 +46,7 @@ from typing import Literal
 
 from PIL import Image, ImageDraw
 
+from ghostvis_core.atomic import atomic_dir
 from ghostvis_core.errors import ConfigError
 
 # Bump when drawing or wording changes: materialised datasets record it, so stale caches can be detected.
@@ -266,18 +265,6 @@ class ShapesTask:
         return f"ShapesTask(image_size={self.image_size}, seed={self.seed}, split={self.split!r})"
 
 
-def _replace_dir(tmp_dir: Path, final_dir: Path) -> None:
-    """Move a finished tmp_dir to final_dir, replacing an old one; readers never see a half-written folder."""
-    if not final_dir.exists():
-        os.rename(tmp_dir, final_dir)
-        return
-    # A non-empty folder cannot be os.replace'd: move the old one aside first, then delete it.
-    trash = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.old-", dir=final_dir.parent))
-    os.rename(final_dir, trash / final_dir.name)
-    os.rename(tmp_dir, final_dir)
-    shutil.rmtree(trash)
-
-
 def llava_record(record_id: str, image: str, prompt: str, answer: str, **extra: str) -> dict:
     """One LLaVA-style record: one image, one human turn ("<image>\\n" + prompt), one gpt turn."""
     return {
@@ -316,9 +303,7 @@ def write_llava_dataset(
     out = Path(out_dir).expanduser()
     if out.exists() and not overwrite:
         raise ConfigError(f"{out}: already exists; delete it, choose another folder, or pass overwrite=True")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:  # complete or absent: an old folder (overwrite=True) is replaced whole
         (tmp / "images").mkdir()
         records = []
         for i in range(n):
@@ -333,8 +318,4 @@ def write_llava_dataset(
         meta = {"task": "shapes", "version": SHAPES_VERSION, "kind": kind, "num_images": n,
                 "num_records": len(records), "image_size": image_size, "seed": seed, "split": split}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out / "data.json"

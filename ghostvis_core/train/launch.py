@@ -20,6 +20,7 @@ signal it receives to every worker and waits for them (30 s by default) before k
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shlex
 import signal
