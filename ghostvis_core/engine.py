@@ -2,6 +2,9 @@
 
 A chat run (chat_sft) is prompted through the tokenizer's chat template, the same template training used; a
 base run (base_train) continues plain text after BOS. Generation stops at the assistant's end token.
+
+The model's parameters are cast to the run's inference dtype (auto: bf16 on CUDA, fp32 on CPU) and the backend
+plan is made for that dtype, so no kernel that needs bf16/fp16 ever meets fp32 tensors.
 """
 
 import json
@@ -11,8 +14,12 @@ from pathlib import Path
 
 import torch
 
+from ghostvis_core.backends import BackendPlan, inference_run_facts, log_plan, plan_run
+from ghostvis_core.backend_names import DTYPES
 from ghostvis_core.config import GPTConfig
+from ghostvis_core.env import probe_env
 from ghostvis_core.errors import CheckpointError, ConfigError
+from ghostvis_core.log import get_logger
 from ghostvis_core.paths import runs_dir
 from ghostvis_core.tokenizer import Tokenizer
 
@@ -25,6 +32,8 @@ class LoadedModel:
     tokenizer: Tokenizer
     checkpoint: Path
     recipe: str
+    plan: BackendPlan | None = None
+    """The inference plan the model was built with (dtype and backends)."""
 
     @property
     def is_chat(self) -> bool:
@@ -49,9 +58,39 @@ def latest_run(root: Path) -> Path:
     return max(candidates)[1]
 
 
-def load_for_inference(spec: str | None = None, device: str | None = None) -> LoadedModel:
-    """Load a run name, run folder or step_NNNNNN folder (None: the newest run) for generation."""
+def inference_plan(config: GPTConfig, device_type: str | None = None, dtype: str = "auto") -> BackendPlan:
+    """The plan of an inference run of `config` on this machine (dtype auto: bf16 on CUDA, fp32 on CPU)."""
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    env = probe_env()
+    plan = plan_run(env, inference_run_facts(env, config, device_type=device_type, dtype=dtype))
+    if plan.device_type == "cuda" and plan.dtype == "float32":
+        get_logger().info(
+            "inference in float32 on CUDA: slower than bfloat16 (no flash kernels run in fp32; attention "
+            f"uses {plan.attention['decode'].label} for decode); --dtype bfloat16 is the default"
+        )
+    return plan
+
+
+def build_inference_model(config: GPTConfig, plan: BackendPlan, state_dict: dict) -> torch.nn.Module:
+    """GPT(config, plan) on the plan's device with `state_dict` loaded and parameters in the plan's dtype."""
     from ghostvis_core.gpt import GPT
+
+    with torch.device(plan.device_type):
+        model = GPT(config, plan)
+    model.load_state_dict(state_dict, strict=True)
+    dtype = getattr(torch, plan.dtype)
+    # Parameters only: the RoPE inv_freq buffer stays fp32 (bf16 frequencies would shift every angle).
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model.eval()
+
+
+def load_for_inference(spec: str | None = None, device: str | None = None, dtype: str = "auto") -> LoadedModel:
+    """Load a run name, run folder or step_NNNNNN folder (None: the newest run) for generation.
+
+    dtype: auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16 or float32; the parameters are cast to it.
+    """
     from ghostvis_core.train.checkpoint import load_model_state, resolve_checkpoint_spec, verify_checkpoint
 
     root = runs_dir()
@@ -65,12 +104,10 @@ def load_for_inference(spec: str | None = None, device: str | None = None) -> Lo
         raise CheckpointError(f"{run_dir} has no tokenizer/tokenizer.json: it is not a complete GhostVis run folder")
     recipe = str(state.get("recipe") or _recipe_from_config(run_dir))
     config = GPTConfig.from_dict(state["model_config"])
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    with torch.device(device):
-        model = GPT(config)
-    model.load_state_dict(load_model_state(step_dir), strict=True)
-    model.eval()
-    return LoadedModel(model, Tokenizer.load(tokenizer_dir), step_dir, recipe)
+    plan = inference_plan(config, device, dtype)
+    log_plan(plan)
+    model = build_inference_model(config, plan, load_model_state(step_dir))
+    return LoadedModel(model, Tokenizer.load(tokenizer_dir), step_dir, recipe, plan)
 
 
 def _recipe_from_config(run_dir: Path) -> str:
