@@ -15,3 +15,17 @@ def device_plan(config, device_type: str, dtype: str, compiled: bool = False, op
     """The plan of a run of `config` on `device_type` ("cuda" in GPU tests) on this machine."""
     facts = RunFacts.for_training(config, optimizer, device_type, dtype, compiled, 1)
     return plan_run(probe_env(), facts)
+
+
+def cpu_gpt(config, **plan_kw):
+    """GPT(config, cpu_plan(config, **plan_kw)): a CPU model of `config` with its plan."""
+    from ghostvis_core.gpt import GPT
+
+    return GPT(config, cpu_plan(config, **plan_kw))
+
+
+def cpu_optimizer(model, opt_config):
+    """build_optimizer(model, opt_config, plan) with the CPU plan made for opt_config's backend request."""
+    from ghostvis_core.optim import build_optimizer
+
+    return build_optimizer(model, opt_config, cpu_plan(model.config, optimizer=opt_config.backend))

@@ -17,6 +17,7 @@ import torch
 from ghostvis_core.config import GPTConfig
 from ghostvis_core.gpt import GPT
 from ghostvis_core.model_configs import get_config, get_preset
+from plans import cpu_plan
 
 # |loss - ln V| bound. A uniform predictor scores exactly ln V; the residual gap comes from the init's small
 # logit spread (std ~1/sqrt(C) tied, ~0.03 untied at C=64) plus the tied self-logit of ~1 (adds ~(e - 1)/V),
@@ -26,7 +27,7 @@ TOL = 0.5
 
 def _first_loss(config: GPTConfig, seed: int = 0) -> float:
     torch.manual_seed(seed)
-    model = GPT(config)
+    model = GPT(config, cpu_plan(config))
     model.init_weights()
     model.eval()
     gen = torch.Generator().manual_seed(seed + 1)
@@ -65,7 +66,7 @@ def test_tied_input_token_does_not_dominate():
     """The failure mode itself: a tied head must not give the current token a large logit."""
     config = _tiny(True, 631)
     torch.manual_seed(0)
-    model = GPT(config)
+    model = GPT(config, cpu_plan(config))
     model.init_weights()
     tokens = torch.randint(0, config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

@@ -185,9 +185,12 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 
 def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
+    from ghostvis_core.backends import log_plan
     from ghostvis_core.data import PackedBatchLoader
+    from ghostvis_core.env import probe_env
     from ghostvis_core.gpt import GPT
     from ghostvis_core.optim import build_optimizer
+    from ghostvis_core.train.run_plan import plan_for_training
 
     log = get_logger()
     device = info.device
@@ -202,9 +205,10 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
     packed = setup.build_dataset(cfg, tokenizer)
     model_config = setup.build_model_config(cfg, tokenizer.vocab_size, start)
 
+    plan = plan_for_training(cfg, probe_env(), device.type, info.world_size, model_config)
     torch.manual_seed(cfg.seed)
     with torch.device(device):
-        raw_model = GPT(model_config)
+        raw_model = GPT(model_config, plan)
     num_params = raw_model.num_params()
     log.info(f"Model: preset {cfg.preset}, {num_params / 1e6:.2f}M parameters "
              f"({raw_model.num_params(exclude_embedding=True) / 1e6:.2f}M without the embedding), "
@@ -222,16 +226,17 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
         model_state = ckpt.load_model_state(start.init_dir)
     if model_state is not None and not cfg.fsdp:
         raw_model.load_state_dict(model_state, strict=True)  # before DDP wraps (it broadcasts rank 0's weights)
-    use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
+    use_compile = plan.compiled
     why = f"compile={str(cfg.compile).lower()}" if cfg.compile is not None else f"the default on {device.type}"
     log.info(f"torch.compile: {'on' if use_compile else 'off'} ({why}; --compile / --no-compile to change)")
+    log_plan(plan)  # the one banner, from the plan that already includes the compile decision
     if use_compile:
         # regional compilation: the identical blocks share one graph (whole-model compile takes far longer,
         # and the attention setup and chunked loss are deliberate eager regions)
         raw_model.compile_blocks()
     param_dtype = torch.bfloat16 if _compute_dtype(cfg, device) == "bfloat16" else None
     model = wrap_model(raw_model, info, cfg.fsdp, param_dtype=param_dtype)
-    optimizer, description = build_optimizer(raw_model, cfg.optim, device.type)
+    optimizer, description = build_optimizer(raw_model, cfg.optim, plan)
     if cfg.fsdp and model_state is not None:
         _load_state_dicts(raw_model, optimizer, model_state, optim_state, fsdp=True)
     elif optim_state is not None:
