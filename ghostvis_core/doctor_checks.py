@@ -17,12 +17,13 @@ from ghostvis_core.backends import (
     attention_unavailable,
     inference_run_facts,
     plan_run,
-    training_run_facts,
     vllm_unavailable,
 )
 from ghostvis_core.env import PROFILE_ENV_VAR, EnvFacts, format_cudnn_version
 from ghostvis_core.errors import ConfigError
 from ghostvis_core.hardware_limits import arch_unavailable
+from ghostvis_core.train.config import TrainConfig
+from ghostvis_core.train.run_plan import default_model_config, default_training_plan
 
 GROUPS = ("System", "GPU", "CUDA stack", "Backends", "Paths")
 # --require name -> the check that decides it.
@@ -376,8 +377,8 @@ def run_checks(env: EnvFacts, require: list[str] | None = None) -> DoctorReport:
     """Every doctor check for `env`, the plans a default training run and `ghostvis infer` get, and which
     required items block."""
     required = list(require or [])
-    plan = plan_run(env, training_run_facts(env))
-    inference_plan = plan_run(env, inference_run_facts(env))
+    plan = default_training_plan(env)
+    inference_plan = plan_run(env, inference_run_facts(env, default_model_config(TrainConfig())))
     checks = _system_checks(env) + _gpu_checks(env) + _cuda_checks(env) + _backend_checks(env, plan)
     checks += _path_checks(env)
     blocking = []

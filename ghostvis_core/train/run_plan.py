@@ -7,7 +7,7 @@ run's defaults, which is the same function this one calls, so both get the same 
 
 from __future__ import annotations
 
-from ghostvis_core.backends import BackendPlan, plan_run, training_run_facts
+from ghostvis_core.backends import BackendPlan, default_device_type, plan_run, training_run_facts
 from ghostvis_core.config import GPTConfig
 from ghostvis_core.env import EnvFacts
 from ghostvis_core.train.config import TrainConfig
@@ -27,3 +27,16 @@ def plan_for_training(
         world_size=world_size,
     )
     return plan_run(env, facts)
+
+
+def default_model_config(cfg: TrainConfig) -> GPTConfig:
+    """The GPTConfig a fresh run of `cfg` trains (its preset, cfg.model overrides, the default vocab size)."""
+    from ghostvis_core.model_configs import get_preset
+
+    return get_preset(cfg.preset, **{"vocab_size": cfg.vocab_size, **cfg.model})
+
+
+def default_training_plan(env: EnvFacts) -> BackendPlan:
+    """The plan `ghostvis train` with every default gets on this machine (one process): what doctor shows."""
+    cfg = TrainConfig()
+    return plan_for_training(cfg, env, default_device_type(env), 1, default_model_config(cfg))
