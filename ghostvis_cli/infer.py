@@ -20,7 +20,9 @@ def infer(
 ) -> None:
     """Answer one prompt with a trained run's latest checkpoint."""
     from ghostvis_core.engine import generate_text, load_for_inference
+    from ghostvis_core.log import setup_logging
 
+    setup_logging()  # the backend banner and the dtype note go to stderr
     loaded = load_for_inference(checkpoint or run, dtype=dtype)
     reply = generate_text(loaded, prompt, max_new_tokens, temperature, top_k, seed)
     console.print(f"[dim]{loaded.checkpoint} ({loaded.recipe})[/]", highlight=False)

@@ -154,3 +154,24 @@ def test_one_peak_flop_table():
     assert peak_bf16_flops("NVIDIA A100-SXM4-80GB") == 312e12
     assert peak_bf16_flops("Tesla T4") is None
     assert metrics.peak_bf16_flops is peak_bf16_flops
+
+
+# ---------------------------------------------------------------------------------------------------------
+# inference model in its plan's dtype (CPU)
+
+
+def test_inference_model_parameters_take_the_plans_dtype_and_rope_stays_fp32():
+    import torch
+
+    from ghostvis_core.engine import build_inference_model
+    from ghostvis_core.env import probe_env
+    from plans import cpu_gpt
+
+    cfg = GPTConfig(n_layer=1, n_head=2, n_embd=64, vocab_size=50, sequence_len=32)
+    state = cpu_gpt(cfg).state_dict()
+    plan = plan_run(probe_env(), inference_run_facts(probe_env(), cfg, device_type="cpu", dtype="bfloat16"))
+    model = build_inference_model(cfg, plan, state)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.inv_freq.dtype == torch.float32 and not model.training
+    out = model.generate(torch.tensor([[1, 2, 3]]), 4)
+    assert out.shape == (1, 7)
