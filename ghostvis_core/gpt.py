@@ -15,7 +15,6 @@ plan's concrete backend.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_config import REPO, tiny_config
+from test_train_config import REPO, TINY_MODEL, tiny_config
 
 pytestmark = [
     pytest.mark.gpu,
@@ -95,7 +95,6 @@ def test_fp32_training_on_cuda_learns(tmp_path):
 
 def _converged_loss(tmp_path: Path, run: str, **model_overrides) -> float:
     from ghostvis_core.train.loop import train
-    from test_train_config import TINY_MODEL
 
     cfg = tiny_config(tmp_path, run=run, num_steps=50, seed=0, compile=False, save_every=0,
                       model={**TINY_MODEL, **model_overrides})
