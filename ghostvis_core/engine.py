@@ -72,6 +72,15 @@ def inference_plan(config: GPTConfig, device_type: str | None = None, dtype: str
     return plan
 
 
+def cast_parameters_(model: torch.nn.Module, dtype_name: str) -> torch.nn.Module:
+    """Cast the parameters (only: the RoPE inv_freq buffer stays fp32, bf16 frequencies would shift every
+    angle) to the plan's dtype in place; returns the model in eval mode."""
+    dtype = getattr(torch, dtype_name)
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model.eval()
+
+
 def build_inference_model(config: GPTConfig, plan: BackendPlan, state_dict: dict) -> torch.nn.Module:
     """GPT(config, plan) on the plan's device with `state_dict` loaded and parameters in the plan's dtype."""
     from ghostvis_core.gpt import GPT
@@ -79,11 +88,7 @@ def build_inference_model(config: GPTConfig, plan: BackendPlan, state_dict: dict
     with torch.device(plan.device_type):
         model = GPT(config, plan)
     model.load_state_dict(state_dict, strict=True)
-    dtype = getattr(torch, plan.dtype)
-    # Parameters only: the RoPE inv_freq buffer stays fp32 (bf16 frequencies would shift every angle).
-    for p in model.parameters():
-        p.data = p.data.to(dtype)
-    return model.eval()
+    return cast_parameters_(model, plan.dtype)
 
 
 def load_for_inference(spec: str | None = None, device: str | None = None, dtype: str = "auto") -> LoadedModel:
