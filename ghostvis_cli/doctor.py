@@ -31,11 +31,23 @@ def render(report: DoctorReport, console: Console) -> None:
             console.print(line, soft_wrap=True)
             if c.fix:
                 console.print(Text(f"       {' ' * width}  -> {c.fix}", style="dim"), soft_wrap=True)
-    plan = report.plan
-    console.print(Text(f"Backend choices ({plan.device_type})", style="bold cyan"))
+    _render_plan(console, f"Backend choices: training ({_run_line(report.plan)})", report.plan, training=True)
+    _render_plan(console, f"Backend choices: ghostvis infer ({_run_line(report.inference_plan)})",
+                 report.inference_plan, training=False)
+    style = "bold red" if report.blocking else "bold green"
+    console.print(Text(report.verdict, style=style), soft_wrap=True)
+
+
+def _run_line(plan) -> str:
+    f = plan.facts
+    return f"{f.device_type}, {f.dtype}, {'torch.compile per block' if f.compiled else 'eager'}"
+
+
+def _render_plan(console: Console, title: str, plan, *, training: bool) -> None:
+    console.print(Text(title, style="bold cyan"))
     rows = [(f"attention {case}", choice) for case, choice in plan.attention.items()]
-    rows += [("rms_norm", plan.rms_norm), ("swiglu", plan.swiglu), ("optimizer", plan.optimizer)]
-    rows += [("inference", plan.inference)]
+    rows += [("rms_norm", plan.rms_norm), ("swiglu", plan.swiglu)]
+    rows += [("optimizer", plan.optimizer)] if training else [("inference", plan.inference)]
     key_width = max(len(k) for k, _ in rows)
     label_width = max(len(c.label) for _, c in rows)
     for key, choice in rows:
@@ -43,8 +55,6 @@ def render(report: DoctorReport, console: Console) -> None:
         line.append(choice.label.ljust(label_width), style="bold")
         line.append(f"  {choice.reason}", style="dim")
         console.print(line, soft_wrap=True)
-    style = "bold red" if report.blocking else "bold green"
-    console.print(Text(report.verdict, style=style), soft_wrap=True)
 
 
 def doctor(

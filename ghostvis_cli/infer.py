@@ -14,11 +14,16 @@ def infer(
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
     top_k: int = typer.Option(None, "--top-k", help="Sample from the k most likely tokens."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    dtype: str = typer.Option(
+        "auto", "--dtype", help="bfloat16 | float16 | float32 | auto (bf16 on CUDA, fp32 on CPU)."
+    ),
 ) -> None:
     """Answer one prompt with a trained run's latest checkpoint."""
     from ghostvis_core.engine import generate_text, load_for_inference
+    from ghostvis_core.log import setup_logging
 
-    loaded = load_for_inference(checkpoint or run)
+    setup_logging()  # the backend banner and the dtype note go to stderr
+    loaded = load_for_inference(checkpoint or run, dtype=dtype)
     reply = generate_text(loaded, prompt, max_new_tokens, temperature, top_k, seed)
     console.print(f"[dim]{loaded.checkpoint} ({loaded.recipe})[/]", highlight=False)
     console.print(f"[bold]>[/] {prompt}", highlight=False)

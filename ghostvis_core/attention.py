@@ -244,7 +244,8 @@ def attention_with_kvcache(
         return _sdpa(q_BTHD, k_all, v_all, backend, is_causal=False)
     # Several new tokens after a filled prefix: bottom-right causal mask (query t sees slots <= start + t).
     # SDPA's flash and cuDNN kernels take no explicit mask, so this one case runs the efficient kernel
-    # (math on CPU); single-token decode above keeps the plan's kernel.
+    # (math on CPU); single-token decode above keeps the plan's kernel. The efficient kernel has no dtype
+    # limit (hardware_limits.LIMITS["sdpa_efficient"]: any dtype, sm50+), so fp32 caches are served too.
     q_pos = torch.arange(start, end, device=q_BTHD.device)[:, None]
     kv_pos = torch.arange(end, device=q_BTHD.device)[None, :]
     mask = (kv_pos <= q_pos)[None, None]

@@ -1,10 +1,13 @@
 """The one place that decides which implementation runs, and why.
 
-From `EnvFacts` (env.py) and the user's requests this picks the attention backend per case (dense causal,
-packed documents, decode with a KV cache, non-causal), RMSNorm, SwiGLU, the optimizer and the inference
-engine. Every pick is a `Choice` with a human label and a one-line reason. `auto` falls back and says why;
-an explicit request this machine cannot meet raises `BackendUnavailableError` with the reason and the fix.
-`ghostvis doctor`, the startup log and the model all ask this module; nothing else decides.
+`plan_run(env, facts)` turns `EnvFacts` (env.py: the machine) and `RunFacts` (the run: device, compute dtype,
+compiled or not, world size, and the user's requests) into one `BackendPlan`: the attention backend per case
+(dense causal, packed documents, decode with a KV cache, non-causal), RMSNorm, SwiGLU, the optimizer and the
+inference engine. Every pick is a `Choice` with a human label and a one-line reason. `auto` falls back and says
+why; an explicit request this machine cannot meet raises `BackendUnavailableError` with the reason and the fix.
+A process builds its plan once (`training_run_facts` / `inference_run_facts` give the facts) and passes it to
+the model, the optimizer, the engine and the benchmarks; `ghostvis doctor` calls the same functions.
+Hardware limits come from hardware_limits.py; request names from backend_names.py.
 """
 
 from __future__ import annotations
@@ -14,32 +17,36 @@ import os
 from dataclasses import dataclass
 
 from ghostvis_core.attention_preferences import CASES_SUPPORTED, PREFERENCES
-from ghostvis_core.env import EnvFacts, probe_env
+from ghostvis_core.backend_names import (
+    ATTENTION_CASES,
+    ATTN_REQUEST_TO_BACKEND,
+    ATTN_REQUESTS,
+    DTYPES,
+    INFERENCE_REQUESTS,
+    NORM_REQUESTS,
+    OPTIMIZER_REQUESTS,
+)
+from ghostvis_core.env import EnvFacts
 from ghostvis_core.errors import BackendUnavailableError, ConfigError
+from ghostvis_core.hardware_limits import Unavailable, gpu_unavailable, package_unavailable
+from ghostvis_core.hardware_limits import arch_unavailable as _arch_unavailable
 from ghostvis_core.log import get_logger
 
-ATTENTION_CASES = ("dense", "packed", "decode", "noncausal")
-ATTENTION_BACKENDS = ("flash_attn", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "flex", "sdpa_math")
-# What the user types (--attn / GPTConfig.attn_backend) -> backend name.
-ATTN_REQUESTS = {
-    "auto": None,
-    "flash": "flash_attn",
-    "flash_attn": "flash_attn",
-    "cudnn": "sdpa_cudnn",
-    "sdpa_cudnn": "sdpa_cudnn",
-    "sdpa_flash": "sdpa_flash",
-    "efficient": "sdpa_efficient",
-    "sdpa_efficient": "sdpa_efficient",
-    "flex": "flex",
-    "math": "sdpa_math",
-    "sdpa_math": "sdpa_math",
-}
-NORM_REQUESTS = ("auto", "triton", "apex", "torch")
-OPTIMIZER_REQUESTS = ("auto", "muon", "adamw", "apex_adam")
-INFERENCE_REQUESTS = ("auto", "vllm", "native")
+__all__ = [
+    "ATTENTION_CASES",
+    "BackendPlan",
+    "Choice",
+    "RunFacts",
+    "attention_unavailable",
+    "format_banner",
+    "inference_run_facts",
+    "log_plan",
+    "plan_backends",
+    "plan_run",
+    "training_run_facts",
+]
 
 _FA2_FIX = "`ghostvis install flash-attn`"
-_HALF_DTYPES = ("float16", "bfloat16", "fp16", "bf16", "half")
 
 
 @dataclass(frozen=True)
@@ -54,12 +61,122 @@ class Choice:
     """One line: why this one (and, on a fallback, why not the preferred one)."""
 
 
-@dataclass
-class BackendPlan:
-    """Every implementation choice for one process."""
+@dataclass(frozen=True)
+class RunFacts:
+    """Everything about one run that a backend choice depends on (the machine itself is `EnvFacts`)."""
 
     device_type: str
     """"cuda" or "cpu"."""
+    dtype: str
+    """Compute dtype (backend_names.Dtype): the autocast dtype in training, the parameter dtype in inference."""
+    compiled: bool = False
+    """The decoder blocks run under torch.compile (auto then keeps RMSNorm/SwiGLU in PyTorch for inductor)."""
+    world_size: int = 1
+    """Processes in the run (DDP/FSDP ranks)."""
+    attn: str = "auto"
+    """Attention request (backend_names.AttnRequest)."""
+    norm: str = "auto"
+    """RMSNorm request (backend_names.NormRequest)."""
+    optimizer: str = "auto"
+    """Optimizer request (backend_names.OptimizerRequest)."""
+    inference: str = "auto"
+    """Inference engine request (backend_names.InferenceRequest)."""
+    use_flash_attn: bool = True
+    """GPTConfig.use_flash_attn: False keeps FlashAttention-2 out of every case."""
+    use_fused_kernels: bool = True
+    """GPTConfig.use_fused_kernels: False keeps auto RMSNorm/SwiGLU in PyTorch."""
+    head_dim: int = 128
+    """Attention head dim (kernels have head-dim limits)."""
+
+    def __post_init__(self):
+        if self.attn not in ATTN_REQUESTS:
+            raise ConfigError(f"attn_backend={self.attn!r} is not one of {sorted(ATTN_REQUESTS)}")
+        if self.norm not in NORM_REQUESTS:
+            raise ConfigError(f"norm_backend={self.norm!r} is not one of {list(NORM_REQUESTS)}")
+        if self.optimizer not in OPTIMIZER_REQUESTS:
+            raise ConfigError(f"optimizer backend={self.optimizer!r} is not one of {list(OPTIMIZER_REQUESTS)}")
+        if self.inference not in INFERENCE_REQUESTS:
+            raise ConfigError(f"inference backend={self.inference!r} is not one of {list(INFERENCE_REQUESTS)}")
+        if self.device_type not in ("cuda", "cpu"):
+            raise ConfigError(f"device_type={self.device_type!r} is not one of ['cuda', 'cpu']")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype={self.dtype!r} is not one of {list(DTYPES)}")
+        if self.world_size < 1:
+            raise ConfigError(f"world_size must be >= 1, got {self.world_size}")
+
+    @classmethod
+    def for_training(
+        cls, model_config, optimizer_backend: str, device_type: str, dtype: str, compiled: bool, world_size: int
+    ) -> RunFacts:
+        """Facts of a training run (model_config None: a default GPTConfig's requests)."""
+        return cls(
+            device_type, dtype, bool(compiled), int(world_size), optimizer=optimizer_backend,
+            **_model_requests(model_config),
+        )
+
+    @classmethod
+    def for_inference(cls, model_config, device_type: str, dtype: str) -> RunFacts:
+        """Facts of an inference run: eager, one process."""
+        return cls(device_type, dtype, **_model_requests(model_config))
+
+
+def _model_requests(config) -> dict:
+    if config is None:
+        return {}
+    return {
+        "attn": config.attn_backend,
+        "norm": config.norm_backend,
+        "use_flash_attn": bool(config.use_flash_attn),
+        "use_fused_kernels": bool(config.use_fused_kernels),
+        "head_dim": int(config.head_dim),
+    }
+
+
+def default_device_type(env: EnvFacts) -> str:
+    """cuda when a CUDA GPU is visible, else cpu."""
+    return "cuda" if env.has_gpu else "cpu"
+
+
+def resolve_dtype(dtype: str, device_type: str) -> str:
+    """"auto" = bfloat16 on CUDA, float32 on CPU; any other Dtype name is returned as is."""
+    if dtype == "auto":
+        return "bfloat16" if device_type == "cuda" else "float32"
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype={dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    return dtype
+
+
+def training_run_facts(
+    env: EnvFacts,
+    model_config=None,
+    *,
+    device_type: str | None = None,
+    compile: bool | None = None,
+    dtype: str = "auto",
+    optimizer: str = "auto",
+    world_size: int = 1,
+) -> RunFacts:
+    """The one translation of a training run's settings into facts (the trainer and `ghostvis doctor` use it).
+
+    dtype auto = bfloat16 autocast on CUDA, float32 on CPU; compile None = on for CUDA, off on CPU.
+    """
+    device = device_type or default_device_type(env)
+    compiled = compile if compile is not None else device == "cuda"
+    return RunFacts.for_training(model_config, optimizer, device, resolve_dtype(dtype, device), compiled, world_size)
+
+
+def inference_run_facts(env: EnvFacts, model_config=None, *, device_type: str | None = None,
+                        dtype: str = "auto") -> RunFacts:
+    """Facts of `ghostvis infer`: eager, parameters in `dtype` (auto = bfloat16 on CUDA, float32 on CPU)."""
+    device = device_type or default_device_type(env)
+    return RunFacts.for_inference(model_config, device, resolve_dtype(dtype, device))
+
+
+@dataclass(frozen=True)
+class BackendPlan:
+    """Every implementation choice for one process, and the facts it was made for."""
+
+    facts: RunFacts
     attention: dict[str, Choice]
     """One Choice per ATTENTION_CASES entry."""
     rms_norm: Choice
@@ -67,9 +184,27 @@ class BackendPlan:
     optimizer: Choice
     inference: Choice
 
+    @property
+    def device_type(self) -> str:
+        """"cuda" or "cpu"."""
+        return self.facts.device_type
+
+    @property
+    def dtype(self) -> str:
+        """The compute dtype the plan was made for."""
+        return self.facts.dtype
+
+    @property
+    def compiled(self) -> bool:
+        """True when the plan is for blocks under torch.compile."""
+        return self.facts.compiled
+
     def to_dict(self) -> dict:
         """JSON-ready plan."""
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        facts = d.pop("facts")
+        return {"device_type": self.device_type, "dtype": self.dtype, "compiled": self.compiled,
+                "world_size": facts["world_size"], **d}
 
 
 @dataclass(frozen=True)
@@ -83,14 +218,6 @@ class _Context:
     @property
     def cc(self) -> tuple[int, int] | None:
         return self.env.capability if self.device_type == "cuda" else None
-
-    @property
-    def sm(self) -> str:
-        return f"sm{self.cc[0]}{self.cc[1]}" if self.cc else "CPU"
-
-    @property
-    def half(self) -> bool:
-        return self.dtype.replace("torch.", "") in _HALF_DTYPES
 
 
 def arch_family(capability: tuple[int, int] | None) -> str:
@@ -126,77 +253,36 @@ def _attention_label(backend: str, case: str, env: EnvFacts) -> str:
     return label + " + block-diagonal mask" if case == "packed" else label
 
 
-def attention_unavailable(backend: str, ctx: _Context) -> str | None:
+def attention_unavailable(backend: str, ctx: _Context) -> Unavailable | None:
     """Why `backend` cannot run on this machine and config (hardware, dtype, install), None if it can."""
     env = ctx.env
     if backend == "sdpa_math":
         return None
     if ctx.device_type != "cuda":
-        return f"{_attention_label(backend, 'dense', env)} needs a CUDA GPU"
-    cc = ctx.cc
+        label = _attention_label(backend, "dense", env)
+        return Unavailable("device", f"{label} needs a CUDA GPU", "run on a CUDA GPU")
+    why = gpu_unavailable(
+        backend, ctx.cc, dtype=ctx.dtype, head_dim=ctx.head_dim,
+        torch_features=env.torch_features, torch_version=env.torch_version,
+    )
+    if why is not None:
+        return why
     if backend == "flash_attn":
-        if cc < (8, 0):
-            return f"FlashAttention-2 needs an Ampere (sm80) or newer GPU; this is {ctx.sm}"
-        if cc >= (10, 0):
-            return (
-                f"FlashAttention-2 is not built for Blackwell ({ctx.sm}) in our wheels; SDPA/cuDNN covers it"
-            )
-        if not ctx.half:
-            return f"FlashAttention-2 runs only in fp16/bf16, not {ctx.dtype}"
-        if ctx.head_dim > 256 or ctx.head_dim % 8:
-            return f"FlashAttention-2 needs head_dim <= 256 and a multiple of 8, not {ctx.head_dim}"
         if not ctx.use_flash_attn:
-            return "use_flash_attn=False in the config"
-        pkg = env.package("flash_attn")
-        if not pkg.installed:
-            return f"flash-attn is not installed: {_FA2_FIX}"
-        if not pkg.usable:
-            return f"flash-attn does not import: {pkg.diagnosis or pkg.error}"
-        return None
-    if backend == "sdpa_cudnn":
-        if not env.torch_features.get("cudnn_sdpa", False):
-            return f"this torch ({env.torch_version}) has no cuDNN SDPA backend"
-        if cc < (8, 0):
-            return f"cuDNN SDPA needs sm80 or newer; this is {ctx.sm}"
-        if not ctx.half:
-            return f"cuDNN SDPA runs only in fp16/bf16, not {ctx.dtype}"
-        if ctx.head_dim > 128 or ctx.head_dim % 8:
-            return f"cuDNN SDPA needs head_dim <= 128 and a multiple of 8, not {ctx.head_dim}"
-        return None
-    if backend == "sdpa_flash":
-        if cc < (8, 0):
-            return f"SDPA's flash kernel needs sm80 or newer; this is {ctx.sm}"
-        if not ctx.half:
-            return f"SDPA's flash kernel runs only in fp16/bf16, not {ctx.dtype}"
-        if ctx.head_dim > 256 or ctx.head_dim % 8:
-            return f"SDPA's flash kernel needs head_dim <= 256 and a multiple of 8, not {ctx.head_dim}"
-        return None
-    if backend == "sdpa_efficient":
-        return None if cc >= (5, 0) else f"SDPA's efficient kernel needs sm50 or newer; this is {ctx.sm}"
+            return Unavailable("config", "use_flash_attn=False in the config", "set use_flash_attn=True")
+        return package_unavailable(env, "flash_attn", "flash-attn")
     if backend == "flex":
-        if not env.torch_features.get("flex_attention", False):
-            return f"this torch ({env.torch_version}) has no FlexAttention"
-        if cc < (7, 0):
-            return f"FlexAttention compiles Triton kernels, which need sm70 or newer; this is {ctx.sm}"
         triton = env.package("triton")
         if not triton.usable:
             why = triton.diagnosis or triton.error or "triton is not installed"
-            return f"FlexAttention needs Triton: {why} (`ghostvis install triton`)"
-        return None
-    raise AssertionError(f"unknown attention backend {backend}")
+            fix = "`ghostvis install triton`"
+            return Unavailable("package", f"FlexAttention needs Triton: {why} ({fix})", fix)
+    return None
 
 
-def why_attention_unavailable(
-    env: EnvFacts,
-    backend: str,
-    device_type: str | None = None,
-    *,
-    head_dim: int = 128,
-    dtype: str = "bfloat16",
-) -> str | None:
-    """Why an attention backend cannot run on this machine (default config), None if it can."""
-    device = device_type or ("cuda" if env.has_gpu else "cpu")
-    return attention_unavailable(backend, _Context(env, device, True, head_dim, dtype))
+def attention_context(env: EnvFacts, facts: RunFacts) -> _Context:
+    """The attention-relevant facts of a run on this machine (for `attention_unavailable`)."""
+    return _Context(env, facts.device_type, facts.use_flash_attn, int(facts.head_dim), facts.dtype)
 
 
 def _choose_attention(case: str, ctx: _Context, requested: str | None) -> Choice:
@@ -218,7 +304,7 @@ def _choose_attention(case: str, ctx: _Context, requested: str | None) -> Choice
         if why_not is None:
             reason = why_good if not skipped else f"{why_good}; {skipped[0]}"
             return Choice(backend, _attention_label(backend, case, ctx.env), reason)
-        skipped.append(why_not)
+        skipped.append(why_not.message)
     # The last resort always runs: SDPA's math kernel (packed through an explicit mask).
     return Choice("sdpa_math", _attention_label("sdpa_math", case, ctx.env), f"fallback; {skipped[0]}")
 
@@ -236,9 +322,9 @@ def _note_flash_skip(choice: Choice, case: str, ctx: _Context) -> Choice:
     if ctx.device_type != "cuda" or "flash_attn" in names or case not in ("dense", "packed"):
         return choice  # where FA2 is in the table, _choose_attention already names why it was skipped
     why = attention_unavailable("flash_attn", ctx)
-    if why is None or why in choice.reason:
+    if why is None or why.message in choice.reason:
         return choice
-    return dataclasses.replace(choice, reason=f"{choice.reason}; {why}")
+    return dataclasses.replace(choice, reason=f"{choice.reason}; {why.message}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -248,14 +334,8 @@ def _note_flash_skip(choice: Choice, case: str, ctx: _Context) -> Choice:
 def _triton_unavailable(ctx: _Context) -> str | None:
     if ctx.device_type != "cuda":
         return "Triton kernels need a CUDA GPU"
-    if ctx.cc < (7, 0):
-        return f"Triton needs a CUDA GPU of sm70 or newer; this is {ctx.sm}"
-    triton = ctx.env.package("triton")
-    if not triton.installed:
-        return "triton is not installed: `ghostvis install triton`"
-    if not triton.usable:
-        return f"triton does not import: {triton.diagnosis or triton.error}"
-    return None
+    why = _arch_unavailable("triton", ctx.cc) or package_unavailable(ctx.env, "triton", "triton")
+    return None if why is None else why.message
 
 
 def _triton_interpret_ok(ctx: _Context) -> bool:
@@ -393,117 +473,55 @@ def _choose_optimizer(ctx: _Context, request: str) -> Choice:
     return Choice("adamw", adamw, f"this torch ({ctx.env.torch_version}) has no torch.optim.Muon")
 
 
-def vllm_unavailable(env: EnvFacts, device_type: str) -> str | None:
-    """Why vLLM cannot serve here, None if it can."""
+def vllm_unavailable(env: EnvFacts, device_type: str) -> Unavailable | None:
+    """Why vLLM could not run here, None if it could (the doctor reports it; no code path serves with it yet)."""
     if env.os_name != "Linux":
-        return f"vLLM runs only on Linux, not {env.os_name}"
-    pkg = env.package("vllm")
-    if device_type == "cuda" and env.capability is not None and env.capability < (7, 5):
-        cc = env.capability
-        return f"vLLM needs compute capability 7.5 or newer; this GPU is sm{cc[0]}{cc[1]}"
-    if not pkg.installed:
-        return "vllm is not installed: `ghostvis install vllm`"
-    if not pkg.usable:
-        return f"vllm does not import: {pkg.diagnosis or pkg.error}"
-    return None
+        return Unavailable("platform", f"vLLM runs only on Linux, not {env.os_name}", "use Linux")
+    if device_type == "cuda" and env.capability is not None:
+        why = _arch_unavailable("vllm", env.capability)
+        if why is not None:
+            return why
+    return package_unavailable(env, "vllm", "vllm")
 
 
 def _choose_inference(ctx: _Context, request: str) -> Choice:
-    why = vllm_unavailable(ctx.env, ctx.device_type)
-    if request == "native":
-        return Choice("native", "GhostVis engine", "requested")
-    if why is None:
-        version = ctx.env.package("vllm").version
-        label = f"vLLM {version}" if version else "vLLM"
-        where = "CPU build" if ctx.device_type == "cpu" else "CUDA"
-        return Choice(
-            "vllm",
-            label,
-            f"paged KV cache and continuous batching ({where})"
-            + ("; requested" if request == "vllm" else ""),
-        )
-    if request == "vllm":
-        raise BackendUnavailableError(f"inference backend 'vllm' was requested but cannot run here: {why}")
-    return Choice("native", "GhostVis engine", f"preallocated KV cache; {why}")
+    # `ghostvis infer` runs the native engine only; an installed vLLM is reported by the doctor as a package.
+    return Choice("native", "GhostVis engine", "preallocated KV cache" + ("; requested" if request == "native" else ""))
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Public API
 
 
-def plan_backends(
-    env: EnvFacts,
-    *,
-    device_type: str | None = None,
-    attn: str = "auto",
-    norm: str = "auto",
-    optimizer: str = "auto",
-    inference: str = "auto",
-    use_flash_attn: bool = True,
-    use_fused_kernels: bool = True,
-    head_dim: int = 128,
-    dtype: str = "bfloat16",
-    compiled: bool = False,
-) -> BackendPlan:
-    """Choose every backend for this machine and these requests; explicit requests that can't run raise.
-
-    compiled: the model runs under torch.compile (auto then keeps RMSNorm/SwiGLU in PyTorch for inductor to
-    fuse with the ops around them).
-    """
-    if attn not in ATTN_REQUESTS:
-        raise ConfigError(f"attn_backend={attn!r} is not one of {sorted(ATTN_REQUESTS)}")
-    if norm not in NORM_REQUESTS:
-        raise ConfigError(f"norm_backend={norm!r} is not one of {list(NORM_REQUESTS)}")
-    if optimizer not in OPTIMIZER_REQUESTS:
-        raise ConfigError(f"optimizer backend={optimizer!r} is not one of {list(OPTIMIZER_REQUESTS)}")
-    if inference not in INFERENCE_REQUESTS:
-        raise ConfigError(f"inference backend={inference!r} is not one of {list(INFERENCE_REQUESTS)}")
-    if device_type is None:
-        device_type = "cuda" if env.has_gpu else "cpu"
-    if device_type not in ("cuda", "cpu"):
-        raise ConfigError(f"device_type={device_type!r} is not one of ['cuda', 'cpu']")
-    if device_type == "cuda" and not env.has_gpu:
+def plan_run(env: EnvFacts, facts: RunFacts) -> BackendPlan:
+    """Choose every backend for this machine and run; explicit requests that can't run raise. Pure."""
+    if facts.device_type == "cuda" and not env.has_gpu:
         raise BackendUnavailableError(
             "device cuda was requested but no CUDA GPU is visible "
             f"(torch {env.torch_version}, CUDA build {env.torch_cuda or 'none'}). "
             "Fix: install a CUDA build of torch on a GPU machine, or use the CPU"
         )
-    ctx = _Context(env, device_type, use_flash_attn, int(head_dim), str(dtype))
-    requested = ATTN_REQUESTS[attn]
+    ctx = attention_context(env, facts)
+    requested = ATTN_REQUEST_TO_BACKEND[facts.attn]
     attention = {}
     for case in ATTENTION_CASES:
         choice = _choose_attention(case, ctx, requested)
         attention[case] = choice if requested else _note_flash_skip(choice, case, ctx)
-    rms_norm, swiglu = _choose_norm(ctx, norm, use_fused_kernels, compiled)
+    rms_norm, swiglu = _choose_norm(ctx, facts.norm, facts.use_fused_kernels, facts.compiled)
     return BackendPlan(
-        device_type=device_type,
+        facts=facts,
         attention=attention,
         rms_norm=rms_norm,
         swiglu=swiglu,
-        optimizer=_choose_optimizer(ctx, optimizer),
-        inference=_choose_inference(ctx, inference),
+        optimizer=_choose_optimizer(ctx, facts.optimizer),
+        inference=_choose_inference(ctx, facts.inference),
     )
 
 
-_PLAN_CACHE: dict[tuple, BackendPlan] = {}
-
-
-def plan_for_model(config, device_type: str, compiled: bool = False) -> BackendPlan:
-    """The plan for a GPTConfig on `device_type` (eager, or under torch.compile), cached per (requests, device,
-    compiled) for the process."""
-    kwargs = {
-        "compiled": bool(compiled),
-        "attn": getattr(config, "attn_backend", "auto"),
-        "norm": getattr(config, "norm_backend", "auto"),
-        "use_flash_attn": bool(getattr(config, "use_flash_attn", True)),
-        "use_fused_kernels": bool(getattr(config, "use_fused_kernels", True)),
-        "head_dim": int(getattr(config, "head_dim", 128)),
-        "dtype": str(getattr(config, "dtype", "bfloat16")),
-    }
-    key = (device_type, os.environ.get("TRITON_INTERPRET"), *sorted(kwargs.items()))
-    if key not in _PLAN_CACHE:
-        _PLAN_CACHE[key] = plan_backends(probe_env(), device_type=device_type, **kwargs)
-    return _PLAN_CACHE[key]
+def plan_backends(env: EnvFacts, *, device_type: str | None = None, dtype: str = "bfloat16", **requests) -> BackendPlan:
+    """plan_run with the facts given as keywords (RunFacts fields; device default: this machine's GPU, else
+    CPU). For tests and tools that look at one choice; a run builds its facts with training_run_facts."""
+    return plan_run(env, RunFacts(device_type or default_device_type(env), dtype, **requests))
 
 
 def format_banner(plan: BackendPlan) -> str:
@@ -513,14 +531,8 @@ def format_banner(plan: BackendPlan) -> str:
     )
     lines = ["=== GhostVis backends ===", f"Attention: {attn}"]
     if plan.rms_norm.backend == plan.swiglu.backend and plan.rms_norm.reason == plan.swiglu.reason:
-        what = (
-            "Triton fused kernels"
-            if plan.rms_norm.backend == "triton"
-            else (
-                "PyTorch (F.rms_norm, silu(gate) * up)"
-                if plan.rms_norm.backend == "torch"
-                else plan.rms_norm.label
-            )
+        what = {"triton": "Triton fused kernels", "torch": "PyTorch (F.rms_norm, silu(gate) * up)"}.get(
+            plan.rms_norm.backend, plan.rms_norm.label
         )
         lines.append(f"RMSNorm, SwiGLU: {what} ({plan.rms_norm.reason})")
     else:
@@ -530,18 +542,21 @@ def format_banner(plan: BackendPlan) -> str:
         )
     lines.append(f"Optimizer: {plan.optimizer.label} ({plan.optimizer.reason})")
     lines.append(f"Inference: {plan.inference.label} ({plan.inference.reason})")
+    f = plan.facts
+    compiled = "torch.compile per block" if f.compiled else "eager"
+    lines.append(f"Run: {f.device_type}, {f.dtype}, {compiled}, {f.world_size} process(es)")
     return "\n".join(lines)
 
 
-_LOGGED: set[str] = set()
+_LOGGED_BANNER: list[str] = []
 
 
-def log_backends_once(plan: BackendPlan) -> None:
-    """Log the banner through the ghostvis logger, once per process (the first plan wins)."""
-    if _LOGGED:
+def log_plan(plan: BackendPlan) -> None:
+    """Log the banner through the ghostvis logger, once per process (a later plan is not logged)."""
+    if _LOGGED_BANNER:
         return
     banner = format_banner(plan)
-    _LOGGED.add(banner)
+    _LOGGED_BANNER.append(banner)
     logger = get_logger()
     for line in banner.splitlines():
         logger.info(line)

@@ -11,9 +11,19 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from ghostvis_core import paths
-from ghostvis_core.backends import BackendPlan, plan_backends, vllm_unavailable, why_attention_unavailable
+from ghostvis_core.backends import (
+    BackendPlan,
+    attention_context,
+    attention_unavailable,
+    inference_run_facts,
+    plan_run,
+    vllm_unavailable,
+)
 from ghostvis_core.env import PROFILE_ENV_VAR, EnvFacts, format_cudnn_version
 from ghostvis_core.errors import ConfigError
+from ghostvis_core.hardware_limits import arch_unavailable
+from ghostvis_core.train.config import TrainConfig
+from ghostvis_core.train.run_plan import default_model_config, default_training_plan
 
 GROUPS = ("System", "GPU", "CUDA stack", "Backends", "Paths")
 # --require name -> the check that decides it.
@@ -43,10 +53,13 @@ class Check:
 
 @dataclass
 class DoctorReport:
-    """All checks, the backend plan and the verdict."""
+    """All checks, the backend plans (a default training run's and an inference run's) and the verdict."""
 
     checks: list[Check]
     plan: BackendPlan
+    """The plan a training run with the defaults gets here (the trainer builds the same one)."""
+    inference_plan: BackendPlan
+    """The plan `ghostvis infer` gets here with the defaults."""
     required: list[str] = field(default_factory=list)
     blocking: list[Check] = field(default_factory=list)
     verdict: str = ""
@@ -62,6 +75,7 @@ class DoctorReport:
             "facts": env.to_dict(),
             "checks": [asdict(c) for c in self.checks],
             "backends": self.plan.to_dict(),
+            "inference_backends": self.inference_plan.to_dict(),
             "required": self.required,
             "blocking": [c.name for c in self.blocking],
             "verdict": self.verdict,
@@ -221,7 +235,9 @@ def _cuda_checks(env: EnvFacts) -> list[Check]:
     return checks
 
 
-def _package_check(env: EnvFacts, name: str, req: str, why_unavailable: str | None, note: str) -> Check:
+def _package_check(
+    env: EnvFacts, name: str, req: str, why_unavailable: str | None, note: str, usable_note: str = ""
+) -> Check:
     """Broken install -> fail; unusable on this hardware -> says why; absent but useful -> warn with the fix."""
     pkg = env.package(name)
     fix_cmd = f"ghostvis install {req}"
@@ -239,16 +255,20 @@ def _package_check(env: EnvFacts, name: str, req: str, why_unavailable: str | No
             "Backends", req, status, f"{label} {state}; unavailable here: {why_unavailable}", fix, req
         )
     if pkg.usable:
-        return Check("Backends", req, "ok", f"{label} (usable)", "", req, satisfied=True)
+        return Check("Backends", req, "ok", f"{label} (usable{usable_note})", "", req, satisfied=True)
     return Check("Backends", req, "warn", f"{name} not installed{note}", fix_cmd, req)
 
 
+_VLLM_UNUSED = "not yet used by ghostvis infer, which runs the native engine"
+
+
 def _backend_checks(env: EnvFacts, plan: BackendPlan) -> list[Check]:
-    fa_why = why_attention_unavailable(env, "flash_attn", plan.device_type)
-    if fa_why is not None and fa_why.startswith("flash-attn"):
-        fa_why = None  # only "not installed"/"broken": installing fixes it
+    fa = attention_unavailable("flash_attn", attention_context(env, plan.facts))
+    # only "not installed"/"broken" (kind package) is left to _package_check: installing fixes it
+    fa_why = None if fa is None or fa.kind == "package" else fa.message
     if env.has_gpu and env.os_name == "Linux":
-        triton_why = None if env.capability >= (7, 0) else "Triton needs sm70 or newer"
+        triton = arch_unavailable("triton", env.capability)
+        triton_why = None if triton is None else triton.message
     else:
         triton_why = "Triton kernels need a CUDA GPU on Linux"
     checks = [
@@ -259,16 +279,26 @@ def _backend_checks(env: EnvFacts, plan: BackendPlan) -> list[Check]:
             env, "flash_attn", "flash-attn", fa_why, " (packed-document training and decode use it)"
         ),
     ]
-    vllm_why = vllm_unavailable(env, plan.device_type)
-    vllm_why = None if vllm_why and vllm_why.startswith("vllm ") else vllm_why
-    checks.append(_package_check(env, "vllm", "vllm", vllm_why, " (fast batched inference)"))
+    vllm = vllm_unavailable(env, plan.device_type)
+    vllm_why = None if vllm is None or vllm.kind == "package" else vllm.message
+    if env.package("vllm").installed or vllm_why:
+        checks.append(_package_check(env, "vllm", "vllm", vllm_why, "", usable_note=f"; {_VLLM_UNUSED}"))
+    else:
+        checks.append(
+            Check("Backends", "vllm", "ok", f"vllm not installed (optional: {_VLLM_UNUSED})", requirement="vllm")
+        )
     gpu_why = None if env.has_gpu and env.os_name == "Linux" else "needs a CUDA GPU on Linux"
-    for name, req, note in (
-        ("apex", "apex", "optional: torch's fused AdamW and F.rms_norm match or beat it"),
-        ("liger_kernel", "liger", "optional: GhostVis's own Triton kernels serve RMSNorm and SwiGLU"),
+    for name, req, note, used in (
+        ("apex", "apex", "optional: torch's fused AdamW and F.rms_norm match or beat it", ""),
+        (
+            "liger_kernel",
+            "liger",
+            "optional: GhostVis's own Triton kernels serve RMSNorm and SwiGLU",
+            "; only `ghostvis bench kernels` runs it, as a comparison",
+        ),
     ):
         if env.package(name).installed or gpu_why:
-            checks.append(_package_check(env, name, req, gpu_why, ""))
+            checks.append(_package_check(env, name, req, gpu_why, "", usable_note=used))
         else:
             checks.append(Check("Backends", req, "ok", f"{name} not installed ({note})", requirement=req))
     muon = env.torch_features.get("muon", False)
@@ -344,9 +374,11 @@ def _verdict(env: EnvFacts, plan: BackendPlan, blocking: list[Check], checks: li
 
 
 def run_checks(env: EnvFacts, require: list[str] | None = None) -> DoctorReport:
-    """Every doctor check for `env`, the auto backend plan, and which required items block."""
+    """Every doctor check for `env`, the plans a default training run and `ghostvis infer` get, and which
+    required items block."""
     required = list(require or [])
-    plan = plan_backends(env)
+    plan = default_training_plan(env)
+    inference_plan = plan_run(env, inference_run_facts(env, default_model_config(TrainConfig())))
     checks = _system_checks(env) + _gpu_checks(env) + _cuda_checks(env) + _backend_checks(env, plan)
     checks += _path_checks(env)
     blocking = []
@@ -358,6 +390,6 @@ def run_checks(env: EnvFacts, require: list[str] | None = None) -> DoctorReport:
             c.status = "fail"
             c.fix = c.fix or f"required by --require {req}"
         blocking.extend(decided)
-    report = DoctorReport(checks, plan, required, blocking)
+    report = DoctorReport(checks, plan, inference_plan, required, blocking)
     report.verdict = _verdict(env, plan, blocking, checks)
     return report

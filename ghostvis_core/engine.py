@@ -3,6 +3,9 @@
 A run trained on chats (data_format "chat" in its state.json) is prompted through the tokenizer's chat template,
 the same template training used; a text run continues plain text after BOS. Generation stops at the assistant's
 end token.
+
+The model's parameters are cast to the run's inference dtype (auto: bf16 on CUDA, fp32 on CPU) and the backend
+plan is made for that dtype, so no kernel that needs bf16/fp16 ever meets fp32 tensors.
 """
 
 import math
@@ -11,7 +14,12 @@ from pathlib import Path
 
 import torch
 
+from ghostvis_core.backend_names import DTYPES
+from ghostvis_core.backends import BackendPlan, inference_run_facts, log_plan, plan_run
+from ghostvis_core.config import GPTConfig
+from ghostvis_core.env import probe_env
 from ghostvis_core.errors import CheckpointError, ConfigError
+from ghostvis_core.log import get_logger
 from ghostvis_core.paths import runs_dir
 from ghostvis_core.tokenizer import Tokenizer
 
@@ -26,6 +34,8 @@ class LoadedModel:
     recipe: str
     data_format: str
     """TrainState.data_format of the checkpoint: "text", "chat" or "image-chat"."""
+    plan: BackendPlan | None = None
+    """The inference plan the model was built with (dtype and backends)."""
 
     @property
     def is_chat(self) -> bool:
@@ -50,8 +60,34 @@ def latest_run(root: Path) -> Path:
     return max(candidates)[1]
 
 
-def load_for_inference(spec: str | None = None, device: str | None = None) -> LoadedModel:
-    """Load a run name, run folder or step_NNNNNN folder (None: the newest run) for generation."""
+def inference_plan(config: GPTConfig, device_type: str | None = None, dtype: str = "auto") -> BackendPlan:
+    """The plan of an inference run of `config` on this machine (dtype auto: bf16 on CUDA, fp32 on CPU)."""
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    env = probe_env()
+    plan = plan_run(env, inference_run_facts(env, config, device_type=device_type, dtype=dtype))
+    if plan.device_type == "cuda" and plan.dtype == "float32":
+        get_logger().info(
+            "inference in float32 on CUDA: slower than bfloat16 (no flash kernels run in fp32; attention "
+            f"uses {plan.attention['decode'].label} for decode); --dtype bfloat16 is the default"
+        )
+    return plan
+
+
+def cast_parameters_(model: torch.nn.Module, dtype_name: str) -> torch.nn.Module:
+    """Cast the parameters (only: the RoPE inv_freq buffer stays fp32, bf16 frequencies would shift every
+    angle) to the plan's dtype in place; returns the model in eval mode."""
+    dtype = getattr(torch, dtype_name)
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model.eval()
+
+
+def load_for_inference(spec: str | None = None, device: str | None = None, dtype: str = "auto") -> LoadedModel:
+    """Load a run name, run folder or step_NNNNNN folder (None: the newest run) for generation.
+
+    dtype: auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16 or float32; the parameters are cast to it.
+    """
     from ghostvis_core.checkpoint import TrainState, resolve_checkpoint_spec
     from ghostvis_core.gpt import GPT
 
@@ -63,11 +99,13 @@ def load_for_inference(spec: str | None = None, device: str | None = None) -> Lo
     tokenizer_dir = run_dir / "tokenizer"
     if not (tokenizer_dir / "tokenizer.json").is_file():
         raise CheckpointError(f"{run_dir} has no tokenizer/tokenizer.json: it is not a complete GhostVis run folder")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = GPT.from_checkpoint(step_dir, None, device=device)  # integrator: pass the inference plan
-    model.eval()
-    state = TrainState.read(step_dir, verify=False)  # from_checkpoint verified the files
-    return LoadedModel(model, Tokenizer.load(tokenizer_dir), step_dir, state.recipe or "unknown", state.data_format)
+    state = TrainState.read(step_dir)
+    config = GPTConfig.from_dict(state.require_model_config("gpt", step_dir))
+    plan = inference_plan(config, device, dtype)
+    log_plan(plan)
+    model = cast_parameters_(GPT.from_checkpoint(step_dir, plan, state), plan.dtype)
+    return LoadedModel(model, Tokenizer.load(tokenizer_dir), step_dir, state.recipe or "unknown", state.data_format,
+                       plan)
 
 
 @torch.no_grad()

@@ -7,14 +7,14 @@ the identity on keys (minus `lm_head.weight` when tied).
 
 Shape legend: B batch, T tokens, C = n_embd, H query heads, K kv heads, D head dim, V vocab, N = B*T, L layers.
 
-Backends come from `backends.plan_for_model` (the one place that decides): attention per case through
-`attention.py`, RMSNorm and SwiGLU through `ghostvis_core.kernels` with the plan's backend.
+Backends come from the `BackendPlan` passed in (backends.py, the one place that decides, builds it once per
+run): attention per case through `attention.py`, RMSNorm and SwiGLU through `ghostvis_core.kernels` with the
+plan's concrete backend.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -26,12 +26,12 @@ from ghostvis_core.attention import (
     attention_with_kvcache,
     build_attention_context,
 )
-from ghostvis_core.backends import BackendPlan, log_backends_once, plan_for_model
+from ghostvis_core.backends import BackendPlan
 from ghostvis_core.config import GPTConfig
 from ghostvis_core.constants import IGNORE_INDEX
 from ghostvis_core.errors import ConfigError
 from ghostvis_core.kernels.dispatch import rms_norm_fn, swiglu_fn
-from ghostvis_core.log import get_logger
+from ghostvis_core.kv_cache import KVCache
 
 __all__ = ["GPT", "GPTConfig", "KVCache", "linear_cross_entropy"]
 
@@ -170,14 +170,11 @@ def linear_cross_entropy(
 class RMSNorm(nn.Module):
     """y = weight * x / sqrt(mean(x^2) + eps), through the plan's kernel backend."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, backend: str = "torch", device_type: str = "cpu"):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
-        self.set_backend("torch", "cpu")
-
-    def set_backend(self, backend: str, device_type: str) -> None:
-        """Resolve the kernel once here, so forward (compiled or not) calls it without dispatch checks."""
+        # Resolved once here, so forward (compiled or not) calls the kernel without dispatch checks.
         self.backend = backend
         self._fn = rms_norm_fn(backend, device_type)
 
@@ -210,23 +207,19 @@ class Attention(nn.Module):
             y = attention(q, k, v, ctx)
         else:
             k_cache, v_cache = cache.layer(layer, k.dtype)
-            y = attention_with_kvcache(q, k, v, k_cache, v_cache, cache.pos, cache.backend_for(q.dtype))
+            y = attention_with_kvcache(q, k, v, k_cache, v_cache, cache.pos, cache.decode_backend)
         return self.o_proj(y.reshape(B, T, self.n_head * self.head_dim))
 
 
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)); HF LlamaMLP's parameter names."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, backend: str = "torch", device_type: str = "cpu"):
         super().__init__()
         self.gate_proj = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
         self.up_proj = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
         self.down_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=False)
-        self.set_backend("torch", "cpu")
-
-    def set_backend(self, backend: str, device_type: str) -> None:
-        """Resolve the SwiGLU kernel once (see RMSNorm.set_backend)."""
-        self.backend = backend
+        self.backend = backend  # resolved once, as in RMSNorm
         self._fn = swiglu_fn(backend, device_type)
 
     def forward(self, x):
@@ -236,12 +229,13 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm decoder layer: x + attn(norm(x)), then + mlp(norm(.))."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, plan: BackendPlan):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        norm, dev = plan.rms_norm.backend, plan.device_type
+        self.input_layernorm = RMSNorm(config.n_embd, config.norm_eps, norm, dev)
         self.self_attn = Attention(config)
-        self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
-        self.mlp = MLP(config)
+        self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps, norm, dev)
+        self.mlp = MLP(config, plan.swiglu.backend, dev)
 
     def forward(self, x, cos, sin, ctx, cache=None, layer=0):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx, cache, layer)
@@ -251,46 +245,13 @@ class Block(nn.Module):
 class Decoder(nn.Module):
     """Embedding, layers and final norm (HF's LlamaModel)."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, plan: BackendPlan):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.layers = nn.ModuleList(Block(config, plan) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.n_embd, config.norm_eps, plan.rms_norm.backend, plan.device_type)
 
 
-@dataclass
-class KVCache:
-    """Preallocated per-layer key/value cache (L, B, S, K, D), filled left to right; `pos` slots are valid."""
-
-    config: GPTConfig
-    batch_size: int
-    max_len: int
-    device: torch.device
-    decode_backend: str
-    pos: int = 0
-    k: torch.Tensor | None = None
-    v: torch.Tensor | None = None
-
-    def layer(self, i: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cache tensors of layer i (allocated on first use in the activation dtype)."""
-        if self.k is None:
-            c = self.config
-            shape = (c.n_layer, self.batch_size, self.max_len, c.n_kv_head, c.head_dim)
-            self.k = torch.zeros(shape, dtype=dtype, device=self.device)
-            self.v = torch.zeros(shape, dtype=dtype, device=self.device)
-        return self.k[i], self.v[i]
-
-    def backend_for(self, dtype: torch.dtype) -> str:
-        """The plan's decode backend; FlashAttention runs only in fp16/bf16, fp32 caches use SDPA."""
-        if self.decode_backend == "flash_attn" and dtype not in (torch.float16, torch.bfloat16):
-            _log_once(
-                f"decode: FlashAttention-2 needs fp16/bf16 activations, got {dtype}; using SDPA/efficient"
-            )
-            return "sdpa_efficient"
-        return self.decode_backend
-
-
-_LOGGED: set[str] = set()
 _EAGER: dict = {}
 
 
@@ -301,12 +262,6 @@ def _eager(fn):
     return _EAGER[fn]
 
 
-def _log_once(msg: str) -> None:
-    if msg not in _LOGGED:
-        _LOGGED.add(msg)
-        get_logger().info(msg)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # GPT
 
@@ -314,74 +269,40 @@ def _log_once(msg: str) -> None:
 class GPT(nn.Module):
     """Llama-compatible decoder LM with packed-document attention, chunked loss and a KV-cache decode."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, plan: BackendPlan):
         super().__init__()
         self.config = config
-        self.model = Decoder(config)
+        self.plan = plan  # the run's plan (backends.plan_run): every kernel this model calls was chosen by it
+        self.model = Decoder(config, plan)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(config.head_dim, config.rope_theta), persistent=False)
-        # Plan for this machine now, so an explicit request it can't meet fails at construction. The plan is
-        # for eager execution until compile_blocks() re-plans with compiled=True.
-        self._compiled = False
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        device_type = "cuda" if torch.cuda.is_available() else "cpu"
-        self._plans: dict[str, BackendPlan] = {device_type: plan_for_model(config, device_type)}
-        log_backends_once(self._plans[device_type])
-        self._plan_device = ""
-        self._use_plan(device_type)
-        # Opt-in: under autocast, keep the residual stream in bf16 instead of fp32 (nanochat does). Measured
-        # +1.2% tok/s at d20 on an H200; off by default because bf16 residual sums lose precision with depth.
-        self.low_precision_residual = False
-        # On CUDA machines (where torch.compile is used) the per-batch attention setup (host sync, BlockMask)
-        # and the chunked loss (its own compiled chunk kernel, a Python loop) run outside compiled graphs.
-        cuda = torch.cuda.is_available()
+        # On CUDA (where torch.compile is used) the per-batch attention setup (host sync, BlockMask) and the
+        # chunked loss (its own compiled chunk kernel, a Python loop) run outside compiled graphs.
+        cuda = plan.device_type == "cuda"
         self._build_ctx = _eager(build_attention_context) if cuda else build_attention_context
         self._loss_fn = _eager(linear_cross_entropy) if cuda else linear_cross_entropy
         self.init_weights()
 
-    # -- backends ------------------------------------------------------------------------------------------
-
-    def _use_plan(self, device_type: str) -> BackendPlan:
-        """Point every norm / MLP at the plan of the device the inputs live on."""
-        if device_type not in self._plans:
-            self._plans[device_type] = plan_for_model(self.config, device_type, compiled=self._compiled)
-        plan = self._plans[device_type]
-        if self._plan_device != device_type:
-            for module in self.modules():
-                if isinstance(module, RMSNorm):
-                    module.set_backend(plan.rms_norm.backend, device_type)
-                elif isinstance(module, MLP):
-                    module.set_backend(plan.swiglu.backend, device_type)
-            self._plan_device = device_type
-        return plan
-
-    @property
-    def plan(self) -> BackendPlan:
-        """The backend plan in use (for the device of the last forward, else this machine's default)."""
-        return self._plans[self._plan_device]
+    def _check_device(self, device: torch.device) -> None:
+        if device.type != self.plan.device_type:
+            raise ConfigError(
+                f"the model's backend plan is for {self.plan.device_type} but the inputs are on {device.type}: "
+                "build the plan for the device the model runs on (backends.plan_run)"
+            )
 
     def compile_blocks(self, **compile_kwargs) -> GPT:
-        """torch.compile each decoder block and the final norm in place, re-planning RMSNorm/SwiGLU for
-        compiled execution; returns self.
+        """torch.compile each decoder block and the final norm in place; returns self.
 
-        Regional compilation: the 20 identical blocks of d20 share one graph (about 7 s to compile, H100 host).
-        One graph over all layers, which lets each block's last residual add fuse into the next block's norm,
-        measured no faster (224.0 vs 223.5 ms per d20 step, H100) and took 37 s. Embedding, attention setup and
-        the chunked loss stay eager.
+        The plan must have been made for compiled execution (plan.compiled): it already chose RMSNorm/SwiGLU
+        for inductor. Regional compilation: the 20 identical blocks of d20 share one graph (about 7 s to
+        compile, H100 host). One graph over all layers, which lets each block's last residual add fuse into
+        the next block's norm, measured no faster (224.0 vs 223.5 ms per d20 step, H100) and took 37 s.
+        Embedding, attention setup and the chunked loss stay eager.
         """
-        device_type = self._plan_device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self._compiled = True
-        self._plans = {}
-        self._plan_device = ""
-        plan = self._use_plan(device_type)
-        norm, swiglu = plan.rms_norm, plan.swiglu
-        if norm.backend == swiglu.backend and norm.reason == swiglu.reason:
-            served = f"RMSNorm: {norm.label}, SwiGLU: {swiglu.label} ({norm.reason})"
-        else:
-            served = f"RMSNorm: {norm.label} ({norm.reason}); SwiGLU: {swiglu.label} ({swiglu.reason})"
-        get_logger().info(f"torch.compile per block: {served}")
+        assert self.plan.compiled, "compile_blocks() needs a plan made with compiled=True"
         for block in self.model.layers:
             block.compile(**compile_kwargs)
         self.model.norm.compile(**compile_kwargs)
@@ -454,24 +375,19 @@ class GPT(nn.Module):
         loss_reduction: str = "mean",
         *,
         inputs_embeds: torch.Tensor | None = None,
-        targets_BT: torch.Tensor | None = None,
-        position_ids_BT: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Loss (fp32 scalar) when targets are given, else logits (B, T, V) fp32.
 
         position_ids (B, T) restart at 0 at every document start (packed rows): attention stays inside each
         document and RoPE uses these positions. None means one causal sequence per row (positions 0..T-1).
         inputs_embeds (B, T, C) replaces the token embedding (the VLM splices image features in).
-        targets_BT / position_ids_BT are accepted as aliases of targets / position_ids.
         """
-        targets = targets if targets is not None else targets_BT
-        position_ids = position_ids if position_ids is not None else position_ids_BT
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        if self.low_precision_residual and torch.is_autocast_enabled(x.device.type):
+        if self.config.low_precision_residual and torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         B, T, _ = x.shape
-        plan = self._use_plan(x.device.type)
-        ctx = self._build_ctx(plan, position_ids, B, T, x.device)
+        self._check_device(x.device)
+        ctx = self._build_ctx(self.plan, position_ids, B, T, x.device)
         if position_ids is None:
             cos, sin = self._dense_rope(T, x.device)
         else:
@@ -502,15 +418,17 @@ class GPT(nn.Module):
     ) -> KVCache:
         """An empty KV cache for `batch_size` rows of up to `max_len` tokens (prompt + generated)."""
         device = torch.device(device) if device is not None else self.lm_head.weight.device
-        plan = self._use_plan(device.type)
-        return KVCache(self.config, batch_size, max_len, device, plan.attention["decode"].backend)
+        self._check_device(device)
+        c = self.config
+        decode = self.plan.attention["decode"].backend
+        return KVCache(c.n_layer, c.n_kv_head, c.head_dim, batch_size, max_len, device, decode)
 
     def forward_with_cache(self, input_ids_BT: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits (B, T, V) fp32 of the new tokens, attending to the cache; appends their K/V and advances it."""
         B, T = input_ids_BT.shape
         if cache.pos + T > cache.max_len:
             raise ConfigError(f"KV cache holds {cache.max_len} tokens; {cache.pos} + {T} new do not fit")
-        self._use_plan(input_ids_BT.device.type)
+        self._check_device(input_ids_BT.device)
         x = self.model.embed_tokens(input_ids_BT)
         pos = torch.arange(cache.pos, cache.pos + T, device=x.device).expand(B, T)
         cos, sin = rope_cos_sin(pos, self.inv_freq)
@@ -548,18 +466,19 @@ class GPT(nn.Module):
     # -- checkpoints ---------------------------------------------------------------------------------------
 
     @classmethod
-    def from_checkpoint(cls, step_dir, plan: BackendPlan | None, device: torch.device | str | None = None) -> GPT:
-        """The GPT saved in checkpoint folder `step_dir` (verified: manifest sizes and sha256), on `device`.
+    def from_checkpoint(cls, step_dir, plan: BackendPlan, state=None) -> GPT:
+        """The GPT saved in checkpoint folder `step_dir`, built with `plan` on the plan's device.
 
-        The config comes from its state.json (TrainState); weights load with every key and shape checked, so a
-        mismatch is one CheckpointError naming the folder and the key.
+        The config comes from its state.json (TrainState; pass `state` when the caller already read it, e.g.
+        to make the plan for that config); weights load with every key and shape checked, so a mismatch is one
+        CheckpointError naming the folder and the key.
         """
         from ghostvis_core.checkpoint import TrainState, load_model_weights
 
-        state = TrainState.read(step_dir)
+        state = state if state is not None else TrainState.read(step_dir)
         config = GPTConfig.from_dict(state.require_model_config("gpt", step_dir))
-        with torch.device(device or "cpu"):
-            model = cls(config)  # integrator: becomes cls(config, plan)
+        with torch.device(plan.device_type):
+            model = cls(config, plan)
         load_model_weights(model, step_dir)
         return model
 

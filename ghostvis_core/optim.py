@@ -20,9 +20,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ghostvis_core.backends import plan_backends
+from ghostvis_core.backends import BackendPlan
 from ghostvis_core.config import OptimizerConfig
-from ghostvis_core.env import probe_env
 from ghostvis_core.errors import BackendUnavailableError, CheckpointError
 from ghostvis_core.log import get_logger
 
@@ -180,11 +179,17 @@ def _count(params: list[nn.Parameter]) -> str:
 
 
 def build_optimizer(
-    model: nn.Module, opt_config: OptimizerConfig, device_type: str
+    model: nn.Module, opt_config: OptimizerConfig, plan: BackendPlan
 ) -> tuple[GhostVisOptimizer, str]:
-    """The optimizer the plan picks (or opt_config.backend requests) for model; returns (optimizer, description)."""
-    plan = plan_backends(probe_env(), device_type=device_type, optimizer=opt_config.backend)
+    """The optimizer the run's plan chose for model; returns (optimizer, description).
+
+    The plan was made from opt_config.backend (RunFacts.optimizer); a plan made from another request is a bug.
+    """
+    assert opt_config.backend == plan.facts.optimizer, (
+        f"optimizer backend {opt_config.backend!r} but the plan was made for {plan.facts.optimizer!r}"
+    )
     backend = plan.optimizer.backend
+    device_type = plan.device_type
     parts = split_params(model)
     cfg = opt_config
     wd = cfg.weight_decay

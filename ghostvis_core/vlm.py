@@ -86,7 +86,7 @@ def mask_image_targets(targets_BT: torch.Tensor, input_ids_BT: torch.Tensor, ima
 
 def _build_language_model(config: GPTConfig, plan: BackendPlan) -> GPT:
     """The text decoder: the one place the VLM constructs a GPT."""
-    return GPT(config)  # becomes GPT(config, plan) when GPT takes the plan (issue 9)
+    return GPT(config, plan)
 
 
 class VLM(nn.Module):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from helpers import assert_max_diff
 from helpers import attention_reference as reference
+from plans import cpu_plan
 
 from ghostvis_core.attention import (
     AttentionContext,
@@ -17,7 +18,6 @@ from ghostvis_core.attention import (
     flex_document_block_mask,
     packed_mask,
 )
-from ghostvis_core.backends import plan_for_model
 from ghostvis_core.config import GPTConfig
 
 B, T, H, K, D = 2, 40, 4, 2, 16
@@ -65,7 +65,7 @@ def test_noncausal_sdpa_math_matches_reference():
 def test_packed_sdpa_math_with_doc_mask_matches_reference():
     q, k, v = qkv(2)
     pos = packed_positions()
-    plan = plan_for_model(GPTConfig(n_layer=1, n_head=H, n_kv_head=K, n_embd=H * D), "cpu")
+    plan = cpu_plan(GPTConfig(n_layer=1, n_head=H, n_kv_head=K, n_embd=H * D))
     ctx = build_attention_context(plan, pos, B, T, torch.device("cpu"))
     assert ctx.case == "packed" and ctx.backend == "sdpa_math"
     got = attention(q, k, v, ctx)

@@ -105,10 +105,11 @@ def test_kvcache_backends(backend, start, new):
 
 
 def test_plan_context_on_cuda():
-    from ghostvis_core.backends import plan_for_model
+    from plans import device_plan
+
     from ghostvis_core.config import GPTConfig
 
-    plan = plan_for_model(GPTConfig(n_layer=1, n_head=H, n_kv_head=K, n_embd=H * D), "cuda")
+    plan = device_plan(GPTConfig(n_layer=1, n_head=H, n_kv_head=K, n_embd=H * D), "cuda", "bfloat16")
     ctx = build_attention_context(plan, positions(), B, T, torch.device("cuda"))
     print("packed backend:", ctx.backend, "dense:", plan.attention["dense"].backend)
     assert ctx.case == "packed" and ctx.backend in ("flash_attn", "flex", "sdpa_efficient", "sdpa_math")

@@ -11,19 +11,19 @@ import numpy as np
 import pytest
 import torch
 from helpers import tree_hashes as _hashes
+from plans import cpu_gpt, cpu_optimizer, cpu_plan
 
 from ghostvis_core import checkpoint as ckpt
 from ghostvis_core.config import GPTConfig, OptimizerConfig
 from ghostvis_core.errors import CheckpointError
 from ghostvis_core.gpt import GPT
-from ghostvis_core.optim import build_optimizer
 
 
 def _tied_model_and_optimizer():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_kv_head=1, n_embd=64, vocab_size=101, sequence_len=32,
+    model = cpu_gpt(GPTConfig(n_layer=2, n_head=2, n_kv_head=1, n_embd=64, vocab_size=101, sequence_len=32,
                           tie_embeddings=True))
-    opt, _ = build_optimizer(model, OptimizerConfig(lr=1e-2), "cpu")
+    opt, _ = cpu_optimizer(model, OptimizerConfig(lr=1e-2))
     ids = torch.randint(0, 101, (2, 16))
     model(ids, ids).backward()
     opt.step()
@@ -49,12 +49,12 @@ def test_round_trip_with_tied_weights_and_weights_only_optimizer(tmp_path):
     # optimizer.pt loads with weights_only=True (no arbitrary unpickling)
     torch.load(path / "optimizer.pt", weights_only=True)
 
-    fresh = GPT(model.config)
+    fresh = GPT(model.config, cpu_plan(model.config))
     fresh.load_state_dict(ckpt.load_model_state(path), strict=True)
     assert fresh.lm_head.weight is fresh.model.embed_tokens.weight  # still tied after loading
     for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
-    fresh_opt, _ = build_optimizer(fresh, OptimizerConfig(lr=1e-2), "cpu")
+    fresh_opt, _ = cpu_optimizer(fresh, OptimizerConfig(lr=1e-2))
     fresh_opt.load_state_dict(ckpt.load_optimizer_state(path))
     a, b = opt.state_dict(), fresh_opt.state_dict()
     for sa, sb in zip(a["optimizers"], b["optimizers"], strict=True):

@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 from multirank import kill_after_checkpoint, losses, torchrun_cmd
+from plans import cpu_plan
 from test_train_config import subprocess_env, tiny_config
 
 from ghostvis_core import checkpoint as ckpt
@@ -99,7 +100,7 @@ def test_fsdp_checkpoint_is_a_full_state_equal_to_ddp(ddp_and_fsdp, step):
     print(f"step {step}: max |FSDP - DDP| weight difference {worst:.1e}")
     # a plain (unwrapped, unsharded) model takes it as is
     model_config = GPTConfig.from_dict(ckpt.read_state(fsdp_dir)["model_config"])
-    GPT(model_config).load_state_dict(ours, strict=True)
+    GPT(model_config, cpu_plan(model_config)).load_state_dict(ours, strict=True)
 
     # optimizer.pt: DDP's format (index-keyed torch state per inner optimizer), full tensors, same values
     opt_ours, opt_theirs = ckpt.load_optimizer_state(fsdp_dir), ckpt.load_optimizer_state(ddp_dir)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from plans import cpu_plan, device_plan
 
 from ghostvis_core.config import GPTConfig
 from ghostvis_core.gpt import GPT
@@ -16,11 +17,12 @@ pytestmark = [
 V = 1000
 
 
-def model(**kw) -> GPT:
+def model(compiled: bool = False, **kw) -> GPT:
+    """A bf16-autocast CUDA model (the plan made for bf16, eager or compiled) with random weights."""
     torch.manual_seed(0)
     cfg = GPTConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=256, vocab_size=V, sequence_len=256, **kw)
     with torch.device("cuda"):
-        m = GPT(cfg)
+        m = GPT(cfg, device_plan(cfg, "cuda", "bfloat16", compiled=compiled))
     with torch.no_grad():
         for name, p in m.named_parameters():
             if not name.endswith("norm.weight"):
@@ -35,7 +37,7 @@ def test_cuda_loss_matches_fp32_cpu_model():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = m(ids, tgt)
     loss.backward()
-    cpu = model().cpu()
+    cpu = GPT(m.config, cpu_plan(m.config))
     cpu.load_state_dict({k: v.cpu() for k, v in m.state_dict().items()})
     ref = cpu(ids.cpu(), tgt.cpu())
     print(
@@ -75,10 +77,11 @@ def test_kv_cache_decode_matches_full_forward_on_cuda():
 
 def test_compiled_blocks_match_eager():
     m = model()
+    c = model(compiled=True).compile_blocks(dynamic=False)
+    c.load_state_dict(m.state_dict())
     ids = torch.randint(0, V, (2, 256), device="cuda")
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         eager = m(ids, torch.roll(ids, -1, 1))
-        m.compile_blocks(dynamic=False)
-        compiled = m(ids, torch.roll(ids, -1, 1))
+        compiled = c(ids, torch.roll(ids, -1, 1))
     print(f"compiled {compiled.item():.5f} eager {eager.item():.5f}")
     assert abs(compiled.item() - eager.item()) < 1e-2

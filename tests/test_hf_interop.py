@@ -43,7 +43,7 @@ def ours(config):
     elif isinstance(config, VisionConfig):
         model = VisionTower(config, cpu_plan())
     else:
-        model = GPT(config)
+        model = GPT(config, cpu_plan(config))
     return model.eval()
 
 

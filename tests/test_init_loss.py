@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from plans import cpu_plan
 
 from ghostvis_core.config import GPTConfig
 from ghostvis_core.gpt import GPT
@@ -26,7 +27,7 @@ TOL = 0.5
 
 def _first_loss(config: GPTConfig, seed: int = 0) -> float:
     torch.manual_seed(seed)
-    model = GPT(config)
+    model = GPT(config, cpu_plan(config))
     model.init_weights()
     model.eval()
     gen = torch.Generator().manual_seed(seed + 1)
@@ -65,7 +66,7 @@ def test_tied_input_token_does_not_dominate():
     """The failure mode itself: a tied head must not give the current token a large logit."""
     config = _tiny(True, 631)
     torch.manual_seed(0)
-    model = GPT(config)
+    model = GPT(config, cpu_plan(config))
     model.init_weights()
     tokens = torch.randint(0, config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

@@ -6,11 +6,12 @@ import logging
 
 import pytest
 import torch
+from plans import cpu_optimizer, cpu_plan
 
 from ghostvis_core.config import GPTConfig, OptimizerConfig
 from ghostvis_core.errors import CheckpointError
 from ghostvis_core.gpt import GPT
-from ghostvis_core.optim import build_optimizer, split_params
+from ghostvis_core.optim import split_params
 
 
 def tiny(tied: bool = False) -> GPT:
@@ -25,7 +26,7 @@ def tiny(tied: bool = False) -> GPT:
         mlp_hidden=64,
         tie_embeddings=tied,
     )
-    return GPT(cfg)
+    return GPT(cfg, cpu_plan(cfg))
 
 
 def batch(seed: int):
@@ -58,7 +59,7 @@ def test_state_dict_round_trip_resumes_bitwise(backend, caplog):
     cfg = OptimizerConfig(backend=backend, lr=1e-2, weight_decay=0.1)
     model_a = tiny()
     with caplog.at_level(logging.INFO, logger="ghostvis"):
-        opt_a, description = build_optimizer(model_a, cfg, "cpu")
+        opt_a, description = cpu_optimizer(model_a, cfg)
     assert "Using optimizer backend:" in caplog.text and description in caplog.text
     assert ("Muon" in description) == (backend == "muon")
     assert all("initial_lr" in g and g["lr"] == g["initial_lr"] for g in opt_a.param_groups)
@@ -70,7 +71,7 @@ def test_state_dict_round_trip_resumes_bitwise(backend, caplog):
 
     model_b = tiny()
     model_b.load_state_dict(model_state)
-    opt_b, _ = build_optimizer(model_b, cfg, "cpu")
+    opt_b, _ = cpu_optimizer(model_b, cfg)
     buf.seek(0)
     opt_b.load_state_dict(torch.load(buf, weights_only=True))
     train(model_b, opt_b, [3, 4])
@@ -80,7 +81,7 @@ def test_state_dict_round_trip_resumes_bitwise(backend, caplog):
 
 def test_lr_edits_reach_the_inner_optimizers():
     model = tiny()
-    opt, _ = build_optimizer(model, OptimizerConfig(backend="muon", lr=1e-3, matrix_lr=2e-2), "cpu")
+    opt, _ = cpu_optimizer(model, OptimizerConfig(backend="muon", lr=1e-3, matrix_lr=2e-2))
     assert {g["name"]: g["lr"] for g in opt.param_groups} == {
         "matrix": 2e-2,
         "head": 1e-3,
@@ -96,8 +97,8 @@ def test_lr_edits_reach_the_inner_optimizers():
 
 def test_loading_state_of_another_backend_is_a_clear_error():
     model = tiny()
-    adamw, _ = build_optimizer(model, OptimizerConfig(backend="adamw"), "cpu")
-    muon, _ = build_optimizer(model, OptimizerConfig(backend="muon"), "cpu")
+    adamw, _ = cpu_optimizer(model, OptimizerConfig(backend="adamw"))
+    muon, _ = cpu_optimizer(model, OptimizerConfig(backend="muon"))
     with pytest.raises(CheckpointError, match="same optimizer backend"):
         muon.load_state_dict(adamw.state_dict())
 

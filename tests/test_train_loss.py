@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from plans import cpu_gpt
 
 from ghostvis_core.config import GPTConfig
 from ghostvis_core.data import IGNORE_INDEX, build_chat_dataset, embedded_chats, pack_documents
@@ -12,7 +13,7 @@ from ghostvis_core.train.loop import forward_backward, forward_sum
 
 def _model(vocab: int = 97) -> GPT:
     torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_kv_head=1, n_embd=64, vocab_size=vocab, sequence_len=64))
+    model = cpu_gpt(GPTConfig(n_layer=2, n_head=2, n_kv_head=1, n_embd=64, vocab_size=vocab, sequence_len=64))
     # give the zero-initialised output projections weights, so every layer actually mixes tokens
     with torch.no_grad():
         for p in model.parameters():

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from plans import cpu_gpt, cpu_optimizer
 from test_checkpoint import _save, _tied_model_and_optimizer
 
 from ghostvis_core.config import OptimizerConfig
-from ghostvis_core.gpt import GPT
-from ghostvis_core.optim import build_optimizer
 from ghostvis_core.train.loop import _to_device
 from ghostvis_core.train.run import Progress, restore_model_and_optimizer
 
@@ -47,8 +46,8 @@ def test_restore_loads_weights_and_optimizer_state_exactly(tmp_path):
     model, opt = _tied_model_and_optimizer()
     path = _save(tmp_path, 3, model, opt)
     torch.manual_seed(1)
-    fresh = GPT(model.config)
-    fresh_opt, _ = build_optimizer(fresh, OptimizerConfig(lr=1e-2), "cpu")
+    fresh = cpu_gpt(model.config)
+    fresh_opt, _ = cpu_optimizer(fresh, OptimizerConfig(lr=1e-2))
     restore_model_and_optimizer(fresh, fresh_opt, path, with_optimizer=True)
     for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
         assert torch.equal(a, b), name

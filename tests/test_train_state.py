@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from plans import cpu_plan
 from test_checkpoint import _hashes, _save, _tied_model_and_optimizer
 
 from ghostvis_core import atomic
@@ -106,13 +107,13 @@ def test_an_older_state_json_takes_model_and_recipe_from_the_run_config(tmp_path
     bare = TrainState.read(path)
     assert bare.model_config is None and bare.recipe is None and bare.data_format == "text"
     with pytest.raises(CheckpointError, match="field 'model_config' is missing"):
-        GPT.from_checkpoint(path, None)
+        GPT.from_checkpoint(path, cpu_plan(model.config))
 
 
 def test_from_checkpoint_loads_the_exact_weights(tmp_path):
     model, opt = _tied_model_and_optimizer()
     path = _save(tmp_path, 5, model, opt)
-    loaded = GPT.from_checkpoint(path, None)
+    loaded = GPT.from_checkpoint(path, cpu_plan(model.config))
     assert loaded.config == model.config
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
@@ -140,7 +141,7 @@ def test_from_checkpoint_names_the_folder_and_the_key_of_a_bad_tensor(tmp_path, 
         tensors["model.extra.weight"] = torch.zeros(3)
     path = _save_weights(tmp_path, model, tensors)
     with pytest.raises(CheckpointError) as err:
-        GPT.from_checkpoint(path, None)
+        GPT.from_checkpoint(path, cpu_plan(model.config))
     text = str(err.value)
     assert text.startswith(f"checkpoint {path}: model.safetensors {message}") and "\n" not in text, text
 
@@ -150,7 +151,7 @@ def test_from_checkpoint_refuses_another_model_kind(tmp_path):
     path = ckpt.save_checkpoint(tmp_path, 1, model_state=model.state_dict(), optimizer_state=opt.state_dict(),
                                 state={"model_config": model.config.to_dict(), "model_kind": "vlm"}, keep_last=0)
     with pytest.raises(CheckpointError, match=f"checkpoint {re.escape(str(path))} holds a vlm model, not a gpt"):
-        GPT.from_checkpoint(path, None)
+        GPT.from_checkpoint(path, cpu_plan(model.config))
 
 
 # ------------------------------------------------------------------------------------------------ atomic

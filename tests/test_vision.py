@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+from plans import cpu_plan
 
-from ghostvis_core.backends import BackendPlan, plan_backends
-from ghostvis_core.env import probe_env
 from ghostvis_core.errors import ConfigError
 from ghostvis_core.vision import VisionTower, normalize_pixels
 from ghostvis_core.vision_config import VISION_PRESETS, VisionConfig, VLMConfig, get_vision_config
@@ -15,11 +14,6 @@ from ghostvis_core.vision_config import VISION_PRESETS, VisionConfig, VLMConfig,
 # fp32 with the same weights: |ours - HF| <= PARITY_RTOL * max|HF| (random weights of std 0.2 grow the
 # activations to ~10, so an absolute 1e-5 would be a tighter bound at that scale than fp32 rounding allows).
 PARITY_RTOL = 1e-5
-
-
-def cpu_plan() -> BackendPlan:
-    """The CPU fp32 backend plan every vision/VLM test builds its models with (the one planner call)."""
-    return plan_backends(probe_env(), device_type="cpu", dtype="float32")
 
 
 @torch.no_grad()

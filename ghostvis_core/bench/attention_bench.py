@@ -9,16 +9,12 @@ Absent backends are rows with status "absent" and the reason.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ghostvis_core.errors import GhostVisError
+from ghostvis_core.errors import BackendUnavailableError, GhostVisError
 
-_SDPA = {
-    "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
-    "sdpa_flash": SDPBackend.FLASH_ATTENTION,
-    "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
-}
+# The shipped attention() is what is timed: each row plans with that backend requested (so an absent backend
+# reports the planner's own reason) and calls attention() with the context the model would build.
+BACKENDS = ("flash_attn", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "flex")
 LABELS = {
     "flash_attn": "FlashAttention-2",
     "sdpa_cudnn": "SDPA/cuDNN",
@@ -29,7 +25,7 @@ LABELS = {
 
 
 def _bench(fn, inputs, backward: bool) -> float:
-    from ghostvis_core.bench.train_bench import bench_ms
+    from ghostvis_core.bench.timing import cuda_median_ms
 
     def run():
         if backward:
@@ -42,67 +38,25 @@ def _bench(fn, inputs, backward: bool) -> float:
 
     with torch.no_grad():
         grad = torch.randn_like(fn())
-    return bench_ms(run, iters=20, warmup=5)
+    return cuda_median_ms(run, warmup=5, iters=20)
 
 
-def _flash_absent_reason() -> str | None:
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError as err:
-        return f"flash-attn does not import ({err}); `ghostvis install flash-attn`"
-    return None
+def _forced_plan(backend: str, head_dim: int, dtype: torch.dtype):
+    """The plan with attention `backend` requested for every case it serves (raises when it cannot run)."""
+    from ghostvis_core.backends import plan_backends
+    from ghostvis_core.env import probe_env
+
+    dtype_name = str(dtype).replace("torch.", "")
+    return plan_backends(probe_env(), device_type="cuda", dtype=dtype_name, attn=backend, head_dim=head_dim)
 
 
-def _dense_fn(backend, q, k, v):
-    """Causal attention over (B, H, T, D) tensors by `backend`."""
-    if backend == "flash_attn":
-        from flash_attn import flash_attn_func
+def _attention_fn(plan, q, k, v, position_ids):
+    """attention() over (B, T, H, D) tensors with the context GPT.forward builds (packed when positions given)."""
+    from ghostvis_core.attention import attention, build_attention_context
 
-        return lambda: flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
-    if backend == "flex":
-        from ghostvis_core.attention import _causal_block_mask, _compiled_flex
-
-        mask = _causal_block_mask(q.shape[2], str(q.device))
-        flex = _compiled_flex()
-        return lambda: flex(q, k, v, block_mask=mask)
-
-    def sdpa():
-        with sdpa_kernel([_SDPA[backend]]):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-
-    return sdpa
-
-
-def _packed_fn(backend, q, k, v, position_ids):
-    from ghostvis_core.attention import (
-        cu_seqlens_from_positions,
-        doc_ids_from_positions,
-        flex_document_block_mask,
-        packed_mask,
-    )
-
-    B, H, T, D = q.shape
-    if backend == "flash_attn":
-        from flash_attn import flash_attn_varlen_func
-
-        cu, max_len = cu_seqlens_from_positions(position_ids)
-        qf, kf, vf = (t.transpose(1, 2).reshape(B * T, H, D) for t in (q, k, v))
-        return lambda: flash_attn_varlen_func(qf, kf, vf, cu, cu, max_len, max_len, causal=True)
-    if backend == "flex":
-        from ghostvis_core.attention import _compiled_flex
-
-        mask = flex_document_block_mask(doc_ids_from_positions(position_ids))
-        flex = _compiled_flex()
-        return lambda: flex(q, k, v, block_mask=mask)
-    if backend == "sdpa_efficient":
-        mask = packed_mask(position_ids)
-
-        def sdpa():
-            with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-        return sdpa
-    return None  # SDPA flash / cuDNN take no block-diagonal mask
+    B, T = q.shape[:2]
+    ctx = build_attention_context(plan, position_ids, B, T, q.device)
+    return lambda: attention(q, k, v, ctx)
 
 
 def run_attention_bench(
@@ -120,14 +74,13 @@ def run_attention_bench(
         raise GhostVisError(f"seq_len={seq_len} must be divisible by docs_per_row={docs_per_row}")
     B, H, T, D = batch, heads, seq_len, head_dim
     torch.manual_seed(0)
-    q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
     doc_len = T // docs_per_row
     position_ids = torch.arange(T, device="cuda").remainder(doc_len).expand(B, T).contiguous()
     fwd_flops = 4 * B * H * T * T * D / 2
     rows: list[dict] = []
     dense_ms: dict[str, tuple[float, float]] = {}
-    flash_reason = _flash_absent_reason()
-    for backend in ("flash_attn", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "flex"):
+    for backend in BACKENDS:
         base = {
             "backend": backend,
             "label": LABELS[backend],
@@ -137,12 +90,15 @@ def run_attention_bench(
             "head_dim": D,
             "dtype": str(dtype).replace("torch.", ""),
         }
-        if backend == "flash_attn" and flash_reason:
-            rows.append({**base, "case": "dense", "status": "absent", "reason": flash_reason})
-            rows.append({**base, "case": "packed", "status": "absent", "reason": flash_reason})
+        try:
+            plan = _forced_plan(backend, D, dtype)
+        except BackendUnavailableError as err:
+            reason = str(err)
+            rows.append({**base, "case": "dense", "status": "absent", "reason": reason})
+            rows.append({**base, "case": "packed", "status": "absent", "reason": reason})
             continue
         try:
-            fn = _dense_fn(backend, q, k, v)
+            fn = _attention_fn(plan, q, k, v, None)
             fwd = _bench(fn, [q, k, v], backward=False)
             fwd_bwd = _bench(fn, [q, k, v], backward=True)
         except RuntimeError as err:  # e.g. "No available kernel" for this shape / dtype / GPU
@@ -160,8 +116,7 @@ def run_attention_bench(
                 "fwd_bwd_tflops": 3.5 * fwd_flops / fwd_bwd / 1e9,
             }
         )
-        fn = _packed_fn(backend, q, k, v, position_ids)
-        if fn is None:
+        if plan.attention["packed"].backend != backend:  # SDPA flash / cuDNN take no block-diagonal mask
             rows.append(
                 {
                     **base,
@@ -171,6 +126,7 @@ def run_attention_bench(
                 }
             )
             continue
+        fn = _attention_fn(plan, q, k, v, position_ids)
         fwd = _bench(fn, [q, k, v], backward=False)
         fwd_bwd = _bench(fn, [q, k, v], backward=True)
         rows.append(

@@ -104,3 +104,28 @@ def copy_bandwidth(num_elements: int = 1 << 28, dtype: torch.dtype = torch.bfloa
     dst = torch.empty_like(src)
     ms = cuda_median_ms(lambda: dst.copy_(src))
     return CopyBandwidth(num_bytes=2 * src.numel() * src.element_size(), ms=ms)
+
+
+class CudaSpan:
+    """GPU milliseconds between two points of a stream (CUDA events; read `ms` after a synchronize).
+
+    For spans that cuda_median_ms cannot bracket: a run of consecutive training steps timed as one, or the
+    optimizer step inside each of them.
+    """
+
+    def __init__(self) -> None:
+        self._start = torch.cuda.Event(enable_timing=True)
+        self._end = torch.cuda.Event(enable_timing=True)
+
+    def start(self) -> None:
+        """Record the start event on the current stream."""
+        self._start.record()
+
+    def stop(self) -> None:
+        """Record the end event on the current stream."""
+        self._end.record()
+
+    @property
+    def ms(self) -> float:
+        """Elapsed GPU milliseconds (both events must have completed)."""
+        return self._start.elapsed_time(self._end)

@@ -5,10 +5,12 @@ Reference: the same Llama architecture written plainly below (nn.RMSNorm, SDPA i
 default kernel choice, silu(gate) * up, full-logit fp32 cross-entropy), `torch.compile(model)`, fused AdamW.
 
 MFU = tok/s * flops_per_token / peak, flops_per_token = 6 * N_non_embedding + 12 * L * d * T (nanochat),
-against the card's dense bf16 peak (H100/H200 SXM 989e12, A100 312e12). Component times (attention, MLP,
-RMSNorm, loss) are fwd+bwd of one call in isolation at the model's shapes, eager, CUDA events, scaled by the
+against the card's dense bf16 peak (hardware_limits.PEAK_BF16_FLOPS, the table the trainer's MFU uses).
+Component times (attention kernel, the attention layer, MLP, RMSNorm, loss) are fwd+bwd of one call of the
+shipped modules in isolation at the model's shapes, eager, timed by timing.cuda_median_ms, scaled by the
 number of calls per step; the optimizer time is measured inside the real training steps. Eager components
 do not add up to a compiled step: inductor fuses the elementwise work (RoPE, residual adds, norms, SwiGLU).
+The plan is built once (backends.training_run_facts, as the trainer does) and shared by every measurement.
 """
 
 from __future__ import annotations
@@ -21,21 +23,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ghostvis_core.backends import BackendPlan
+from ghostvis_core.bench.timing import CudaSpan, cuda_median_ms
 from ghostvis_core.config import GPTConfig, OptimizerConfig
 from ghostvis_core.errors import ConfigError, GhostVisError
+from ghostvis_core.hardware_limits import peak_bf16_flops
 from ghostvis_core.model_configs import get_preset
-
-# Dense bf16 tensor-core peaks (datasheet, SXM parts), matched by substring of the device name.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12}
-
-
-def peak_bf16_flops(device_name: str) -> float | None:
-    """Datasheet dense bf16 FLOP/s of a card by name, None when unknown."""
-    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):
-        if key in device_name:
-            return PEAK_BF16_FLOPS[key]
-    return None
-
 
 # ---------------------------------------------------------------------------------------------------------
 # The plain PyTorch reference
@@ -127,15 +120,15 @@ def _free() -> None:
 def _run_steps(model, optimizer, x, y, steps: int, warmup: int) -> dict:
     """Time `steps` training steps after `warmup` (compile happens there); optimizer ms from inner events."""
 
-    def one_step(opt_events=None):
+    def one_step(opt_span: CudaSpan | None = None):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(x, y)
         loss.backward()
-        if opt_events is not None:
-            opt_events[0].record()
+        if opt_span is not None:
+            opt_span.start()
         optimizer.step()
-        if opt_events is not None:
-            opt_events[1].record()
+        if opt_span is not None:
+            opt_span.stop()
         optimizer.zero_grad(set_to_none=True)
         return loss
 
@@ -143,52 +136,49 @@ def _run_steps(model, optimizer, x, y, steps: int, warmup: int) -> dict:
         loss = one_step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    opt_events = [
-        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)
-    ]
-    start.record()
+    # consecutive steps timed as one span: the host runs ahead of the GPU as in training
+    total, opt_spans = CudaSpan(), [CudaSpan() for _ in range(steps)]
+    total.start()
     for i in range(steps):
-        loss = one_step(opt_events[i])
-    end.record()
+        loss = one_step(opt_spans[i])
+    total.stop()
     torch.cuda.synchronize()
-    step_ms = start.elapsed_time(end) / steps
+    step_ms = total.ms / steps
     tokens = x.numel()
     return {
         "step_ms": step_ms,
         "tok_per_s": tokens / (step_ms / 1e3),
-        "optimizer_ms": statistics.median(a.elapsed_time(b) for a, b in opt_events),
+        "optimizer_ms": statistics.median(span.ms for span in opt_spans),
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
         "final_loss": float(loss.item()),
     }
 
 
-def measure_ours(
-    config: GPTConfig,
-    batch_size: int,
-    steps: int,
-    warmup: int,
-    compile: bool,
-    optimizer: str = "adamw",
-    setup: Callable | None = None,
-) -> dict:
+def bench_plan(config: GPTConfig, compile: bool, optimizer: str) -> BackendPlan:
+    """The plan a bf16 training run of `config` gets on this GPU (the trainer's facts function)."""
+    from ghostvis_core.backends import plan_run, training_run_facts
+    from ghostvis_core.env import probe_env
+
+    env = probe_env()
+    facts = training_run_facts(env, config, device_type="cuda", compile=compile, dtype="bfloat16", optimizer=optimizer)
+    return plan_run(env, facts)
+
+
+def measure_ours(config: GPTConfig, plan: BackendPlan, batch_size: int, steps: int, warmup: int) -> dict:
     """One configuration of our stack: tok/s, step ms, optimizer ms, peak memory, backends in use."""
     from ghostvis_core.gpt import GPT
     from ghostvis_core.optim import build_optimizer
 
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = GPT(config)
-    if setup is not None:
-        setup(model)
-    if compile:
+        model = GPT(config, plan)
+    if plan.compiled:
         model.compile_blocks(dynamic=False)
-    opt, description = build_optimizer(model, OptimizerConfig(backend=optimizer, lr=1e-4), "cuda")
+    opt, description = build_optimizer(model, OptimizerConfig(backend=plan.facts.optimizer, lr=1e-4), plan)
     x = torch.randint(0, config.vocab_size, (batch_size, config.sequence_len), device="cuda")
     y = torch.roll(x, -1, dims=1)
     graph_breaks_before = _graph_breaks()
     result = _run_steps(model, opt, x, y, steps, warmup)
-    plan = model.plan
     result.update(
         {
             "attention": plan.attention["dense"].label,
@@ -226,22 +216,6 @@ def _graph_breaks() -> int:
     return sum(counters["graph_break"].values())
 
 
-def bench_ms(fn: Callable[[], None], iters: int = 10, warmup: int = 3) -> float:
-    """Median ms of fn() over iters calls, each bracketed by CUDA events."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        times.append((a, b))
-    torch.cuda.synchronize()
-    return statistics.median(a.elapsed_time(b) for a, b in times)
-
-
 def _fwd_bwd(fn: Callable[[], torch.Tensor], inputs: list[torch.Tensor]) -> Callable[[], None]:
     def run():
         for t in inputs:
@@ -265,44 +239,35 @@ def _attention_ms(config: GPTConfig, plan, B: int) -> tuple[float, float]:
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
         return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=K != H).float().sum()
 
-    ours_ms = bench_ms(_fwd_bwd(lambda: attention(q, k, v, ctx).float().sum(), [q, k, v]))
-    return ours_ms, bench_ms(_fwd_bwd(ref, [q, k, v]))
+    ours_ms = cuda_median_ms(_fwd_bwd(lambda: attention(q, k, v, ctx).float().sum(), [q, k, v]))
+    return ours_ms, cuda_median_ms(_fwd_bwd(ref, [q, k, v]))
 
 
-def _attn_proj_ms(config: GPTConfig, B: int) -> tuple[float, float]:
-    """q/k/v/o projections and RoPE of one layer (everything of attention but the softmax kernel)."""
-    from ghostvis_core.gpt import Attention, apply_rope, rope_cos_sin, rope_inv_freq
+def _attn_layer_ms(config: GPTConfig, plan: BackendPlan, B: int) -> tuple[float, float]:
+    """One attention layer, the shipped `Attention` module (q/k/v/o GEMMs, RoPE, the plan's dense kernel)
+    against RefAttention (the same with SDPA's default kernel choice)."""
+    from ghostvis_core.attention import build_attention_context
+    from ghostvis_core.gpt import Attention, rope_cos_sin, rope_inv_freq
 
     T, D = config.sequence_len, config.head_dim
     x = torch.randn(B, T, config.n_embd, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    ours = Attention(config).to("cuda")
-    ref = RefAttention(config).to("cuda")
+    with torch.device("cuda"):
+        ours, ref = Attention(config), RefAttention(config)
     inv_freq = rope_inv_freq(D, config.rope_theta, device="cuda")
     cos, sin = rope_cos_sin(torch.arange(T, device="cuda")[None], inv_freq)
     emb = torch.cat([torch.outer(torch.arange(T, device="cuda").float(), inv_freq)] * 2, dim=-1)
     ref_cos, ref_sin = emb.cos(), emb.sin()
+    ctx = build_attention_context(plan, None, B, T, x.device)
 
     def ours_fn():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            H, K = config.n_head, config.n_kv_head
-            q = apply_rope(ours.q_proj(x).view(B, T, H, D), cos, sin)
-            k = apply_rope(ours.k_proj(x).view(B, T, K, D), cos, sin)
-            v = ours.v_proj(x).view(B, T, K, D)
-            # stand-in for attention's output, so o_proj sees a (B, T, H*D) input that depends on q, k, v
-            y = q + k.repeat_interleave(H // K, dim=2) + v.repeat_interleave(H // K, dim=2)
-            return ours.o_proj(y.reshape(B, T, -1)).float().sum()
+            return ours(x, cos, sin, ctx).float().sum()
 
     def ref_fn():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            q = ref.q_proj(x).view(B, T, ref.h, D).transpose(1, 2)
-            k = ref.k_proj(x).view(B, T, ref.kv, D).transpose(1, 2)
-            v = ref.v_proj(x).view(B, T, ref.kv, D).transpose(1, 2)
-            q, k = _ref_rope(q, ref_cos, ref_sin), _ref_rope(k, ref_cos, ref_sin)
-            rep = ref.h // ref.kv
-            y = q + k.repeat_interleave(rep, dim=1) + v.repeat_interleave(rep, dim=1)
-            return ref.o_proj(y.transpose(1, 2).reshape(B, T, -1)).float().sum()
+            return ref(x, ref_cos, ref_sin).float().sum()
 
-    return bench_ms(_fwd_bwd(ours_fn, [x])), bench_ms(_fwd_bwd(ref_fn, [x]))
+    return cuda_median_ms(_fwd_bwd(ours_fn, [x])), cuda_median_ms(_fwd_bwd(ref_fn, [x]))
 
 
 def _mlp_ms(config: GPTConfig, plan, B: int) -> tuple[float, float]:
@@ -311,9 +276,8 @@ def _mlp_ms(config: GPTConfig, plan, B: int) -> tuple[float, float]:
     x = torch.randn(
         B, config.sequence_len, config.n_embd, device="cuda", dtype=torch.bfloat16, requires_grad=True
     )
-    ours = MLP(config).to("cuda")
-    ours.set_backend(plan.swiglu.backend, "cuda")
-    ref = RefMLP(config).to("cuda")
+    with torch.device("cuda"):
+        ours, ref = MLP(config, plan.swiglu.backend, "cuda"), RefMLP(config)
 
     def under_autocast(m):
         def f():
@@ -322,21 +286,19 @@ def _mlp_ms(config: GPTConfig, plan, B: int) -> tuple[float, float]:
 
         return f
 
-    return bench_ms(_fwd_bwd(under_autocast(ours), [x])), bench_ms(_fwd_bwd(under_autocast(ref), [x]))
+    return cuda_median_ms(_fwd_bwd(under_autocast(ours), [x])), cuda_median_ms(_fwd_bwd(under_autocast(ref), [x]))
 
 
-def _norm_ms(config: GPTConfig, plan, B: int) -> tuple[float, float]:
-    from ghostvis_core.kernels import rms_norm
+def _norm_ms(config: GPTConfig, plan: BackendPlan, B: int) -> tuple[float, float]:
+    from ghostvis_core.gpt import RMSNorm
 
     C = config.n_embd
     # The residual stream is fp32 under autocast (fp32 embedding output + bf16 branch outputs).
     x = torch.randn(B, config.sequence_len, C, device="cuda", requires_grad=True)
-    w = torch.ones(C, device="cuda", requires_grad=True)
-    ref = nn.RMSNorm(C, eps=config.norm_eps).to("cuda")
-    ours_ms = bench_ms(
-        _fwd_bwd(lambda: rms_norm(x, w, config.norm_eps, backend=plan.rms_norm.backend).sum(), [x, w])
-    )
-    return ours_ms, bench_ms(_fwd_bwd(lambda: ref(x).sum(), [x]))
+    with torch.device("cuda"):
+        ours = RMSNorm(C, config.norm_eps, plan.rms_norm.backend, "cuda")
+        ref = nn.RMSNorm(C, eps=config.norm_eps)
+    return cuda_median_ms(_fwd_bwd(lambda: ours(x).sum(), [x])), cuda_median_ms(_fwd_bwd(lambda: ref(x).sum(), [x]))
 
 
 def _loss_ms(config: GPTConfig, B: int) -> tuple[float, float]:
@@ -355,18 +317,17 @@ def _loss_ms(config: GPTConfig, B: int) -> tuple[float, float]:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             return F.cross_entropy(F.linear(h, head).float(), tgt)
 
-    return bench_ms(_fwd_bwd(ours, [h, head]), iters=5), bench_ms(_fwd_bwd(ref, [h, head]), iters=5)
+    return cuda_median_ms(_fwd_bwd(ours, [h, head]), warmup=3, iters=5), cuda_median_ms(
+        _fwd_bwd(ref, [h, head]), warmup=3, iters=5
+    )
 
 
-def component_times(config: GPTConfig, batch_size: int, compiled: bool = False) -> list[dict]:
+def component_times(config: GPTConfig, batch_size: int, plan: BackendPlan) -> list[dict]:
     """ms per training step of each component, ours vs reference, measured in isolation (eager).
 
-    `compiled` picks the plan the timed step ran with (RMSNorm/SwiGLU backends differ under torch.compile);
-    the components themselves run eager, so they show kernel choices, not inductor's fusions.
+    `plan` is the one the timed steps ran with (RMSNorm/SwiGLU backends differ under torch.compile); the
+    components themselves run eager, so they show kernel choices, not inductor's fusions.
     """
-    from ghostvis_core.backends import plan_for_model
-
-    plan = plan_for_model(config, "cuda", compiled=compiled)
     L = config.n_layer
     specs = [
         (
@@ -377,11 +338,11 @@ def component_times(config: GPTConfig, batch_size: int, compiled: bool = False) 
             "SDPA default",
         ),
         (
-            "attn proj+rope",
+            "attn layer",
             L,
-            lambda: _attn_proj_ms(config, batch_size),
-            "q/k/v/o GEMMs + RoPE",
-            "q/k/v/o GEMMs + RoPE",
+            lambda: _attn_layer_ms(config, plan, batch_size),
+            f"Attention module ({plan.attention['dense'].label})",
+            "RefAttention (SDPA default)",
         ),
         ("mlp", L, lambda: _mlp_ms(config, plan, batch_size), plan.swiglu.label, "silu(gate) * up"),
         (
@@ -440,7 +401,8 @@ def run_train_bench(
     config = get_preset(preset, sequence_len=seq_len, norm_backend=norm_backend)
     device_name = torch.cuda.get_device_name()
     peak = peak_bf16_flops(device_name)
-    ours = measure_ours(config, batch_size, steps, warmup, compile, optimizer)
+    plan = bench_plan(config, compile, optimizer)
+    ours = measure_ours(config, plan, batch_size, steps, warmup)
     reference = measure_reference(config, batch_size, steps, warmup, compile)
     fpt = ours["flops_per_token"]
     for r in (ours, reference):
@@ -463,7 +425,7 @@ def run_train_bench(
         "components": [],
     }
     if components:
-        rows = component_times(config, batch_size, compiled=compile)
+        rows = component_times(config, batch_size, plan)
         rows.append(
             {
                 "component": "optimizer",
@@ -511,5 +473,5 @@ __all__ = [
     "measure_ours",
     "measure_reference",
     "component_times",
-    "bench_ms",
+    "bench_plan",
 ]

@@ -1,8 +1,8 @@
 """Fused kernels: RMSNorm and SwiGLU with Triton, apex and PyTorch backends.
 
     from ghostvis_core.kernels import rms_norm, swiglu
-    y = rms_norm(x, weight, eps=1e-5, backend="triton")   # backend: "auto" | "triton" | "apex" | "torch"
-    h = swiglu(gate, up, backend="triton")                 # backend: "auto" | "triton" | "torch"
+    y = rms_norm(x, weight, eps=1e-5, backend="triton")   # backend: "triton" | "apex" | "torch"
+    h = swiglu(gate, up, backend="triton")                 # backend: "triton" | "torch"
 
 Triton itself is imported only when a Triton backend runs, so importing this package costs nothing extra.
 """

@@ -1,8 +1,8 @@
-"""Public RMSNorm / SwiGLU entry points and their backends: "triton", "apex", "torch", "auto".
+"""Public RMSNorm / SwiGLU entry points and their concrete backends: "triton", "apex", "torch".
 
-The decision of record (which backend a model uses, and why) is made by `ghostvis_core.backends`; the model
-passes that choice here explicitly. "auto" exists for direct callers and stays trivial: Triton for CUDA tensors
-when Triton imports, PyTorch otherwise. An explicit request that cannot run raises `BackendUnavailableError`.
+The decision (which backend a model uses, and why) is made by `ghostvis_core.backends`; the model and direct
+callers (tests, kernels_bench) pass a concrete name here ("auto" is resolved by the plan, never in a kernel).
+A backend that cannot run on the tensors' device raises `BackendUnavailableError`.
 
 Backends and their rounding (bf16/fp16 inputs; fp32 inputs agree to fp32 rounding):
   triton  Llama/HF semantics: y = w * round(x * rstd), fp32 inside (see rms_norm_triton.py).
@@ -19,10 +19,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from ghostvis_core.backend_names import NORM_BACKENDS, SWIGLU_BACKENDS
 from ghostvis_core.errors import BackendUnavailableError, ConfigError
 
-RMS_NORM_BACKENDS = ("auto", "triton", "apex", "torch")
-SWIGLU_BACKENDS = ("auto", "triton", "torch")
+RMS_NORM_BACKENDS = NORM_BACKENDS
 
 
 # Memo of the Triton import check: a plain global rather than functools.cache, because dynamo warns about (and
@@ -47,13 +47,11 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
-def _resolve(backend: str, device_type: str, allowed: tuple[str, ...], what: str) -> str:
-    """Map "auto" to a concrete backend and check that an explicit one can run on `device_type` tensors."""
+def _check(backend: str, device_type: str, allowed: tuple[str, ...], what: str) -> str:
+    """Check that the concrete `backend` can run on `device_type` tensors; returns it."""
     if backend not in allowed:
         raise ConfigError(f"{what} backend {backend!r} is not one of {', '.join(allowed)}")
     cuda = device_type == "cuda"
-    if backend == "auto":
-        return "triton" if cuda and triton_import_error() is None else "torch"
     if backend == "triton":
         if triton_import_error() is not None:
             raise BackendUnavailableError(
@@ -101,7 +99,7 @@ def rms_norm_fn(backend: str, device_type: str) -> Callable:
 
     Modules resolve their function here at construction, so a compiled forward calls it without re-checking.
     """
-    chosen = _resolve(backend, device_type, RMS_NORM_BACKENDS, "RMSNorm")
+    chosen = _check(backend, device_type, RMS_NORM_BACKENDS, "RMSNorm")
     if chosen == "triton":
         from ghostvis_core.kernels.rms_norm_triton import rms_norm_triton
 
@@ -109,9 +107,7 @@ def rms_norm_fn(backend: str, device_type: str) -> Callable:
     return rms_norm_apex if chosen == "apex" else rms_norm_torch
 
 
-def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-5, backend: str = "auto"
-) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-5, *, backend: str) -> torch.Tensor:
     """RMSNorm over the last dim of x (any leading shape), scaled by `weight` when given."""
     return rms_norm_fn(backend, x.device.type)(x, weight, eps)
 
@@ -125,13 +121,13 @@ def swiglu_fn(backend: str, device_type: str) -> Callable:
     """The SwiGLU function `(gate, up) -> silu(gate) * up` of `backend` for `device_type` tensors."""
     if backend == "apex":
         raise BackendUnavailableError("apex has no SwiGLU kernel; use backend 'triton' or 'torch'.")
-    if _resolve(backend, device_type, SWIGLU_BACKENDS, "SwiGLU") == "triton":
+    if _check(backend, device_type, SWIGLU_BACKENDS, "SwiGLU") == "triton":
         from ghostvis_core.kernels.swiglu_triton import swiglu_triton
 
         return swiglu_triton
     return swiglu_torch
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str) -> torch.Tensor:
     """silu(gate) * up; gate and up share a shape (they may be the two halves of one projection)."""
     return swiglu_fn(backend, gate.device.type)(gate, up)

@@ -19,13 +19,20 @@ from collections.abc import Callable
 import torch
 
 from ghostvis_core import checkpoint as ckpt
+from ghostvis_core.backends import BackendPlan
 from ghostvis_core.constants import IGNORE_INDEX
 from ghostvis_core.errors import TrainingAborted
 from ghostvis_core.log import get_logger, setup_logging
 from ghostvis_core.train.config import TrainConfig
-from ghostvis_core.train.distributed import DistInfo, all_reduce_sum, destroy_distributed, init_distributed
+from ghostvis_core.train.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    destroy_distributed,
+    init_distributed,
+)
 from ghostvis_core.train.metrics import compute_mfu, peak_memory_gib
-from ghostvis_core.train.run import Progress, StepStats, TrainingRun, TrainResult, build_run, compute_dtype
+from ghostvis_core.train.run import Progress, StepStats, TrainingRun, TrainResult, build_run
 from ghostvis_core.train.schedule import apply_lr, lr_multiplier
 
 
@@ -58,9 +65,10 @@ class _StopFlag:
         self._previous.clear()
 
 
-def _autocast(cfg: TrainConfig, device: torch.device):
-    if compute_dtype(cfg, device) == "bfloat16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+def _autocast(plan: BackendPlan):
+    """bf16 autocast when the plan's compute dtype is bfloat16 (parameters and optimizer state stay fp32)."""
+    if plan.dtype == "bfloat16":
+        return torch.autocast(device_type=plan.device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -111,7 +119,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     setup_logging()
     info = init_distributed()
     try:
-        return _train(cfg, info)
+        result = _train(cfg, info)
+        # Every rank reaches teardown together: a gloo rank that destroys its group while another is still
+        # writing the loss plot aborts at exit ("terminate called without an active exception").
+        barrier()
+        return result
     finally:
         destroy_distributed()
 
@@ -160,7 +172,7 @@ def train_step(run: TrainingRun, progress: Progress, stop: _StopFlag) -> StepSta
     micro = [_to_device(next(run.loader), device) for _ in range(run.grad_accum)]
     try:
         loss_sum, count = forward_backward(run.model, micro, world_size=run.info.world_size,
-                                           autocast=lambda: _autocast(cfg, device))
+                                           autocast=lambda: _autocast(run.plan))
         grad_norm = (torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), cfg.grad_clip)
                      if cfg.grad_clip > 0 else torch.zeros((), device=device))
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor norm

@@ -17,20 +17,14 @@ import torch
 from rich.console import Console
 
 from ghostvis_core.atomic import write_text_atomic
-
-# Dense bf16 tensor-core peaks from the datasheets (no sparsity).
-_PEAK_BF16_FLOPS = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12))
+from ghostvis_core.hardware_limits import peak_bf16_flops
 
 
 def peak_flops(device: torch.device) -> float | None:
-    """The card's dense bf16 peak FLOP/s, or None (CPU, unknown card)."""
+    """The card's dense bf16 peak FLOP/s (hardware_limits.PEAK_BF16_FLOPS), or None (CPU, unknown card)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in _PEAK_BF16_FLOPS:
-        if key in name:
-            return flops
-    return None
+    return peak_bf16_flops(torch.cuda.get_device_name(device))
 
 
 def compute_mfu(tok_per_s: float, flops_per_token: float, world_size: int, peak: float | None) -> float | None:

@@ -15,6 +15,7 @@ import torch
 
 from ghostvis_core import checkpoint as ckpt
 from ghostvis_core.atomic import write_json_atomic
+from ghostvis_core.backends import BackendPlan
 from ghostvis_core.checkpoint import TrainState
 from ghostvis_core.config import GPTConfig
 from ghostvis_core.log import get_logger
@@ -35,36 +36,34 @@ from ghostvis_core.train.recipe_spec import RecipeSpec, spec_for
 from ghostvis_core.train.schedule import lr_multiplier
 
 
-def compute_dtype(cfg: TrainConfig, device: torch.device) -> str:
-    """cfg.dtype resolved: auto = bfloat16 on CUDA, float32 on CPU."""
-    if cfg.dtype == "auto":
-        return "bfloat16" if device.type == "cuda" else "float32"
-    return cfg.dtype
-
-
 def build_model_and_optimizer(cfg: TrainConfig, model_config: GPTConfig, info: DistInfo):
-    """(raw model, wrapped model, optimizer): built on the device, compiled per cfg.compile, DDP/FSDP2-wrapped.
+    """(plan, raw model, wrapped model, optimizer): the run's one backend plan, then the model built with it on
+    the device, compiled if the plan says so, DDP/FSDP2-wrapped, and its optimizer.
 
     Weights are the seeded init; restore() loads a checkpoint's into the wrapped model afterwards.
     """
+    from ghostvis_core.backends import log_plan
+    from ghostvis_core.env import probe_env
     from ghostvis_core.gpt import GPT
     from ghostvis_core.optim import build_optimizer
+    from ghostvis_core.train.run_plan import plan_for_training
 
     device = info.device
+    plan = plan_for_training(cfg, probe_env(), device.type, info.world_size, model_config)
     torch.manual_seed(cfg.seed)
     with torch.device(device):
-        raw_model = GPT(model_config)
-    use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
+        raw_model = GPT(model_config, plan)
     why = f"compile={str(cfg.compile).lower()}" if cfg.compile is not None else f"the default on {device.type}"
-    get_logger().info(f"torch.compile: {'on' if use_compile else 'off'} ({why}; --compile / --no-compile to change)")
-    if use_compile:
+    get_logger().info(f"torch.compile: {'on' if plan.compiled else 'off'} ({why}; --compile / --no-compile to change)")
+    log_plan(plan)  # the one banner, from the plan that already holds the compile decision and the dtype
+    if plan.compiled:
         # regional compilation: the identical blocks share one graph (whole-model compile takes far longer,
         # and the attention setup and chunked loss are deliberate eager regions)
         raw_model.compile_blocks()
-    param_dtype = torch.bfloat16 if compute_dtype(cfg, device) == "bfloat16" else None
+    param_dtype = torch.bfloat16 if plan.dtype == "bfloat16" else None
     model = wrap_model(raw_model, info, cfg.fsdp, param_dtype=param_dtype)
-    optimizer, _ = build_optimizer(raw_model, cfg.optim, device.type)
-    return raw_model, model, optimizer
+    optimizer, _ = build_optimizer(raw_model, cfg.optim, plan)
+    return plan, raw_model, model, optimizer
 
 
 @dataclass
@@ -133,6 +132,8 @@ class TrainingRun:
     start: setup.StartPoint
     tokenizer: Any
     model_config: GPTConfig
+    plan: BackendPlan
+    """The run's one backend plan (device, dtype, compile, every backend)."""
     raw_model: torch.nn.Module
     model: torch.nn.Module
     """raw_model wrapped for DDP / FSDP2 (raw_model itself in one process)."""
@@ -235,7 +236,7 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> TrainingRun:
     model_config = setup.build_model_config(cfg, tokenizer.vocab_size, start)
     if start.resume_state is not None:
         setup.check_resume_compatible(model_config, start.resume_state, start.resume_dir)
-    raw_model, model, optimizer = build_model_and_optimizer(cfg, model_config, info)
+    plan, raw_model, model, optimizer = build_model_and_optimizer(cfg, model_config, info)
     log.info(f"Model: preset {cfg.preset}, {raw_model.num_params() / 1e6:.2f}M parameters "
              f"({raw_model.num_params(exclude_embedding=True) / 1e6:.2f}M without the embedding), "
              f"{model_config.n_layer} layers x {model_config.n_embd}, vocab {model_config.vocab_size}")
@@ -245,7 +246,7 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> TrainingRun:
                                seed=cfg.seed)
     return TrainingRun(
         cfg=cfg, info=info, spec=spec_for(cfg.recipe), start=start, tokenizer=tokenizer, model_config=model_config,
-        raw_model=raw_model, model=model, optimizer=optimizer, loader=loader, grad_accum=grad_accum,
+        plan=plan, raw_model=raw_model, model=model, optimizer=optimizer, loader=loader, grad_accum=grad_accum,
         tokens_per_step=tokens_per_step, metrics=MetricsLog(cfg.run_dir / "metrics.jsonl"),
         printer=ProgressPrinter(cfg.num_steps, enabled=info.is_main),
         flops_per_token=raw_model.flops_per_token(cfg.pack_max_length), peak_flops=peak_flops(info.device),
