@@ -33,14 +33,14 @@ def test_doctor_json_on_this_machine(capsys, monkeypatch):
 # autouse fixture) and the hand-built profile (GHOSTVIS_ENV_PROFILE) each get a line of their own.
 CPU_CHECKS = [
     ("python", "ok"), ("os", "ok"), ("cpu", "ok"), ("cuda", "warn"), ("torch", "warn"), ("nvcc", "ok"),
-    ("ninja", "ok"), ("triton", "warn"), ("flash-attn", "warn"), ("vllm", "warn"), ("apex", "warn"),
+    ("ninja", "ok"), ("triton", "warn"), ("flash-attn", "warn"), ("vllm", "ok"), ("apex", "warn"),
     ("liger", "warn"), ("muon", "ok"), ("flex_attention", "ok"), ("GHOSTVIS_HOME", "ok"), ("data", "ok"),
     ("runs", "ok"), ("cache", "ok"), ("env profile", "warn"),
 ]  # fmt: skip
 H100_CHECKS = [
     ("python", "ok"), ("os", "ok"), ("cpu", "ok"), ("gpu0", "ok"), ("driver", "ok"), ("torch", "ok"),
     ("cudnn", "ok"), ("nccl", "ok"), ("nvcc", "ok"), ("ninja", "ok"), ("triton", "ok"), ("flash-attn", "ok"),
-    ("vllm", "warn"), ("apex", "ok"), ("liger", "ok"), ("muon", "ok"), ("flex_attention", "ok"),
+    ("vllm", "ok"), ("apex", "ok"), ("liger", "ok"), ("muon", "ok"), ("flex_attention", "ok"),
     ("GHOSTVIS_HOME", "ok"), ("data", "ok"), ("runs", "ok"), ("cache", "ok"),
     ("env profile", "warn"),
 ]  # fmt: skip
