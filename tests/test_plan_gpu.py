@@ -34,7 +34,8 @@ def _cli_env(tmp_path: Path, hide_flash_attn: bool) -> dict[str, str]:
     env = dict(os.environ)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "GHOSTVIS_ENV_PROFILE"):
         env.pop(key, None)
-    path = [str(REPO)]
+    # the repo first, then whatever the caller's path holds (a GPU image carries packages through PYTHONPATH)
+    path = [str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     if hide_flash_attn:
         # A package earlier on the path that fails to import: the run sees flash-attn as installed-but-broken,
         # exactly the "H200 without a working flash-attn" machine.

@@ -35,8 +35,10 @@ def subprocess_env(tmp_path: Path) -> dict[str, str]:
     import os
 
     env = dict(os.environ)
+    # the repo first, then the caller's path (a GPU image carries packages through PYTHONPATH)
+    path = os.pathsep.join([str(REPO), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))])
     env.update(GHOSTVIS_HOME=str(tmp_path / "home"), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               PYTHONPATH=str(REPO), GHOSTVIS_DEBUG="0")
+               PYTHONPATH=path, GHOSTVIS_DEBUG="0")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env
