@@ -30,7 +30,7 @@ from ghostvis_core.env import EnvFacts
 from ghostvis_core.errors import BackendUnavailableError, ConfigError
 from ghostvis_core.hardware_limits import Unavailable, gpu_unavailable, package_unavailable
 from ghostvis_core.hardware_limits import arch_unavailable as _arch_unavailable
-from ghostvis_core.log import get_logger
+from ghostvis_core.log import first_time, get_logger
 
 __all__ = [
     "ATTENTION_CASES",
@@ -548,15 +548,11 @@ def format_banner(plan: BackendPlan) -> str:
     return "\n".join(lines)
 
 
-_LOGGED_BANNER: list[str] = []
-
-
 def log_plan(plan: BackendPlan) -> None:
-    """Log the banner through the ghostvis logger, once per process (a later plan is not logged)."""
-    if _LOGGED_BANNER:
+    """Log the banner through the ghostvis logger, once per process (a run has one plan; a later one is not
+    logged)."""
+    if not first_time("backend plan banner"):
         return
-    banner = format_banner(plan)
-    _LOGGED_BANNER.append(banner)
     logger = get_logger()
-    for line in banner.splitlines():
+    for line in format_banner(plan).splitlines():
         logger.info(line)

@@ -31,11 +31,18 @@ def setup_logging(level: int = logging.INFO) -> None:
 _LOGGED_ONCE: set[str] = set()
 
 
+def first_time(key: str) -> bool:
+    """True the first time this process asks for `key`, False after: the one "only once" memo."""
+    if key in _LOGGED_ONCE:
+        return False
+    _LOGGED_ONCE.add(key)
+    return True
+
+
 def log_once(msg: str, level: int = logging.INFO) -> bool:
     """Log `msg` the first time this process asks for it (later identical calls are silent); True if logged."""
-    if msg in _LOGGED_ONCE:
+    if not first_time(msg):
         return False
-    _LOGGED_ONCE.add(msg)
     get_logger().log(level, msg)
     return True
 

@@ -37,15 +37,12 @@ def _isolated_home(tmp_path, monkeypatch):
 
 
 # Module-level memos whose contents depend on the machine profile, the environment or what an earlier test
-# logged: (module, attribute). Each is cleared before and after every test so no test sees another's. Some
-# of them are being removed from the library; a name that no longer exists is skipped (getattr guard), so
-# this list only ever clears what is there. Left alone on purpose: pure memos of deterministic builds
+# logged: (module, attribute). Each is cleared before and after every test so no test sees another's (a module
+# not imported yet has nothing cached and is skipped). Left alone on purpose: pure memos of deterministic builds
 # (attention's compiled Flex and block masks, the chat template, gpt's torch.compiler.disable wrappers):
 # clearing them changes no result and only costs recompiles.
 _PRIVATE_CACHES = (
-    ("ghostvis_core.backends", "_PLAN_CACHE"),  # plans memoized by facts
-    ("ghostvis_core.backends", "_LOGGED"),  # "banner printed" (once per process)
-    ("ghostvis_core.gpt", "_LOGGED"),  # "message printed" (once per process)
+    ("ghostvis_core.log", "_LOGGED_ONCE"),  # log_once / first_time memo (the plan banner, one-off notes)
     ("ghostvis_core.kernels.dispatch", "_TRITON_ERROR"),  # Triton import check (TRITON_INTERPRET tests)
 )
 

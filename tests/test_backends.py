@@ -9,6 +9,7 @@ from ghostvis_core import backends
 from ghostvis_core.backends import ATTENTION_CASES, BackendPlan, format_banner, plan_backends
 from ghostvis_core.doctor_checks import run_checks
 from ghostvis_core.errors import BackendUnavailableError, ConfigError
+from ghostvis_core.log import reset_log_once
 
 
 def _attn(plan: BackendPlan) -> dict[str, str]:
@@ -232,7 +233,7 @@ def test_banner_shape():
 
 
 def test_log_plan_logs_the_banner_once_per_process(caplog, monkeypatch):
-    monkeypatch.setattr(backends, "_LOGGED_BANNER", [])
+    reset_log_once()
     eager = plan_backends(make_env("cpu"), dtype="float32", norm="torch")
     assert eager.rms_norm.reason == "requested"
     with caplog.at_level(logging.INFO, logger="ghostvis"):

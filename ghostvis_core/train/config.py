@@ -192,8 +192,10 @@ class TrainConfig:
         return cls.from_dict(data)
 
     def to_json(self, path: str | Path) -> None:
-        """Write the config as indented JSON."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        """Write the config as indented JSON (atomically: a reader never sees half a file)."""
+        from ghostvis_core.atomic import write_json_atomic
+
+        write_json_atomic(Path(path), self.to_dict())
 
     def apply_overrides(self, overrides: list[str]) -> TrainConfig:
         """A new config with `key=value` overrides applied (typed; `model.X` and `optim.X` for nested fields)."""
