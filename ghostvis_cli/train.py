@@ -117,8 +117,8 @@ def train(
         raise typer.Exit(code)
     if code != 0:
         err_console.print(
-            f"[bold red]error:[/] training exited with code {code} (recipe {recipe}, run {cfg.run}, "
-            f"folder {cfg.run_dir}); its output above says why",
+            f"[bold red]error:[/] training {launch.describe_child_exit(code)} (recipe {recipe}, run {cfg.run}, "
+            f"folder {cfg.run_dir}; the newest complete checkpoint there resumes with --resume auto)",
             soft_wrap=True,
         )
         raise typer.Exit(code)

@@ -278,6 +278,19 @@ def exit_code(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+def describe_child_exit(code: int) -> str:
+    """What a non-zero `exit_code` of the trainer means, for the one-line error after it (128 + N = signal N)."""
+    if code > 128 and code - 128 in {int(s) for s in signal.Signals}:
+        sig = signal.Signals(code - 128)
+        if sig == signal.SIGKILL:
+            return (
+                "was killed by SIGKILL, which nothing in GhostVis sends: most often the OS out-of-memory killer "
+                "(see `dmesg | grep -i oom`); lower --device-batch-size or --pack-max-length, or free host memory"
+            )
+        return f"was killed by {sig.name}"
+    return f"exited with code {code}; its output above says why"
+
+
 def run_child(
     cmd: Sequence[str],
     env: Mapping[str, str],

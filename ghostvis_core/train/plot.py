@@ -5,12 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from ghostvis_core.atomic import atomic_path
+from ghostvis_core.log import get_logger
 from ghostvis_core.train.metrics import read_metrics
 
 
-def plot_loss(metrics_path: Path, out_path: Path, title: str = "") -> Path:
-    """Write the loss-vs-step curve of `metrics_path` to `out_path` (PNG); returns out_path."""
-    import matplotlib
+def plot_loss(metrics_path: Path, out_path: Path, title: str = "") -> Path | None:
+    """Write the loss-vs-step curve of `metrics_path` to `out_path` (PNG); returns out_path, or None (with one log
+    line) when matplotlib is not installed: the plot is optional and never fails a run."""
+    try:
+        import matplotlib
+    except ImportError:
+        get_logger().info("loss plot skipped: matplotlib is not installed (pip install 'ghostvis[plot]'); "
+                          f"the losses are in {metrics_path}")
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -216,9 +216,10 @@ class TrainingRun:
         from ghostvis_core.train.plot import plot_loss
 
         cfg = self.cfg
-        plot_loss(self.metrics.path, cfg.run_dir / "loss.png", title=f"{cfg.recipe} / {cfg.run}")
+        plot = plot_loss(self.metrics.path, cfg.run_dir / "loss.png", title=f"{cfg.recipe} / {cfg.run}")
+        curve = f"; loss curve {plot}" if plot is not None else ""
         get_logger().info(f"Done: {progress.step} steps, last loss {progress.last_loss:.4f}; checkpoint "
-                          f"{progress.last_saved}; loss curve {cfg.run_dir / 'loss.png'}")
+                          f"{progress.last_saved}{curve}")
 
 
 def build_run(cfg: TrainConfig, info: DistInfo) -> TrainingRun:
