@@ -70,10 +70,21 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest step_NNNNNN folder of a run, or None."""
-    ckpts = list_checkpoints(run_dir)
-    return ckpts[-1][1] if ckpts else None
+def is_complete(step_dir: Path) -> bool:
+    """True when a step folder holds its weights and state.json. Folders are renamed into place whole, so an
+    incomplete one was emptied or copied by hand; it is never resumed from or answered with."""
+    return (Path(step_dir) / STATE_FILE).is_file() and (Path(step_dir) / MODEL_FILE).is_file()
+
+
+def latest_checkpoint(run_dir: Path, *, log_skipped: bool = False) -> Path | None:
+    """The newest complete step_NNNNNN folder of a run (see is_complete), or None; log_skipped names each newer
+    incomplete folder passed over."""
+    for _, path in reversed(list_checkpoints(run_dir)):
+        if is_complete(path):
+            return path
+        if log_skipped:
+            get_logger().warning(f"skipping {path}: an incomplete checkpoint folder (no {STATE_FILE} or {MODEL_FILE})")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- file helpers
@@ -494,7 +505,7 @@ def resolve_resume(resume: str, run_dir: Path, runs_root: Path) -> Path | None:
             )
         return None
     if resume == "auto":
-        return existing[-1][1] if existing else None
+        return latest_checkpoint(run_dir, log_skipped=True)
     path = resolve_checkpoint_spec(resume, runs_root, "--resume")
     if existing and path.parent.resolve() != Path(run_dir).resolve():
         # continuing this run from another run's weights would interleave two histories in one folder

@@ -132,3 +132,17 @@ def test_rng_state_round_trips_through_json():
     ckpt.restore_rng_state(state, torch.device("cpu"))
     got = (random.random(), np.random.rand(), torch.rand(3))
     assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
+
+
+def test_resume_auto_skips_an_incomplete_step_folder_and_says_so(tmp_path, caplog):
+    import logging
+
+    model, opt = _tied_model_and_optimizer()
+    run = tmp_path / "run"
+    _save(run, 2, model, opt)
+    good = _save(run, 4, model, opt)
+    (run / "step_000006").mkdir()  # emptied (or half copied) by hand: no state.json, no weights
+    with caplog.at_level(logging.WARNING, logger="ghostvis"):
+        assert ckpt.resolve_resume("auto", run, tmp_path) == good
+    assert any("skipping" in r.message and "step_000006" in r.message for r in caplog.records)
+    assert ckpt.latest_checkpoint(run) == good and not ckpt.is_complete(run / "step_000006")
