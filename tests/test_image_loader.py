@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from plans import cpu_plan
+from plans import cpu_plan, device_plan
 
 from ghostvis_core.config import GPTConfig
 from ghostvis_core.data import ImageBatchLoader, PackedData, build_image_chat_dataset
@@ -131,12 +131,14 @@ def test_loader_checks_its_inputs(data):
 # The VLM end to end
 
 
-def tiny_vlm(tok: Tokenizer) -> VLM:
+def tiny_vlm(tok: Tokenizer, device_type: str = "cpu") -> VLM:
+    """A fp32 tiny VLM with seed-0 weights (the same on every device) and the plan of `device_type`."""
     text = GPTConfig(n_layer=2, n_head=2, n_kv_head=1, n_embd=48, mlp_hidden=96, vocab_size=tok.vocab_size,
                      sequence_len=ROW_LEN, rope_theta=500.0)
     config = VLMConfig(text=text, vision=VISION, image_token_id=tok.image_id)
+    plan = cpu_plan(config.text) if device_type == "cpu" else device_plan(config.text, device_type, "float32")
     torch.manual_seed(0)
-    return VLM(config, cpu_plan(config.text)).eval()
+    return VLM(config, plan).to(device_type).eval()
 
 
 def document_spans(position_ids_T: torch.Tensor) -> list[tuple[int, int]]:
@@ -164,3 +166,19 @@ def test_vlm_packed_batch_loss_equals_its_documents_one_by_one(data, tok):
     assert torch.isfinite(mean) and 0 < mean.item() < 2 * np.log(tok.vocab_size)
     # fp32 sums of a few hundred per-token losses in a different order: rtol 1e-5.
     assert torch.allclose(packed, separate, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_batches_are_pinned_and_feed_the_vlm(data, tok):
+    loader = ImageBatchLoader(data, 4, seed=6, vision=VISION, num_workers=2)  # pin_memory defaults to on
+    batch = next(loader)
+    assert loader.pin_memory and all(v.is_pinned() for v in batch.values())
+    on_gpu = {k: v.to("cuda", non_blocking=True) for k, v in batch.items()}
+    model = tiny_vlm(tok, "cuda")
+    with torch.no_grad():
+        loss = model(on_gpu["input_ids"], on_gpu["pixel_values"], on_gpu["targets"], on_gpu["position_ids"])
+    assert torch.isfinite(loss)
+    cpu_loss = tiny_vlm(tok)(batch["input_ids"], batch["pixel_values"], batch["targets"], batch["position_ids"])
+    print(f"cuda loss {loss.item():.6f} vs cpu {cpu_loss.item():.6f}")
+    assert abs(loss.item() - cpu_loss.item()) < 1e-3  # fp32 on both; TF32 may be on for matmuls on CUDA
