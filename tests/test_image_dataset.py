@@ -9,8 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ghostvis_core.data import IGNORE_INDEX, PackedImageData, build_image_chat_dataset, builtin_dataset_dir
-from ghostvis_core.data import image_dataset
+from ghostvis_core.data import (
+    IGNORE_INDEX,
+    PackedImageData,
+    build_image_chat_dataset,
+    builtin_dataset_dir,
+    image_dataset,
+)
 from ghostvis_core.data.packing import UnsplittableDocumentError, pack_with_layout
 from ghostvis_core.errors import DataError
 from ghostvis_core.tokenizer import Tokenizer
