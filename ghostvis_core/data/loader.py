@@ -87,8 +87,12 @@ class PackedBatchLoader:
     def __iter__(self) -> PackedBatchLoader:
         return self
 
+    def next_rows(self) -> np.ndarray:
+        """This rank's row indices of the next batch (what `__next__` yields the tokens of); advances."""
+        return self._take_global_rows()[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+
     def __next__(self) -> dict[str, torch.Tensor]:
-        rows = self._take_global_rows()[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        rows = self.next_rows()
         p = self.packed
         return {
             "input_ids": torch.from_numpy(p.input_ids[rows]),

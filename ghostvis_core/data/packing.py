@@ -16,6 +16,10 @@ Layout of one packed row (R = seq_len + 1 tokens; inputs = row[:-1], targets = r
 - Placement is best-fit decreasing: pieces sorted longest first (stable), each goes into the open row whose
   free room is the smallest that still fits, else a new row. Free rooms live in a Fenwick tree over
   1..R, so each placement is O(log R); copying tokens into rows is one slice per piece.
+- Sticky tokens (`pack_with_layout(..., sticky=)`, the expanded image tokens of image chats): a piece never
+  ends on one. A split point moves back to before the run, so an image's tokens are never cut, and its
+  last token never lands in a row's final slot, which is a target only. A document that cannot be split
+  so, or that ends on a sticky token, raises `UnsplittableDocumentError` naming the document.
 
 Shape legend: N rows, T = seq_len, R = T + 1.
 """
@@ -29,9 +33,21 @@ from dataclasses import dataclass
 import numpy as np
 
 from ghostvis_core.constants import IGNORE_INDEX
-from ghostvis_core.errors import ConfigError
+from ghostvis_core.errors import ConfigError, DataError
 
-__all__ = ["IGNORE_INDEX", "PackedData", "best_fit_rows", "pack_documents"]
+__all__ = [
+    "IGNORE_INDEX", "PackLayout", "PackedData", "UnsplittableDocumentError", "best_fit_rows", "pack_documents",
+    "pack_with_layout",
+]
+
+
+class UnsplittableDocumentError(DataError):
+    """A document with sticky tokens that no split into rows can keep whole; `doc` is its index."""
+
+    def __init__(self, doc: int, message: str):
+        super().__init__(f"document {doc}: {message}")
+        self.doc = doc
+        self.reason = message
 
 
 @dataclass
@@ -159,7 +175,35 @@ class _Pieces:
         return self.content_len + self.add_bos
 
 
-def _make_pieces(flat: np.ndarray, lengths: np.ndarray, row_len: int, bos_id: int) -> _Pieces:
+def _sticky_chunks(
+    sticky: np.ndarray, start: int, length: int, row_len: int, need_bos: int, doc: int
+) -> tuple[list[int], list[int], list[int]]:
+    """(src, content_len, add_bos) of one long document's chunks when no chunk may end on a sticky token."""
+    src, content, add_bos = [], [], []
+    s, stop, bos = start, start + length, need_bos
+    while True:
+        end = min(s + row_len - bos, stop)
+        if end < stop:
+            while end > s and sticky[end - 1]:
+                end -= 1  # back off to before the sticky run: the run moves whole to the next chunk
+            if end == s:
+                # s starts a run (a chunk never ends on a sticky token) and the document ends off one.
+                run = int(np.argmin(sticky[s:stop]))
+                raise UnsplittableDocumentError(doc, (
+                    f"{length} tokens cannot be split into rows of {row_len} tokens: the run of {run} image "
+                    f"tokens at token {s - start} does not fit in one row with its BOS"
+                ))
+        src.append(s)
+        content.append(end - s)
+        add_bos.append(bos)
+        if end == stop:
+            return src, content, add_bos
+        s, bos = end, 1
+
+
+def _make_pieces(
+    flat: np.ndarray, lengths: np.ndarray, row_len: int, bos_id: int, sticky: np.ndarray | None = None
+) -> _Pieces:
     """Split documents (flat tokens + lengths) into BOS-led pieces of at most row_len tokens."""
     starts = np.cumsum(lengths) - lengths
     first_tokens = np.full(len(lengths), -1, dtype=np.int64)
@@ -171,7 +215,20 @@ def _make_pieces(flat: np.ndarray, lengths: np.ndarray, row_len: int, bos_id: in
     fits = keep & (full_len <= row_len)
     src, content, add_bos = [starts[fits]], [lengths[fits]], [need_bos[fits]]
     split_docs = np.flatnonzero(keep & ~fits)
+    if sticky is not None:
+        kept = np.flatnonzero(keep)
+        ends_sticky = kept[sticky[starts[kept] + lengths[kept] - 1]]
+        if len(ends_sticky):
+            raise UnsplittableDocumentError(int(ends_sticky[0]), "ends on an image token; end it with text")
+        # Prefix sums find the split documents holding any sticky token without a pass per document.
+        sticky_before = np.concatenate([[0], np.cumsum(sticky, dtype=np.int64)])
+        has_sticky = sticky_before[starts + lengths] > sticky_before[starts]
     for d in split_docs.tolist():
+        if sticky is not None and has_sticky[d]:
+            chunks = _sticky_chunks(sticky, int(starts[d]), int(lengths[d]), row_len, int(need_bos[d]), d)
+            for out, values in zip((src, content, add_bos), chunks, strict=True):
+                out.append(np.asarray(values, dtype=np.int64))
+            continue
         # First chunk: the document's own start (with BOS prepended if it lacked one), row_len tokens.
         first = row_len - int(need_bos[d])
         src.append(np.array([starts[d]]))
@@ -211,6 +268,18 @@ def best_fit_rows(lengths: Sequence[int], row_len: int) -> list[list[int]]:
     return rows
 
 
+@dataclass(frozen=True)
+class PackLayout:
+    """Where each packed row's tokens came from, for data that travels beside the tokens (images)."""
+
+    row_pieces: list[list[int]]
+    """Piece indices of each row, in the order they sit in the row."""
+    src: np.ndarray
+    """(num_pieces,) start of each piece's content in the documents laid end to end."""
+    content_len: np.ndarray
+    """(num_pieces,) document tokens in each piece (a prepended BOS not counted)."""
+
+
 def pack_documents(
     docs: Sequence[Sequence[int]],
     masks: Sequence[Sequence[int]] | None,
@@ -219,24 +288,28 @@ def pack_documents(
     pad_id: int | None = None,
 ) -> PackedData:
     """Pack token documents into (N, seq_len) rows with document boundaries; masks (1 = learn) for SFT."""
+    return pack_with_layout(docs, masks, seq_len, bos_id, pad_id)[0]
+
+
+def pack_with_layout(
+    docs: Sequence[Sequence[int]],
+    masks: Sequence[Sequence[int]] | None,
+    seq_len: int,
+    bos_id: int,
+    pad_id: int | None = None,
+    *,
+    sticky: Sequence[Sequence[int]] | None = None,
+) -> tuple[PackedData, PackLayout]:
+    """`pack_documents` plus the layout; sticky (per document, 1 = a piece may not end here) keeps runs whole."""
     if not isinstance(seq_len, int) or seq_len < 1:
         raise ConfigError(f"seq_len={seq_len!r} must be a positive integer")
-    if masks is not None and len(masks) != len(docs):
-        raise ConfigError(f"{len(docs)} documents but {len(masks)} loss masks")
     pad_id = bos_id if pad_id is None else pad_id
     row_len = seq_len + 1
     lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
     flat = _flatten(docs, lengths)
-    if masks is None:
-        flat_mask = np.ones(len(flat), dtype=bool)
-    else:
-        mask_lengths = np.fromiter((len(m) for m in masks), dtype=np.int64, count=len(masks))
-        bad = np.flatnonzero(mask_lengths != lengths)
-        if len(bad):
-            i = int(bad[0])
-            raise ConfigError(f"document {i}: {lengths[i]} tokens but {mask_lengths[i]} mask values")
-        flat_mask = _flatten(masks, mask_lengths) != 0
-    pieces = _make_pieces(flat, lengths, row_len, bos_id)
+    flat_mask = _flat_flags(masks, lengths, "loss masks", "mask values", default=True)
+    flat_sticky = None if sticky is None else _flat_flags(sticky, lengths, "sticky flags", "sticky flags")
+    pieces = _make_pieces(flat, lengths, row_len, bos_id, flat_sticky)
     piece_len = pieces.lengths
     rows = best_fit_rows(piece_len.tolist(), row_len)
 
@@ -270,7 +343,7 @@ def pack_documents(
     # which also makes the last token of every document predict nothing.
     learn_NR &= pos_NR != 0
     targets = np.where(learn_NR[:, 1:], tokens_NR[:, 1:], IGNORE_INDEX)
-    return PackedData(
+    packed = PackedData(
         input_ids=np.ascontiguousarray(tokens_NR[:, :-1]),
         targets=np.ascontiguousarray(targets),
         position_ids=np.ascontiguousarray(pos_NR[:, :-1]),
@@ -280,3 +353,20 @@ def pack_documents(
         num_dropped_docs=pieces.num_dropped,
         num_real_tokens=int(piece_len.sum()),
     )
+    return packed, PackLayout(rows, pieces.src, pieces.content_len)
+
+
+def _flat_flags(
+    flags: Sequence[Sequence[int]] | None, lengths: np.ndarray, what: str, unit: str, default: bool = False
+) -> np.ndarray:
+    """Per-document 0/1 flags laid end to end as one bool array (all `default` when flags is None)."""
+    if flags is None:
+        return np.full(int(lengths.sum()), default, dtype=bool)
+    if len(flags) != len(lengths):
+        raise ConfigError(f"{len(lengths)} documents but {len(flags)} {what}")
+    flag_lengths = np.fromiter((len(m) for m in flags), dtype=np.int64, count=len(flags))
+    bad = np.flatnonzero(flag_lengths != lengths)
+    if len(bad):
+        i = int(bad[0])
+        raise ConfigError(f"document {i}: {lengths[i]} tokens but {flag_lengths[i]} {unit}")
+    return _flatten(flags, flag_lengths) != 0
