@@ -452,12 +452,14 @@ class GPT(nn.Module):
         generator: torch.Generator | None = None,
         use_cache: bool = True,
         embed=None,
+        banned_token: int | None = None,
     ) -> torch.Tensor:
         """Append max_new_tokens to idx (B, T): greedy at temperature 0, else sampled (optionally top-k).
 
         embed: ids (B, T') -> input embeddings (B, T', C) of a whole sequence (the VLM's image splice). With
         the cache it gives the prefill's embeddings and the generated tokens go through embed_tokens; without
         it every step recomputes the whole sequence through it, so both paths see the same inputs.
+        banned_token: an id never generated (the VLM's `<image>` placeholder, which only data places).
         """
         if idx.dim() != 2:
             raise ConfigError(f"generate expects idx of shape (B, T), got {tuple(idx.shape)}")
@@ -475,7 +477,10 @@ class GPT(nn.Module):
         else:
             logits = full(idx)
         for step in range(max_new_tokens):
-            nxt = _sample(logits[:, -1], temperature, top_k, generator)
+            last = logits[:, -1]
+            if banned_token is not None:
+                last = last.index_fill(-1, torch.tensor([banned_token], device=last.device), float("-inf"))
+            nxt = _sample(last, temperature, top_k, generator)
             out = torch.cat([out, nxt], dim=1)
             if step == max_new_tokens - 1:
                 break

@@ -190,7 +190,8 @@ class VLM(nn.Module):
         """GPT.generate on the language model, the prompt (with its expanded `<image>` ids) prefilled by
         embeddings: image features at the image positions, then KV-cache decode of text tokens."""
         return self.language_model.generate(input_ids, max_new_tokens,
-                                            embed=lambda ids: self.embed(ids, pixel_values), **kwargs)
+                                            embed=lambda ids: self.embed(ids, pixel_values),
+                                            banned_token=self.config.image_token_id, **kwargs)
 
     # -- checkpoints ---------------------------------------------------------------------------------------
 
