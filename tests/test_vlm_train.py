@@ -122,8 +122,9 @@ def test_muon_part_lr_covers_the_matrices():
 # ---- the trainer: vision_pretrain, image chat_sft, HF folders ----------------------------------------------
 
 def vlm_cfg(tmp_path, **kw):
-    return tiny_config(tmp_path, recipe="vision_pretrain", run="vision_pretrain", model=dict(TINY_TEXT),
-                       pack_max_length=48, num_steps=8, save_every=0, **kw)
+    fields = dict(recipe="vision_pretrain", run="vision_pretrain", model=dict(TINY_TEXT), pack_max_length=48,
+                  num_steps=8, save_every=0)
+    return tiny_config(tmp_path, **{**fields, **kw})
 
 
 def first_last(result):
