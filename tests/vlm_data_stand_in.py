@@ -61,15 +61,15 @@ class StandInLoader(PackedBatchLoader):
 
     wait_seconds = 0.0
 
+    def _take_global_rows(self):
+        rows = super()._take_global_rows()
+        self._rows = rows[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]  # this rank's, in order
+        return rows
+
     def __next__(self):
-        rows = self._take_global_rows()[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        p = self.packed
-        return {
-            "input_ids": torch.from_numpy(p.input_ids[rows]),
-            "targets": torch.from_numpy(p.targets[rows]),
-            "position_ids": torch.from_numpy(p.position_ids[rows]),
-            "pixel_values": torch.from_numpy(p.pixels[rows]),
-        }
+        batch = super().__next__()
+        batch["pixel_values"] = torch.from_numpy(self.packed.pixels[self._rows])
+        return batch
 
 
 def stand_in_build_image_data(cfg, tokenizer, spec, info, vision):
