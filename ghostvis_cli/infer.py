@@ -14,6 +14,7 @@ def infer(
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
     top_k: int = typer.Option(None, "--top-k", help="Sample from the k most likely tokens."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    image: str = typer.Option(None, "--image", help="An image file the prompt asks about (vision runs)."),
     dtype: str = typer.Option(
         "auto", "--dtype", help="bfloat16 | float16 | float32 | auto (bf16 on CUDA, fp32 on CPU)."
     ),
@@ -24,7 +25,7 @@ def infer(
 
     setup_logging()  # the backend banner and the dtype note go to stderr
     loaded = load_for_inference(checkpoint or run, dtype=dtype)
-    reply = generate_text(loaded, prompt, max_new_tokens, temperature, top_k, seed)
+    reply = generate_text(loaded, prompt, max_new_tokens, temperature, top_k, seed, image=image)
     console.print(f"[dim]{loaded.checkpoint} ({loaded.recipe})[/]", highlight=False)
     console.print(f"[bold]>[/] {prompt}", highlight=False)
     console.print(reply, highlight=False, markup=False)

@@ -522,3 +522,15 @@ def log_superseded(moved: list[Path]) -> None:
     for p in moved:
         get_logger().warning(f"Renamed {p.name.removeprefix('superseded_')} to {p.name}: it is newer than the "
                              "resume point (kept, but --resume auto no longer picks it)")
+
+
+def build_from_checkpoint(model_cls, config_cls, kind: ModelKind, step_dir: Path, plan, state: TrainState | None):
+    """model_cls(config, plan) on the plan's device with checkpoint `step_dir`'s weights: the body of
+    GPT.from_checkpoint and VLM.from_checkpoint. The config comes from state.json (checked to be a `kind`
+    model); every key and shape is checked while loading."""
+    state = state if state is not None else TrainState.read(step_dir)
+    config = config_cls.from_dict(state.require_model_config(kind, step_dir))
+    with torch.device(plan.device_type):
+        model = model_cls(config, plan)
+    load_model_weights(model, step_dir)
+    return model

@@ -168,6 +168,13 @@ class OptimizerConfig:
     """AdamW epsilon."""
     momentum: float = 0.95
     """Muon momentum (Nesterov)."""
+    vision_lr: float | None = None
+    """Learning rate of every vision-tower parameter of a VLM (Muon matrices included); None = lr / matrix_lr."""
+    projector_lr: float | None = None
+    """Learning rate of the VLM's projector; None = lr / matrix_lr (nanoVLM trains it ~100x the backbones')."""
+    llm_lr: float | None = None
+    """Learning rate of the language model (a GPT's every parameter, a VLM's text decoder); None = lr /
+    matrix_lr."""
 
     def __post_init__(self) -> None:
         _check_choice("OptimizerConfig", "backend", self.backend, OPTIMIZER_REQUESTS)
@@ -178,12 +185,12 @@ class OptimizerConfig:
             # a chained comparison is False for NaN, which a plain `value < 0` check lets through
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
                 raise ConfigError(f"OptimizerConfig.{key} must be a finite number >= 0, got {value!r}")
-        if self.matrix_lr is not None and (
-            not isinstance(self.matrix_lr, (int, float)) or not 0 <= self.matrix_lr < math.inf
-        ):
-            raise ConfigError(
-                f"OptimizerConfig.matrix_lr must be a number >= 0 or null, got {self.matrix_lr!r}"
-            )
+        for key in ("matrix_lr", "vision_lr", "projector_lr", "llm_lr"):
+            value = getattr(self, key)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf
+            ):
+                raise ConfigError(f"OptimizerConfig.{key} must be a number >= 0 or null, got {value!r}")
         if (
             not isinstance(self.betas, tuple)
             or len(self.betas) != 2

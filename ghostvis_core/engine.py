@@ -16,10 +16,10 @@ import torch
 
 from ghostvis_core.backend_names import DTYPES
 from ghostvis_core.backends import BackendPlan, inference_run_facts, log_plan, plan_run
-from ghostvis_core.config import GPTConfig
 from ghostvis_core.env import probe_env
 from ghostvis_core.errors import CheckpointError, ConfigError
 from ghostvis_core.log import get_logger
+from ghostvis_core.models import text_config
 from ghostvis_core.paths import runs_dir
 from ghostvis_core.tokenizer import Tokenizer
 
@@ -60,7 +60,7 @@ def latest_run(root: Path) -> Path:
     return max(candidates)[1]
 
 
-def inference_plan(config: GPTConfig, device_type: str | None = None, dtype: str = "auto") -> BackendPlan:
+def inference_plan(config, device_type: str | None = None, dtype: str = "auto") -> BackendPlan:
     """The plan of an inference run of `config` on this machine (dtype auto: bf16 on CUDA, fp32 on CPU)."""
     if dtype != "auto" and dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
@@ -89,7 +89,7 @@ def load_for_inference(spec: str | None = None, device: str | None = None, dtype
     dtype: auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16 or float32; the parameters are cast to it.
     """
     from ghostvis_core.checkpoint import TrainState, resolve_checkpoint_spec
-    from ghostvis_core.gpt import GPT
+    from ghostvis_core.models import from_checkpoint, model_config_from_dict
 
     root = runs_dir()
     step_dir = resolve_checkpoint_spec(spec, root, "--run/--checkpoint") if spec else None
@@ -100,10 +100,10 @@ def load_for_inference(spec: str | None = None, device: str | None = None, dtype
     if not (tokenizer_dir / "tokenizer.json").is_file():
         raise CheckpointError(f"{run_dir} has no tokenizer/tokenizer.json: it is not a complete GhostVis run folder")
     state = TrainState.read(step_dir)
-    config = GPTConfig.from_dict(state.require_model_config("gpt", step_dir))
-    plan = inference_plan(config, device, dtype)
+    config = model_config_from_dict(state.model_kind, state.require_model_config(state.model_kind, step_dir))
+    plan = inference_plan(text_config(config), device, dtype)
     log_plan(plan)
-    model = cast_parameters_(GPT.from_checkpoint(step_dir, plan, state), plan.dtype)
+    model = cast_parameters_(from_checkpoint(step_dir, plan, state), plan.dtype)
     return LoadedModel(model, Tokenizer.load(tokenizer_dir), step_dir, state.recipe or "unknown", state.data_format,
                        plan)
 
@@ -116,8 +116,13 @@ def generate_text(
     temperature: float = 0.0,
     top_k: int | None = None,
     seed: int = 0,
+    image: str | Path | None = None,
+    use_cache: bool = True,
 ) -> str:
-    """The model's reply to `prompt` (chat runs) or its continuation (base runs), decoded without specials."""
+    """The model's reply to `prompt` (chat runs) or its continuation (base runs), decoded without specials.
+
+    image: a picture the prompt asks about (VLM runs): the prompt becomes a user turn of the image then the
+    text, as LLaVA data is ("<image>\n" + prompt), prefilled by embeddings, then KV-cache decode."""
     if max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1 (got {max_new_tokens})")
     if not 0 <= temperature < math.inf:
@@ -125,18 +130,41 @@ def generate_text(
     if top_k is not None and top_k < 1:
         raise ConfigError(f"--top-k must be >= 1 (got {top_k}); leave it out to sample from every token")
     tok = loaded.tokenizer
-    if loaded.is_chat:
+    vlm = loaded.data_format == "image-chat"
+    if image is not None and not vlm:
+        raise ConfigError(f"--image {image}: run {loaded.checkpoint.parent} is a text model ({loaded.recipe}, "
+                          "trained on text only) and cannot see images; pick a vision run (vision_pretrain or an "
+                          "image chat_sft) or drop --image")
+    pixels = None
+    if image is not None:
+        from ghostvis_core.data.images import load_image
+        from ghostvis_core.vlm import expand_image_tokens
+
+        vision = loaded.model.config.vision
+        if not Path(image).is_file():
+            raise ConfigError(f"--image {image}: no such image file")
+        pixels = load_image(image, vision.image_size, vision.image_mean, vision.image_std)[None]
+        content = [{"type": "image"}, {"type": "text", "text": "\n" + prompt}]
+        ids, _ = tok.encode_chat([{"role": "user", "content": content}], add_generation_prompt=True)
+        ids = expand_image_tokens(ids, tok.image_id, loaded.model.config.num_image_tokens)
+    elif loaded.is_chat:
         ids, _ = tok.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
     else:
         ids = [tok.bos_id, *tok.encode(prompt)]
-    limit = loaded.model.config.sequence_len
+    limit = text_config(loaded.model.config).sequence_len
     max_new_tokens = min(max_new_tokens, limit - len(ids))
     if max_new_tokens < 1:
         raise ConfigError(f"the prompt is {len(ids)} tokens; the model's context is {limit}: shorten it")
     device = next(loaded.model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     idx = torch.tensor([ids], dtype=torch.long, device=device)
-    out = loaded.model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
+    kwargs = dict(temperature=temperature, top_k=top_k, generator=generator, use_cache=use_cache)
+    if vlm:
+        dtype = next(loaded.model.parameters()).dtype
+        pixels = None if pixels is None else pixels.to(device=device, dtype=dtype)
+        out = loaded.model.generate(idx, pixels, max_new_tokens, **kwargs)
+    else:
+        out = loaded.model.generate(idx, max_new_tokens, **kwargs)
     new = out[0, len(ids):].tolist()
     stops = {tok.eos_id, tok.bos_id} if loaded.is_chat else {tok.bos_id}
     for i, token in enumerate(new):

@@ -423,13 +423,18 @@ class GPT(nn.Module):
         decode = self.plan.attention["decode"].backend
         return KVCache(c.n_layer, c.n_kv_head, c.head_dim, batch_size, max_len, device, decode)
 
-    def forward_with_cache(self, input_ids_BT: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Logits (B, T, V) fp32 of the new tokens, attending to the cache; appends their K/V and advances it."""
-        B, T = input_ids_BT.shape
+    def forward_with_cache(
+        self, input_ids_BT: torch.Tensor | None, cache: KVCache, *, inputs_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits (B, T, V) fp32 of the new tokens, attending to the cache; appends their K/V and advances it.
+
+        inputs_embeds (B, T, C) replaces the token embedding, as in forward (the VLM's prefill by embeddings).
+        """
+        x = self.model.embed_tokens(input_ids_BT) if inputs_embeds is None else inputs_embeds
+        B, T, _ = x.shape
         if cache.pos + T > cache.max_len:
             raise ConfigError(f"KV cache holds {cache.max_len} tokens; {cache.pos} + {T} new do not fit")
-        self._check_device(input_ids_BT.device)
-        x = self.model.embed_tokens(input_ids_BT)
+        self._check_device(x.device)
         pos = torch.arange(cache.pos, cache.pos + T, device=x.device).expand(B, T)
         cos, sin = rope_cos_sin(pos, self.inv_freq)
         for i, block in enumerate(self.model.layers):
@@ -446,21 +451,40 @@ class GPT(nn.Module):
         top_k: int | None = None,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
+        embed=None,
+        banned_token: int | None = None,
     ) -> torch.Tensor:
-        """Append max_new_tokens to idx (B, T): greedy at temperature 0, else sampled (optionally top-k)."""
+        """Append max_new_tokens to idx (B, T): greedy at temperature 0, else sampled (optionally top-k).
+
+        embed: ids (B, T') -> input embeddings (B, T', C) of a whole sequence (the VLM's image splice). With
+        the cache it gives the prefill's embeddings and the generated tokens go through embed_tokens; without
+        it every step recomputes the whole sequence through it, so both paths see the same inputs.
+        banned_token: an id never generated (the VLM's `<image>` placeholder, which only data places).
+        """
         if idx.dim() != 2:
             raise ConfigError(f"generate expects idx of shape (B, T), got {tuple(idx.shape)}")
         out = idx
         cache = (
             self.new_kv_cache(idx.shape[0], idx.shape[1] + max_new_tokens, idx.device) if use_cache else None
         )
-        logits = self.forward_with_cache(idx, cache) if use_cache else self(idx)
+
+        def full(ids):
+            return self(ids) if embed is None else self(None, inputs_embeds=embed(ids))
+
+        if use_cache:
+            embeds = None if embed is None else embed(idx)
+            logits = self.forward_with_cache(None if embeds is not None else idx, cache, inputs_embeds=embeds)
+        else:
+            logits = full(idx)
         for step in range(max_new_tokens):
-            nxt = _sample(logits[:, -1], temperature, top_k, generator)
+            last = logits[:, -1]
+            if banned_token is not None:
+                last = last.index_fill(-1, torch.tensor([banned_token], device=last.device), float("-inf"))
+            nxt = _sample(last, temperature, top_k, generator)
             out = torch.cat([out, nxt], dim=1)
             if step == max_new_tokens - 1:
                 break
-            logits = self.forward_with_cache(nxt, cache) if use_cache else self(out)
+            logits = self.forward_with_cache(nxt, cache) if use_cache else full(out)
         return out
 
     # -- checkpoints ---------------------------------------------------------------------------------------
@@ -473,14 +497,9 @@ class GPT(nn.Module):
         to make the plan for that config); weights load with every key and shape checked, so a mismatch is one
         CheckpointError naming the folder and the key.
         """
-        from ghostvis_core.checkpoint import TrainState, load_model_weights
+        from ghostvis_core.checkpoint import build_from_checkpoint
 
-        state = state if state is not None else TrainState.read(step_dir)
-        config = GPTConfig.from_dict(state.require_model_config("gpt", step_dir))
-        with torch.device(plan.device_type):
-            model = cls(config, plan)
-        load_model_weights(model, step_dir)
-        return model
+        return build_from_checkpoint(cls, GPTConfig, "gpt", step_dir, plan, state)
 
 
 def _sample(logits_BV: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from ghostvis_core.backends import BackendPlan
 from ghostvis_core.config import OptimizerConfig
-from ghostvis_core.errors import BackendUnavailableError, CheckpointError
+from ghostvis_core.errors import BackendUnavailableError, CheckpointError, ConfigError
 from ghostvis_core.log import get_logger
 
 
@@ -167,6 +167,33 @@ def split_params(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     return out
 
 
+def model_part(param_name: str) -> str:
+    """The part a parameter belongs to: vision (a VLM's tower), projector, or llm (a GPT, a VLM's decoder)."""
+    if param_name.startswith("vision_tower."):
+        return "vision"
+    if param_name.startswith("multi_modal_projector."):
+        return "projector"
+    return "llm"
+
+
+def split_params_by_part(model: nn.Module) -> dict[str, dict[str, list[nn.Parameter]]]:
+    """split_params' roles within each part present in the model ({part: {role: params}}, parts in
+    MODEL_PARTS order; a part whose parameters are all frozen maps to empty lists)."""
+    part_of = {id(p): model_part(name) for name, p in model.named_parameters()}
+    out: dict[str, dict[str, list[nn.Parameter]]] = {}
+    for part in MODEL_PARTS:
+        if part in part_of.values():
+            out[part] = {role: [] for role in ROLES}
+    for role, params in split_params(model).items():
+        for p in params:
+            out[part_of[id(p)]][role].append(p)
+    return out
+
+
+MODEL_PARTS = ("vision", "projector", "llm")
+ROLES = ("matrix", "head", "embedding", "scalar")
+
+
 def _adamw(groups: list[dict], cfg: OptimizerConfig, device_type: str) -> torch.optim.Optimizer:
     # fused=True: one multi-tensor CUDA kernel per step; foreach on CPU (fused CPU AdamW is slower there).
     kwargs = {"fused": True} if device_type == "cuda" else {"foreach": True}
@@ -184,49 +211,50 @@ def build_optimizer(
     """The optimizer the run's plan chose for model; returns (optimizer, description).
 
     The plan was made from opt_config.backend (RunFacts.optimizer); a plan made from another request is a bug.
+    Groups follow the model's parts (vision, projector, llm): each part's groups take optim.<part>_lr when it
+    is set (Muon matrices too), else lr / matrix_lr; a model of several parts (a VLM) names its groups
+    "<part>.<role>", a GPT keeps the plain role names. Frozen parameters (requires_grad False) are in no
+    group and get no state.
     """
     assert opt_config.backend == plan.facts.optimizer, (
         f"optimizer backend {opt_config.backend!r} but the plan was made for {plan.facts.optimizer!r}"
     )
     backend = plan.optimizer.backend
     device_type = plan.device_type
-    parts = split_params(model)
     cfg = opt_config
     wd = cfg.weight_decay
-    no_decay = parts["embedding"] + parts["scalar"]
+    by_part = split_params_by_part(model)
+    prefixed = len(by_part) > 1
+
+    def group(part: str, name: str, params: list, default_lr: float, **extra) -> dict:
+        part_lr = getattr(cfg, f"{part}_lr")
+        return {"params": params, "lr": default_lr if part_lr is None else part_lr,
+                "name": f"{part}.{name}" if prefixed else name, **extra}
+
+    muon_groups, adam_groups = [], []
+    for part, parts in by_part.items():
+        if backend == "muon":
+            muon_groups.append(group(part, "matrix", parts["matrix"], cfg.resolved_matrix_lr,
+                                     weight_decay=wd))
+            adam_groups += [
+                group(part, "head", parts["head"], cfg.lr, weight_decay=wd),
+                group(part, "embedding", parts["embedding"], cfg.lr, weight_decay=0.0),
+                group(part, "scalar", parts["scalar"], cfg.lr, weight_decay=0.0),
+            ]
+        else:
+            adam_groups += [
+                group(part, "matrix", parts["matrix"] + parts["head"], cfg.lr, weight_decay=wd),
+                group(part, "scalar", parts["embedding"] + parts["scalar"], cfg.lr, weight_decay=0.0),
+            ]
+    muon_groups = [g for g in muon_groups if g["params"]]
+    adam_groups = [g for g in adam_groups if g["params"]]
     optimizers: list[torch.optim.Optimizer] = []
-    if backend == "muon":
-        muon_lr = cfg.resolved_matrix_lr
-        if parts["matrix"]:
-            # match_rms_adamw scales each update to AdamW's RMS (0.2*sqrt(max(rows, cols))), so matrix_lr
-            # lives on the AdamW lr scale.
-            muon = BatchedMuon(
-                [{"params": parts["matrix"], "name": "matrix"}],
-                lr=muon_lr,
-                weight_decay=wd,
-                momentum=cfg.momentum,
-                nesterov=True,
-                adjust_lr_fn="match_rms_adamw",
-            )
-            optimizers.append(muon)
-        adam_groups = [
-            {"params": parts["head"], "weight_decay": wd, "name": "head"},
-            {"params": parts["embedding"], "weight_decay": 0.0, "name": "embedding"},
-            {"params": parts["scalar"], "weight_decay": 0.0, "name": "scalar"},
-        ]
-        adam_groups = [g for g in adam_groups if g["params"]]
-        if adam_groups:
-            optimizers.append(_adamw(adam_groups, cfg, device_type))
-        description = (
-            f"{plan.optimizer.label}: Muon (lr {muon_lr:g}, momentum {cfg.momentum}, match_rms_adamw) on "
-            f"{_count(parts['matrix'])}; AdamW (lr {cfg.lr:g}) on {_count(parts['head'] + no_decay)}"
-        )
-    else:
-        groups = [
-            {"params": parts["matrix"] + parts["head"], "weight_decay": wd, "name": "matrix"},
-            {"params": no_decay, "weight_decay": 0.0, "name": "scalar"},
-        ]
-        groups = [g for g in groups if g["params"]]
+    if muon_groups:
+        # match_rms_adamw scales each update to AdamW's RMS (0.2*sqrt(max(rows, cols))), so matrix_lr
+        # lives on the AdamW lr scale.
+        optimizers.append(BatchedMuon(muon_groups, lr=cfg.resolved_matrix_lr, weight_decay=wd,
+                                      momentum=cfg.momentum, nesterov=True, adjust_lr_fn="match_rms_adamw"))
+    if adam_groups:
         if backend == "apex_adam":
             try:
                 from apex.optimizers import FusedAdam
@@ -234,12 +262,24 @@ def build_optimizer(
                 raise BackendUnavailableError(
                     f"optimizer backend 'apex_adam' needs apex ({err}); `ghostvis install apex` or backend=adamw"
                 ) from err
-            optimizers.append(FusedAdam(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, adam_w_mode=True))
+            optimizers.append(FusedAdam(adam_groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, adam_w_mode=True))
         else:
-            optimizers.append(_adamw(groups, cfg, device_type))
+            optimizers.append(_adamw(adam_groups, cfg, device_type))
+    if not optimizers:
+        raise ConfigError("every parameter of the model is frozen: nothing to train; unfreeze a part "
+                          "(freeze=...)")
+    muon_params = [p for g in muon_groups for p in g["params"]]
+    adam_params = [p for g in adam_groups for p in g["params"]]
+    if backend == "muon":
         description = (
-            f"{plan.optimizer.label} (lr {cfg.lr:g}) on {_count(parts['matrix'] + parts['head'] + no_decay)}"
+            f"{plan.optimizer.label}: Muon (lr {cfg.resolved_matrix_lr:g}, momentum {cfg.momentum}, "
+            f"match_rms_adamw) on {_count(muon_params)}; AdamW (lr {cfg.lr:g}) on {_count(adam_params)}"
         )
+    else:
+        description = f"{plan.optimizer.label} (lr {cfg.lr:g}) on {_count(adam_params)}"
+    lrs = {part: getattr(cfg, f"{part}_lr") for part in by_part if getattr(cfg, f"{part}_lr") is not None}
+    if lrs:
+        description += "; per-part lr " + ", ".join(f"{part} {lr:g}" for part, lr in lrs.items())
     for opt in optimizers:
         for g in opt.param_groups:
             g["initial_lr"] = g["lr"]

@@ -29,7 +29,7 @@ from ghostvis_core.gpt import GPT, IGNORE_INDEX
 from ghostvis_core.vision import VisionTower
 from ghostvis_core.vision_config import VLMConfig
 
-__all__ = ["VLM", "VLMConfig", "MultiModalProjector", "hf_llava_key", "mask_image_targets"]
+__all__ = ["VLM", "VLMConfig", "MultiModalProjector", "expand_image_tokens", "hf_llava_key", "mask_image_targets"]
 
 # Our key prefix -> transformers' LlavaForConditionalGeneration prefix, per layout (the table at the top).
 # First match wins, so the lm_head entry comes before the general language_model one.
@@ -164,3 +164,49 @@ class VLM(nn.Module):
         if targets is not None:
             targets = mask_image_targets(targets, input_ids, self.config.image_token_id)
         return self.language_model(None, targets, position_ids, loss_reduction, inputs_embeds=inputs_embeds)
+
+    # -- training facts ------------------------------------------------------------------------------------
+
+    def compile_blocks(self, **compile_kwargs) -> VLM:
+        """torch.compile the language model's blocks (GPT.compile_blocks); the tower runs eager."""
+        self.language_model.compile_blocks(**compile_kwargs)
+        return self
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """The language model's training FLOPs per token (the tower's are per image: flops_per_image)."""
+        return self.language_model.flops_per_token(seq_len)
+
+    def flops_per_image(self) -> float:
+        """Training FLOPs of one image through the tower and the projector (6 x matmul params x P tokens)."""
+        proj = sum(lin.weight.numel() for lin in (self.multi_modal_projector.linear_1,
+                                                   self.multi_modal_projector.linear_2))
+        return self.vision_tower.flops_per_image() + 6.0 * proj * self.config.num_image_tokens
+
+    # -- generation ----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, max_new_tokens: int,
+                 **kwargs) -> torch.Tensor:
+        """GPT.generate on the language model, the prompt (with its expanded `<image>` ids) prefilled by
+        embeddings: image features at the image positions, then KV-cache decode of text tokens."""
+        return self.language_model.generate(input_ids, max_new_tokens,
+                                            embed=lambda ids: self.embed(ids, pixel_values),
+                                            banned_token=self.config.image_token_id, **kwargs)
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_checkpoint(cls, step_dir, plan: BackendPlan, state=None) -> VLM:
+        """The VLM saved in checkpoint folder `step_dir` (model_kind "vlm", its whole VLMConfig in state.json),
+        built with `plan` on the plan's device, every key and shape checked (GPT.from_checkpoint's rules)."""
+        from ghostvis_core.checkpoint import build_from_checkpoint
+
+        return build_from_checkpoint(cls, VLMConfig, "vlm", step_dir, plan, state)
+
+
+def expand_image_tokens(ids: list[int], image_token_id: int, num_image_tokens: int) -> list[int]:
+    """ids with every `<image>` id repeated num_image_tokens times (what the data side does per image)."""
+    out: list[int] = []
+    for token in ids:
+        out.extend([token] * num_image_tokens if token == image_token_id else [token])
+    return out

@@ -11,6 +11,11 @@ RECIPES: dict[str, tuple[str, str]] = {
     ),
     "chat_sft": (
         "recipes.chat_sft",
-        "Fine-tune a base_train checkpoint on chats, loss on assistant tokens only (default: embedded chats)",
+        "Fine-tune a base_train checkpoint on chats, loss on assistant tokens only (default: embedded chats); "
+        "from a vision_pretrain run: image chats (default: built-in shape questions)",
+    ),
+    "vision_pretrain": (
+        "recipes.vision_pretrain",
+        "Align a vision tower to a base_train model on image captions, projector trained (default: built-in shapes)",
     ),
 }

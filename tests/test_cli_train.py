@@ -242,16 +242,17 @@ def test_chat_sft_dry_run_keeps_base_run_name(tmp_path, capsys):
 def test_list_shows_recipes_and_presets(capsys):
     code, out, err = run_cli(["train", "--list"], capsys)
     assert code == 0, err
-    for name in ("base_train", "chat_sft", "tiny", "d12", "d20"):
+    for name in ("base_train", "chat_sft", "vision_pretrain", "tiny", "d12", "d20"):
         assert name in out
     from ghostvis_core.model_configs import PRESETS
     from recipes import RECIPES
 
     lines = out.splitlines()
-    # Names padded to the longest recipe or preset name ("base_train"), two spaces, the description.
-    assert f"  base_train  {RECIPES['base_train'][1]}" in lines
-    assert f"  chat_sft    {RECIPES['chat_sft'][1]}" in lines
-    assert f"  tiny        {PRESETS['tiny'][0]}" in lines
+    # Names padded to the longest recipe or preset name ("vision_pretrain", 15), two spaces, the description.
+    assert f"  base_train       {RECIPES['base_train'][1]}" in lines
+    assert f"  chat_sft         {RECIPES['chat_sft'][1]}" in lines
+    assert f"  vision_pretrain  {RECIPES['vision_pretrain'][1]}" in lines
+    assert f"  tiny             {PRESETS['tiny'][0]}" in lines
     assert lines.index("Recipes (ghostvis train RECIPE):") < lines.index("Model presets (--preset NAME):")
     code, out, _ = run_cli(["train", "--list", "--json"], capsys)
     listed = json.loads(out)

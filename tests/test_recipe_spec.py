@@ -17,8 +17,17 @@ LIBRARY = Path(__file__).resolve().parents[1] / "ghostvis_core"
 
 def test_each_recipe_module_declares_its_spec():
     assert spec_for("base_train") == RecipeSpec(name="base_train", data_format="text", model_kind="gpt")
+    image_sft = RecipeSpec(name="chat_sft", data_format="image-chat", model_kind="vlm", starts_from="base_train",
+                           init_from_allowed=True, freeze="vision", image_builtin="shapes-qa")
     assert spec_for("chat_sft") == RecipeSpec(name="chat_sft", data_format="chat", model_kind="gpt",
-                                              starts_from="base_train", init_from_allowed=True)
+                                              starts_from="base_train", init_from_allowed=True,
+                                              vlm_variant=image_sft)
+    # the data format follows the start checkpoint's model kind: chat_sft from a VLM trains image chats
+    assert spec_for("chat_sft").for_start("vlm") == image_sft
+    assert spec_for("chat_sft").for_start("gpt") is spec_for("chat_sft")
+    assert spec_for("vision_pretrain").for_start("gpt").model_kind == "vlm"
+    with pytest.raises(ConfigError, match="cannot start from a VLM"):
+        spec_for("base_train").for_start("vlm")
     for name, (module, _) in RECIPES.items():
         assert importlib.import_module(module).SPEC is spec_for(name)
     assert spec_for("chat_sft").is_chat and not spec_for("base_train").is_chat

@@ -24,11 +24,36 @@ _RESUME_KEYWORDS = ("auto", "none")
 
 
 @dataclass(kw_only=True)
+class VisionSettings:
+    """The vision tower of a VLM run (`vision=PRESET` is short for vision.preset=PRESET)."""
+
+    preset: str | None = None
+    """Tower preset (vision_config.VISION_PRESETS: tiny, siglip-base-224). None: the start checkpoint's tower
+    when it is a VLM, else vision.init_from's, else tiny."""
+    init_from: str | None = None
+    """A local Hugging Face SigLIP / SiglipModel / LLaVA folder whose vision tower starts the run (its config
+    gives the tower's shape); ignored on resume, where the checkpoint holds the tower."""
+
+    def __post_init__(self) -> None:
+        for key in ("preset", "init_from"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(f"vision.{key}={value!r}: expected a non-empty string or none")
+        if self.preset is not None:
+            from ghostvis_core.vision_config import VISION_PRESETS
+
+            if self.preset not in VISION_PRESETS:
+                raise ConfigError(f"vision={self.preset!r} is not a vision preset"
+                                  f"{did_you_mean(self.preset, list(VISION_PRESETS))}; available: "
+                                  f"{', '.join(VISION_PRESETS)}")
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
     """One training run: recipe, run folder, model, optimizer, data, batch geometry, schedule, checkpoints."""
 
     recipe: str = "base_train"
-    """Recipe name: base_train | chat_sft (the `recipes/` module that runs it)."""
+    """Recipe name: base_train | chat_sft | vision_pretrain (the `recipes/` module that runs it)."""
     run: str = "base_train"
     """Run folder name under the runs root; checkpoints, metrics.jsonl and loss.png go there."""
     runs_root: str | None = None
@@ -52,7 +77,15 @@ class TrainConfig:
     vocab_size: int = 4096
     """Vocabulary size of the default tokenizer (ignored when `tokenizer` is given)."""
     init_from: str | None = None
-    """chat_sft: a base_train run folder (latest complete checkpoint) or a step_NNNNNN folder; model weights only."""
+    """chat_sft / vision_pretrain: a run folder (latest complete checkpoint), a step_NNNNNN folder, or a local
+    Hugging Face Llama folder (save_pretrained layout; its vocab must cover the tokenizer's); weights only."""
+    vision: VisionSettings = field(default_factory=VisionSettings)
+    """VLM runs: the tower preset and the HF folder it may start from (vision=PRESET, vision.init_from=PATH)."""
+    freeze: str | None = None
+    """Parts not trained: any of vision, projector, llm (comma-separated), or llm:N (all but the last N decoder
+    blocks). None: the recipe's default (vision_pretrain: vision,llm; image chat_sft: vision; text: none)."""
+    image_root: str | None = None
+    """Folder image paths in `data` are relative to; None = the data file's folder."""
     device_batch_size: int = 8
     """Rows per micro-batch per rank. Lower it on out-of-memory; total_batch_size is kept by accumulation."""
     pack_max_length: int = 256
@@ -93,6 +126,14 @@ class TrainConfig:
             self.optim = _optim_from_dict(self.optim)
         if not isinstance(self.optim, OptimizerConfig):
             raise ConfigError(f"optim: expected OptimizerConfig or dict, got {type(self.optim).__name__}")
+        if isinstance(self.vision, dict):
+            self.vision = _nested_from_dict(VisionSettings, self.vision, "vision")
+        if not isinstance(self.vision, VisionSettings):
+            raise ConfigError(f"vision: expected a vision preset name or settings, got {type(self.vision).__name__}")
+        if self.freeze is not None:
+            from ghostvis_core.train.freeze import parse_freeze
+
+            parse_freeze(self.freeze)
         if not isinstance(self.model, dict):
             raise ConfigError(f"model: expected a dict of GPTConfig overrides, got {type(self.model).__name__}")
         _check_model_overrides(self.model)
@@ -159,7 +200,7 @@ class TrainConfig:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name == "optim":
+            if f.name in ("optim", "vision"):
                 value = _jsonable(dataclasses.asdict(value))
             elif f.name == "model":
                 value = _jsonable(dict(value))
@@ -202,16 +243,20 @@ class TrainConfig:
         d = self.to_dict()
         d["model"] = dict(d["model"])
         d["optim"] = dict(d["optim"])
+        d["vision"] = dict(d["vision"])
         top_hints = typing.get_type_hints(TrainConfig)
         top_names = [f.name for f in dataclasses.fields(TrainConfig)]
         model_hints = typing.get_type_hints(GPTConfig)
         model_names = [f.name for f in dataclasses.fields(GPTConfig)]
         optim_hints = typing.get_type_hints(OptimizerConfig)
         optim_names = [f.name for f in dataclasses.fields(OptimizerConfig)]
+        vision_hints = typing.get_type_hints(VisionSettings)
+        vision_names = [f.name for f in dataclasses.fields(VisionSettings)]
         all_keys = (
             [n for n in top_names if n not in ("model", "optim")]
             + [f"model.{n}" for n in model_names]
             + [f"optim.{n}" for n in optim_names]
+            + [f"vision.{n}" for n in vision_names]
         )
         for item in overrides:
             if "=" not in item:
@@ -228,6 +273,13 @@ class TrainConfig:
                 if sub not in optim_names:
                     raise ConfigError(f"unknown override key {key!r}{did_you_mean(key, all_keys)}")
                 d["optim"][sub] = _parse_value(text, optim_hints[sub], key)
+            elif key.startswith("vision."):
+                sub = key[len("vision.") :]
+                if sub not in vision_names:
+                    raise ConfigError(f"unknown override key {key!r}{did_you_mean(key, all_keys)}")
+                d["vision"][sub] = _parse_value(text, vision_hints[sub], key)
+            elif key == "vision":  # vision=PRESET: the tower preset
+                d["vision"]["preset"] = _parse_value(text, vision_hints["preset"], key)
             elif key in top_names and key not in ("model", "optim"):
                 d[key] = _parse_value(text, top_hints[key], key)
             elif key in ("model", "optim"):
@@ -245,6 +297,14 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _jsonable(v) for k, v in value.items()}
     return value
+
+
+def _nested_from_dict(cls, d: dict[str, Any], what: str):
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in d:
+        if key not in names:
+            raise ConfigError(f"unknown {what} key {key!r}{did_you_mean(key, names)}")
+    return cls(**d)
 
 
 def _optim_from_dict(d: dict[str, Any]) -> OptimizerConfig:

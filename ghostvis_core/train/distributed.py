@@ -259,8 +259,14 @@ def shard_optimizer_state(optimizer, state: dict) -> dict:
 
 
 def _transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated blocks FSDP shards one by one (a ModuleList of blocks anywhere in the model)."""
+    """The repeated blocks FSDP shards one by one: those of every ModuleList of blocks in the model (a GPT has
+    one; a VLM two, the tower's encoder layers and the language model's decoder blocks)."""
+    blocks: list[torch.nn.Module] = []
     for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) > 0:
-            return list(module)
-    raise ConfigError("fsdp=true: the model has no ModuleList of transformer blocks to shard")
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 0 and not any(
+            module is sub for b in blocks for sub in b.modules()
+        ):
+            blocks.extend(module)
+    if not blocks:
+        raise ConfigError("fsdp=true: the model has no ModuleList of transformer blocks to shard")
+    return blocks

@@ -73,7 +73,11 @@ def _autocast(plan: BackendPlan):
 
 
 def forward_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed token loss of one micro-batch (targets -100 ignored; 0 when none are left)."""
+    """Summed token loss of one micro-batch (targets -100 ignored; 0 when none are left). A batch with
+    "pixel_values" (image chats) goes to the VLM's forward, whose second argument they are."""
+    if "pixel_values" in batch:
+        return model(batch["input_ids"], batch["pixel_values"], batch["targets"], batch["position_ids"],
+                     loss_reduction="sum")
     return model(batch["input_ids"], batch["targets"], batch["position_ids"], loss_reduction="sum")
 
 
@@ -169,7 +173,10 @@ def train_step(run: TrainingRun, progress: Progress, stop: _StopFlag) -> StepSta
     t0 = time.perf_counter()
     mult = lr_multiplier(progress.step, cfg.num_steps, cfg.warmup_steps, cfg.warmdown_frac)
     apply_lr(run.optimizer, mult)
+    t_data = time.perf_counter()
     micro = [_to_device(next(run.loader), device) for _ in range(run.grad_accum)]
+    data_s = time.perf_counter() - t_data  # the step's wait on the loader (decoding it could not hide)
+    images = sum(mb["pixel_values"].shape[0] for mb in micro if "pixel_values" in mb)
     try:
         loss_sum, count = forward_backward(run.model, micro, world_size=run.info.world_size,
                                            autocast=lambda: _autocast(run.plan))
@@ -181,11 +188,12 @@ def train_step(run: TrainingRun, progress: Progress, stop: _StopFlag) -> StepSta
         raise TrainingAborted(_oom_message(cfg, progress.step + 1)) from None
     # one collective for the logged loss, and the stop flag so every rank stops at the same step
     stats = torch.stack([loss_sum.float(), torch.tensor(float(stop.signal_name is not None), device=device),
-                         grad_norm.detach().float().to(device)])
-    stats[:2] = all_reduce_sum(stats[:2].clone())
+                         torch.tensor(float(images), device=device), grad_norm.detach().float().to(device)])
+    stats[:3] = all_reduce_sum(stats[:3].clone())
     loss = stats[0].item() / max(int(count.item()), 1)
     stop_now = stats[1].item() > 0
-    norm = stats[2].item()
+    images = int(stats[2].item())
+    norm = stats[3].item()
     if not math.isfinite(loss) or not math.isfinite(norm):
         what = "loss" if not math.isfinite(loss) else "gradient norm"
         kept = ckpt.latest_checkpoint(cfg.run_dir)
@@ -202,7 +210,8 @@ def train_step(run: TrainingRun, progress: Progress, stop: _StopFlag) -> StepSta
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     progress.advance(loss, run.tokens_per_step)
-    return StepStats(loss=loss, grad_norm=norm, lr_mult=mult, dt=time.perf_counter() - t0, stop_now=stop_now)
+    return StepStats(loss=loss, grad_norm=norm, lr_mult=mult, dt=time.perf_counter() - t0, stop_now=stop_now,
+                     images=images, data_s=data_s)
 
 
 def log_step(run: TrainingRun, progress: Progress, stats: StepStats) -> None:
@@ -214,13 +223,18 @@ def log_step(run: TrainingRun, progress: Progress, stats: StepStats) -> None:
         return
     avg = sum(progress.step_times) / len(progress.step_times) if progress.step_times else stats.dt
     tok_per_s = run.tokens_per_step / stats.dt
+    # MFU counts the tower too: LLM flops per token + the tower's flops per image x images per token
+    flops_per_token = run.flops_per_token + run.flops_per_image * stats.images / run.tokens_per_step
     record = {
         "step": step, "loss": stats.loss, "lr_mult": stats.lr_mult, "grad_norm": stats.grad_norm,
         "dt_ms": 1000 * stats.dt, "tok_per_s": tok_per_s,
-        "mfu": compute_mfu(tok_per_s, run.flops_per_token, info.world_size, run.peak_flops),
+        "mfu": compute_mfu(tok_per_s, flops_per_token, info.world_size, run.peak_flops),
+        "data_ms": 1000 * stats.data_s,
         "peak_mem_gib": peak_memory_gib(info.device), "mem_kind": info.device.type,
         "eta_s": avg * (cfg.num_steps - step), "tokens_seen": progress.tokens_seen,
     }
+    if run.flops_per_image:
+        record["images_per_s"] = stats.images / stats.dt
     if info.is_main:
         run.metrics.append(record)
     run.printer.step(record)

@@ -1,7 +1,7 @@
 """Step metrics: tok/s, MFU, peak memory, ETA; metrics.jsonl in the run folder and a Rich progress line.
 
 MFU = tok/s x flops_per_token / (peak bf16 FLOP/s per card x cards), with flops_per_token from the model
-(6 N_non-embedding + 12 L d T, nanochat's formula). CPUs have no meaningful peak, so MFU there is "n/a".
+(6 N_non-embedding + 12 L d T, nanochat's formula); a VLM adds its tower's flops per image x images per token. CPUs have no meaningful peak, so MFU there is "n/a".
 """
 
 from __future__ import annotations
@@ -67,7 +67,9 @@ def format_step_line(record: dict[str, Any], num_steps: int) -> str:
     return (
         f"[bold]step {step:>{width}}/{num_steps}[/bold] ({100 * step / num_steps:5.1f}%) | "
         f"loss [cyan]{record['loss']:.4f}[/cyan] | lr x{record['lr_mult']:.3f} | dt {record['dt_ms']:.0f}ms | "
-        f"tok/s {record['tok_per_s']:,.0f} | mfu {mfu_text} | {mem_label} {record['peak_mem_gib']:.2f}GiB | "
+        f"tok/s {record['tok_per_s']:,.0f} | "
+        + (f"img/s {record['images_per_s']:,.1f} | " if "images_per_s" in record else "")
+        + f"mfu {mfu_text} | {mem_label} {record['peak_mem_gib']:.2f}GiB | "
         f"eta {format_eta(record.get('eta_s'))}"
     )
 

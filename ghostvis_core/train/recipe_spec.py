@@ -34,6 +34,16 @@ class RecipeSpec:
     """Recipe whose run (its latest checkpoint) gives the initial weights by default; None: from scratch."""
     init_from_allowed: bool = False
     """Whether `init_from=PATH` may name the weights to start from."""
+    scratch_allowed: bool = False
+    """init_from=none trains from random weights (with a warning) instead of taking starts_from's run."""
+    freeze: str = ""
+    """Parts frozen unless TrainConfig.freeze says otherwise (train/freeze.py's syntax; "" = none)."""
+    image_builtin: str | None = None
+    """image-chat: the built-in image task trained on when no data is given (shapes-caption | shapes-qa)."""
+    vlm_variant: RecipeSpec | None = None
+    """What the recipe becomes when the checkpoint it starts from (init_from, or a resumed one) holds a VLM:
+    chat_sft trains image chats on the VLM. None: the recipe trains its own model_kind whatever it starts
+    from (a VLM recipe starting from a GPT run takes that run as its language model)."""
 
     def __post_init__(self):
         if self.data_format not in DATA_FORMATS:
@@ -42,6 +52,20 @@ class RecipeSpec:
             raise ValueError(f"RecipeSpec {self.name}: model_kind {self.model_kind!r} not in {MODEL_KINDS}")
         if self.starts_from is not None and not self.init_from_allowed:
             raise ValueError(f"RecipeSpec {self.name}: starts_from needs init_from_allowed=True")
+        if (self.data_format == "image-chat") != (self.model_kind == "vlm"):
+            raise ValueError(f"RecipeSpec {self.name}: image-chat data goes with model_kind vlm, and only it")
+        if self.vlm_variant is not None and (self.vlm_variant.model_kind != "vlm"
+                                             or self.vlm_variant.name != self.name):
+            raise ValueError(f"RecipeSpec {self.name}: vlm_variant must be a vlm spec of the same name")
+
+    def for_start(self, start_kind: ModelKind | None) -> RecipeSpec:
+        """The spec a run follows when its start checkpoint holds a `start_kind` model (None: no checkpoint)."""
+        if start_kind == "vlm" and self.vlm_variant is not None:
+            return self.vlm_variant
+        if start_kind == "vlm" and self.model_kind != "vlm":
+            raise ConfigError(f"recipe {self.name} trains a {self.model_kind} model and cannot start from a VLM "
+                              "checkpoint: start it from a text run, or use a recipe that trains VLMs")
+        return self
 
     @property
     def is_chat(self) -> bool:

@@ -17,10 +17,11 @@ from ghostvis_core import checkpoint as ckpt
 from ghostvis_core.atomic import write_json_atomic
 from ghostvis_core.backends import BackendPlan
 from ghostvis_core.checkpoint import TrainState
-from ghostvis_core.config import GPTConfig
 from ghostvis_core.log import get_logger
+from ghostvis_core.models import ModelConfig, build_model, model_kind_of, text_config
 from ghostvis_core.train import setup
 from ghostvis_core.train.config import TrainConfig
+from ghostvis_core.train.freeze import FreezeSpec, apply_freeze, parse_freeze
 from ghostvis_core.train.distributed import (
     DistInfo,
     all_gather_objects,
@@ -28,6 +29,7 @@ from ghostvis_core.train.distributed import (
     check_fsdp,
     gather_full_model_state,
     gather_full_optimizer_state,
+    load_full_model_state,
     shard_optimizer_state,
     wrap_model,
 )
@@ -36,23 +38,27 @@ from ghostvis_core.train.recipe_spec import RecipeSpec, spec_for
 from ghostvis_core.train.schedule import lr_multiplier
 
 
-def build_model_and_optimizer(cfg: TrainConfig, model_config: GPTConfig, info: DistInfo):
-    """(plan, raw model, wrapped model, optimizer): the run's one backend plan, then the model built with it on
-    the device, compiled if the plan says so, DDP/FSDP2-wrapped, and its optimizer.
+def build_model_and_optimizer(cfg: TrainConfig, model_config: ModelConfig, info: DistInfo,
+                              freeze: FreezeSpec | None = None):
+    """(plan, raw model, wrapped model, optimizer): the run's one backend plan, then the model (GPT or VLM, by
+    its config) built with it on the device, `freeze` applied, compiled if the plan says so, DDP/FSDP2-wrapped,
+    and its optimizer over the trainable parameters.
 
     Weights are the seeded init; restore() loads a checkpoint's into the wrapped model afterwards.
     """
     from ghostvis_core.backends import log_plan
     from ghostvis_core.env import probe_env
-    from ghostvis_core.gpt import GPT
     from ghostvis_core.optim import build_optimizer
     from ghostvis_core.train.run_plan import plan_for_training
 
     device = info.device
-    plan = plan_for_training(cfg, probe_env(), device.type, info.world_size, model_config)
+    plan = plan_for_training(cfg, probe_env(), device.type, info.world_size, text_config(model_config))
     torch.manual_seed(cfg.seed)
     with torch.device(device):
-        raw_model = GPT(model_config, plan)
+        raw_model = build_model(model_config, plan)
+    trainable, frozen = apply_freeze(raw_model, freeze or parse_freeze(None))
+    get_logger().info(f"Frozen: {(freeze or parse_freeze(None)).describe()}; trainable {trainable / 1e6:.3f}M "
+                      f"of {(trainable + frozen) / 1e6:.3f}M parameters")
     why = f"compile={str(cfg.compile).lower()}" if cfg.compile is not None else f"the default on {device.type}"
     get_logger().info(f"torch.compile: {'on' if plan.compiled else 'off'} ({why}; --compile / --no-compile to change)")
     log_plan(plan)  # the one banner, from the plan that already holds the compile decision and the dtype
@@ -93,6 +99,10 @@ class StepStats:
     """Seconds, from setting the LR to the device being idle again."""
     stop_now: bool
     """A stop signal reached some rank: every rank saves and returns after this step."""
+    images: int = 0
+    """Images in the step over all ranks (image-chat runs)."""
+    data_s: float = 0.0
+    """Seconds this rank waited on its loader for the step's batches."""
 
 
 @dataclass
@@ -131,7 +141,7 @@ class TrainingRun:
     spec: RecipeSpec
     start: setup.StartPoint
     tokenizer: Any
-    model_config: GPTConfig
+    model_config: ModelConfig
     plan: BackendPlan
     """The run's one backend plan (device, dtype, compile, every backend)."""
     raw_model: torch.nn.Module
@@ -144,15 +154,15 @@ class TrainingRun:
     metrics: MetricsLog
     printer: ProgressPrinter
     flops_per_token: float
+    """Training FLOPs per token of the language model."""
     peak_flops: float | None
+    flops_per_image: float = 0.0
+    """Training FLOPs per image of the tower and projector (0 for a GPT); MFU adds images x this."""
 
     def restore(self) -> Progress:
         """Load the start point: weights (resume or init_from), and on resume optimizer, loader and RNG too."""
         start, info = self.start, self.info
-        source = start.resume_dir or start.init_dir
-        if source is not None:
-            restore_model_and_optimizer(self.raw_model, self.optimizer, source,
-                                        with_optimizer=start.resume_dir is not None)
+        load_start_weights(self.raw_model, self.optimizer, start)
         state = start.resume_state
         if state is None:
             return Progress()
@@ -189,7 +199,7 @@ class TrainingRun:
             world_size=self.info.world_size,
             loader=all_gather_objects(self.loader.state_dict()),
             rng=all_gather_objects(ckpt.capture_rng_state(self.info.device)),
-            model_kind=self.spec.model_kind,
+            model_kind=model_kind_of(self.model_config),
             model_config=self.model_config.to_dict(),
             recipe=cfg.recipe,
             preset=cfg.preset,
@@ -222,36 +232,75 @@ class TrainingRun:
                           f"{progress.last_saved}{curve}")
 
 
-def build_run(cfg: TrainConfig, info: DistInfo) -> TrainingRun:
-    """Everything before step 0: start point, tokenizer, data, model, optimizer, loader (weights not loaded yet)."""
-    from ghostvis_core.data import PackedBatchLoader
+def build_run_model_config(cfg: TrainConfig, tokenizer, start: setup.StartPoint, spec: RecipeSpec) -> ModelConfig:
+    """The run's model config: a GPTConfig, or for a VLM recipe a VLMConfig around it; checked against a
+    resumed checkpoint."""
+    model_config = setup.build_model_config(cfg, tokenizer.vocab_size, start)
+    if spec.model_kind == "vlm":
+        model_config = setup.build_vlm_config(cfg, model_config, tokenizer.image_id, start)
+    if start.resume_state is not None:
+        if spec.model_kind == "vlm":
+            setup.check_vlm_resume_compatible(model_config, start.resume_state, start.resume_dir)
+        else:
+            setup.check_resume_compatible(model_config, start.resume_state, start.resume_dir)
+    return model_config
 
+
+def build_run(cfg: TrainConfig, info: DistInfo) -> TrainingRun:
+    """Everything before step 0: start point, tokenizer, model, optimizer, data and loader (weights not loaded yet)."""
     log = get_logger()
     if cfg.fsdp:
         check_fsdp(info)  # before the dataset and model are built
     grad_accum = cfg.grad_accum_steps(info.world_size)
     tokens_per_step = cfg.total_tokens_per_step(info.world_size)
     start = setup.find_start(cfg)
+    spec = start.spec or spec_for(cfg.recipe)
     tokenizer = setup.load_tokenizer(cfg, start)
-    packed = setup.build_dataset(cfg, tokenizer)
-    model_config = setup.build_model_config(cfg, tokenizer.vocab_size, start)
-    if start.resume_state is not None:
-        setup.check_resume_compatible(model_config, start.resume_state, start.resume_dir)
-    plan, raw_model, model, optimizer = build_model_and_optimizer(cfg, model_config, info)
-    log.info(f"Model: preset {cfg.preset}, {raw_model.num_params() / 1e6:.2f}M parameters "
-             f"({raw_model.num_params(exclude_embedding=True) / 1e6:.2f}M without the embedding), "
-             f"{model_config.n_layer} layers x {model_config.n_embd}, vocab {model_config.vocab_size}")
+    model_config = build_run_model_config(cfg, tokenizer, start, spec)
+    freeze = parse_freeze(spec.freeze if cfg.freeze is None else cfg.freeze)
+    plan, raw_model, model, optimizer = build_model_and_optimizer(cfg, model_config, info, freeze)
+    text = text_config(model_config)
+    log.info(f"Model: preset {cfg.preset}, {raw_model.num_params() / 1e6:.2f}M parameters, language model "
+             f"{text.n_layer} layers x {text.n_embd}, vocab {text.vocab_size}"
+             + (f"; tower {model_config.vision.num_layers} layers x {model_config.vision.hidden_size}, "
+                f"{model_config.num_image_tokens} tokens per image" if spec.model_kind == "vlm" else ""))
     log.info(f"Batch: {cfg.device_batch_size} rows x {cfg.pack_max_length} tokens x {info.world_size} rank(s) x "
              f"{grad_accum} accumulation step(s) = {tokens_per_step:,} tokens per step")
-    loader = PackedBatchLoader(packed, cfg.device_batch_size, rank=info.rank, world_size=info.world_size,
-                               seed=cfg.seed)
+    vision = model_config.vision if spec.model_kind == "vlm" else None
+    _, loader = setup.build_data(cfg, tokenizer, spec, info, vision)
     return TrainingRun(
-        cfg=cfg, info=info, spec=spec_for(cfg.recipe), start=start, tokenizer=tokenizer, model_config=model_config,
+        cfg=cfg, info=info, spec=spec, start=start, tokenizer=tokenizer, model_config=model_config,
         plan=plan, raw_model=raw_model, model=model, optimizer=optimizer, loader=loader, grad_accum=grad_accum,
         tokens_per_step=tokens_per_step, metrics=MetricsLog(cfg.run_dir / "metrics.jsonl"),
         printer=ProgressPrinter(cfg.num_steps, enabled=info.is_main),
         flops_per_token=raw_model.flops_per_token(cfg.pack_max_length), peak_flops=peak_flops(info.device),
+        flops_per_image=raw_model.flops_per_image() if spec.model_kind == "vlm" else 0.0,
     )
+
+
+def load_start_weights(raw_model: torch.nn.Module, optimizer, start: setup.StartPoint) -> None:
+    """The start point's weights into the built model: a resumed checkpoint (with the optimizer), or init
+    weights (a checkpoint of the same kind whole; a text checkpoint or HF Llama folder into a VLM's language
+    model), then vision.init_from's tower."""
+    if start.resume_dir is not None:
+        restore_model_and_optimizer(raw_model, optimizer, start.resume_dir, with_optimizer=True)
+        return
+    language_model = getattr(raw_model, "language_model", raw_model)
+    if start.hf_text_weights is not None:
+        load_weights_into(language_model, start.hf_text_weights, start.init_dir)
+        start.hf_text_weights = None  # the tensors are in the model now; do not keep a second copy
+    elif start.init_dir is not None:
+        target = raw_model if start.base_kind == model_kind_of(raw_model.config) else language_model
+        ckpt.load_model_weights(target, start.init_dir)
+    if start.vision_weights is not None:
+        load_weights_into(raw_model.vision_tower, start.vision_weights, "vision.init_from")
+        start.vision_weights = None
+
+
+def load_weights_into(module: torch.nn.Module, tensors: dict, source) -> None:
+    """A full state dict read from `source` into a (maybe FSDP2-sharded) module, keys and shapes checked."""
+    ckpt.check_model_state(module.state_dict(), tensors, Path(str(source)))
+    load_full_model_state(module, tensors)
 
 
 def restore_model_and_optimizer(raw_model: torch.nn.Module, optimizer, step_dir: Path, *, with_optimizer: bool) -> None:
