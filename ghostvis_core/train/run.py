@@ -21,7 +21,6 @@ from ghostvis_core.log import get_logger
 from ghostvis_core.models import ModelConfig, build_model, model_kind_of, text_config
 from ghostvis_core.train import setup
 from ghostvis_core.train.config import TrainConfig
-from ghostvis_core.train.freeze import FreezeSpec, apply_freeze, parse_freeze
 from ghostvis_core.train.distributed import (
     DistInfo,
     all_gather_objects,
@@ -33,6 +32,7 @@ from ghostvis_core.train.distributed import (
     shard_optimizer_state,
     wrap_model,
 )
+from ghostvis_core.train.freeze import FreezeSpec, apply_freeze, parse_freeze
 from ghostvis_core.train.metrics import MetricsLog, ProgressPrinter, peak_flops
 from ghostvis_core.train.recipe_spec import RecipeSpec, spec_for
 from ghostvis_core.train.schedule import lr_multiplier
