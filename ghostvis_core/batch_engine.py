@@ -178,12 +178,15 @@ class Engine:
         on_finish: Callable[[Completion], None] | None = None,
         sync_every: int = 16,
         cache_len: int | None = None,
+        seeds: Sequence[int] | None = None,
     ) -> list[Completion]:
         """Completions of every prompt, in prompt order (continuous batching over `batch_size` rows).
 
         on_text(index, new_text) streams each reply as it grows (needs a tokenizer); on_finish(completion) is
         called as each request ends (in finishing order). cache_len: slots per row (default: just enough for
         the longest prompt plus its budget; a chat passes the context so one graph serves every turn).
+        seeds: one sampling seed per prompt (default sampling.seed + index; a resumed batch passes the seeds
+        its prompts had in the whole file).
         """
         if max_tokens < 1:
             raise ConfigError(f"--max-tokens must be >= 1 (got {max_tokens})")
@@ -196,10 +199,15 @@ class Engine:
         need = max(n + b for n, b in zip(lengths, budgets, strict=True))
         cache_len = min(max(cache_len or 0, need), self.context_len)
         B = min(batch_size, len(prompts))
+        if seeds is None:
+            seeds = [sampling.seed + i for i in range(len(prompts))]
+        elif len(seeds) != len(prompts):
+            raise ConfigError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         with torch.no_grad():
-            return self._run(prompts, lengths, budgets, sampling, B, cache_len, on_text, on_finish, sync_every)
+            return self._run(prompts, lengths, budgets, sampling, seeds, B, cache_len, on_text, on_finish,
+                             sync_every)  # fmt: skip
 
-    def _run(self, prompts, lengths, budgets, sampling, B, cache_len, on_text, on_finish, sync_every):
+    def _run(self, prompts, lengths, budgets, sampling, seeds, B, cache_len, on_text, on_finish, sync_every):
         batch = self._batches.get((B, cache_len))
         if batch is None:
             batch = self._batches[(B, cache_len)] = _Batch(self.model, B, cache_len)
@@ -255,7 +263,7 @@ class Engine:
                     i = queue.popleft()
                     stream = TextStream(self.tokenizer, sampling.stop) if use_text else None
                     rows[b] = _Row(i, lengths[i], budgets[i], time.perf_counter(), stream)
-                    batch.seeds[b] = sampling.seed + i
+                    batch.seeds[b] = seeds[i]
                     view = batch.cache.row(b)
                     logits = self.prefill(view, prompts[i])
                     first = sample_next(logits, sampling, batch.seeds[b : b + 1], view.cache_seqlens)

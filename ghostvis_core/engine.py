@@ -18,10 +18,27 @@ from ghostvis_core.backend_names import DTYPES
 from ghostvis_core.backends import BackendPlan, inference_run_facts, log_plan, plan_run
 from ghostvis_core.config import GPTConfig
 from ghostvis_core.env import probe_env
-from ghostvis_core.errors import CheckpointError, ConfigError
+from ghostvis_core.errors import BackendUnavailableError, CheckpointError, ConfigError
 from ghostvis_core.log import get_logger
 from ghostvis_core.paths import runs_dir
 from ghostvis_core.tokenizer import Tokenizer
+
+BACKENDS = ("native", "vllm", "auto")
+
+
+def resolve_backend(backend: str) -> str:
+    """The inference backend to use: native for native and auto (auto says so on stderr); vllm is refused
+    with the fix until the vLLM backend exists."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"--backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "vllm":
+        raise BackendUnavailableError(
+            "--backend vllm is not available in this environment: GhostVis has no vLLM backend wired in yet "
+            "(`ghostvis install vllm` only makes its environment); use --backend native (or auto)"
+        )
+    if backend == "auto":
+        get_logger().info("--backend auto: using the native engine (no vLLM backend is available here)")
+    return "native"
 
 
 @dataclass

@@ -11,30 +11,8 @@ import time
 
 import torch
 
+from ghostvis_core.engine import resolve_backend
 from ghostvis_core.errors import ConfigError, GhostVisError
-
-BACKENDS = ("native", "vllm", "auto")
-
-
-def vllm_unavailable() -> GhostVisError:
-    """The one message for --backend vllm until the vLLM backend exists."""
-    return GhostVisError(
-        "--backend vllm is not available in this environment: GhostVis has no vLLM backend wired in yet "
-        "(`ghostvis install vllm` only makes its environment); use --backend native (or auto)"
-    )
-
-
-def resolve_backend(backend: str) -> str:
-    """native for native and auto (auto says so on stderr); vllm is refused with the fix."""
-    from ghostvis_core.log import get_logger
-
-    if backend not in BACKENDS:
-        raise ConfigError(f"--backend {backend!r} is not one of {', '.join(BACKENDS)}")
-    if backend == "vllm":
-        raise vllm_unavailable()
-    if backend == "auto":
-        get_logger().info("--backend auto: using the native engine (no vLLM backend is available here)")
-    return "native"
 
 
 def random_model(preset: str, device: str | None, dtype: str):
