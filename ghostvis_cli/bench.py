@@ -8,8 +8,10 @@ from rich.console import Console
 from rich.table import Table
 
 bench_app = typer.Typer(
-    help="Benchmarks against plain PyTorch, measured in the same process on the same card.",
+    help="Benchmarks against plain PyTorch, measured in the same process on the same card. With options "
+    "(--num-prompts ...) it runs the inference benchmark; `bench kernels` and `bench train` are subcommands.",
     no_args_is_help=True,
+    invoke_without_command=True,
 )
 console = Console()
 
@@ -89,6 +91,40 @@ def attention_table(rows: list[dict]) -> Table:
             _fmt(r.get("fwd_tflops"), 0), _fmt(r.get("fwd_bwd_tflops"), 0), note,
         )  # fmt: skip
     return table
+
+
+@bench_app.callback()
+def inference(
+    ctx: typer.Context,
+    num_prompts: int = typer.Option(1000, "--num-prompts", help="Requests (random token prompts)."),
+    input_len: int = typer.Option(128, "--input-len", help="Tokens per prompt."),
+    output_len: int = typer.Option(256, "--output-len", help="Tokens generated per request (EOS ignored)."),
+    backend: str = typer.Option("native", "--backend", help="native | vllm | auto."),
+    model: str = typer.Option(None, "--model", help="A run or checkpoint (default: random weights of --preset)."),
+    preset: str = typer.Option(None, "--preset", help="Random-weight model preset (default d20)."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Rows decoded together."),
+    compare: str = typer.Option(None, "--compare", help="hf: also time transformers' static-cache generate."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float32."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON only (errors too)."),
+) -> None:
+    """Offline inference throughput: requests/s, tokens/s, TTFT and latency percentiles, batch-1 bandwidth."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from ghostvis_core.bench.infer_bench import format_infer_bench, run_infer_bench
+    from ghostvis_core.errors import GhostVisError
+
+    try:
+        result = run_infer_bench(num_prompts, input_len, output_len, batch_size, model=model, preset=preset,
+                                 backend=backend, compare=compare, dtype=dtype)  # fmt: skip
+    except GhostVisError as exc:
+        if not as_json:
+            raise
+        typer.echo(json.dumps({"error": str(exc), "type": type(exc).__name__}))
+        raise typer.Exit(exc.exit_code) from None
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    console.print(format_infer_bench(result), highlight=False)
 
 
 @bench_app.command("kernels")

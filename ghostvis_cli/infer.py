@@ -1,34 +1,124 @@
-"""`ghostvis infer`: answer a prompt with a trained run (native KV-cache engine)."""
+"""`ghostvis infer`: one prompt, a batch file, or an interactive chat with a trained run (native engine)."""
+
+from __future__ import annotations
+
+import sys
+import time
 
 import typer
 from rich.console import Console
 
 console = Console()
+err_console = Console(stderr=True)
 
 
 def infer(
-    prompt: str = typer.Option(..., "--prompt", "-p", help="The question (chat runs) or text to continue."),
-    run: str = typer.Option(None, "--run", help="Run name or folder (default: the newest trained run)."),
-    checkpoint: str = typer.Option(None, "--checkpoint", help="A step_NNNNNN folder (overrides --run)."),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Most tokens to generate."),
+    prompt: str = typer.Option(None, "--prompt", "-p", help="The question (chat runs) or text to continue."),
+    model: str = typer.Option(
+        None, "--model", help="Run name or folder, or a step_NNNNNN checkpoint (default: the newest chat run, "
+        "else the newest base run)."
+    ),  # fmt: skip
+    batch_file: str = typer.Option(None, "--batch-file", help="Prompts: .txt (one a line) or .jsonl ({\"prompt\"})."),
+    output: str = typer.Option(None, "--output", "-o", help="Results file (JSON lines) for --batch-file."),
+    resume: bool = typer.Option(False, "--resume", help="Skip prompts whose results --output already holds."),
+    chat: bool = typer.Option(False, "--chat", help="Interactive chat: streaming, history, /reset, /exit."),
+    backend: str = typer.Option("native", "--backend", help="native | vllm | auto."),
+    max_tokens: int = typer.Option(256, "--max-tokens", help="Most tokens to generate per reply."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling: keep the smallest set with this mass."),
     top_k: int = typer.Option(None, "--top-k", help="Sample from the k most likely tokens."),
-    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed (prompt i of a batch uses seed + i)."),
+    stop: list[str] = typer.Option(None, "--stop", help="A string that ends a reply (repeatable)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Rows decoded together for --batch-file."),
     image: str = typer.Option(None, "--image", help="An image file the prompt asks about (vision runs)."),
     dtype: str = typer.Option(
         "auto", "--dtype", help="bfloat16 | float16 | float32 | auto (bf16 on CUDA, fp32 on CPU)."
     ),
+    model_path: str = typer.Option(None, "--model_path", "--run", "--checkpoint", hidden=True),
+    batch_file_alias: str = typer.Option(None, "--batch_file", hidden=True),
+    max_tokens_alias: int = typer.Option(None, "--max_tokens", "--max-new-tokens", hidden=True),
+    limit: int = typer.Option(None, "--limit", hidden=True, help="Stop after this many new results (tests)."),
 ) -> None:
-    """Answer one prompt with a trained run's latest checkpoint."""
-    from ghostvis_core.engine import generate_text, load_for_inference
+    """Answer a prompt, a batch file of prompts, or chat, with a trained run's latest checkpoint."""
+    from ghostvis_core.engine import load_for_inference, resolve_backend
+    from ghostvis_core.errors import ConfigError
     from ghostvis_core.log import setup_logging
+    from ghostvis_core.sampling import SamplingParams
 
-    setup_logging()  # the backend banner and the dtype note go to stderr
-    loaded = load_for_inference(checkpoint or run, dtype=dtype)
-    reply = generate_text(loaded, prompt, max_new_tokens, temperature, top_k, seed, image=image)
-    console.print(f"[dim]{loaded.checkpoint} ({loaded.recipe})[/]", highlight=False)
-    console.print(f"[bold]>[/] {prompt}", highlight=False)
-    console.print(reply, highlight=False, markup=False)
+    setup_logging()  # the backend banner, notes and warnings go to stderr
+    batch_file = batch_file or batch_file_alias
+    max_tokens = max_tokens_alias if max_tokens_alias is not None else max_tokens
+    modes = [name for name, on in (("--prompt", prompt is not None), ("--batch-file", batch_file), ("--chat", chat)) if on]
+    if len(modes) != 1:
+        raise ConfigError("pass exactly one of --prompt TEXT, --batch-file FILE or --chat"
+                          + (f" (got {', '.join(modes)})" if modes else ""))  # fmt: skip
+    if prompt is not None and not prompt.strip():
+        raise ConfigError("--prompt is empty: pass some text")
+    if batch_file and not output:
+        raise ConfigError("--batch-file needs --output results.jsonl")
+    if max_tokens < 1:
+        raise ConfigError(f"--max-tokens must be >= 1 (got {max_tokens})")
+    if image is not None and prompt is None:
+        raise ConfigError("--image goes with --prompt TEXT (in --chat, use /image PATH)")
+    prompts = None
+    if batch_file:
+        from ghostvis_core.batch_io import read_prompts
+
+        prompts = read_prompts(batch_file)  # before loading the model: a bad file fails fast
+    resolve_backend(backend)
+    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=tuple(stop or ()))
+    loaded = load_for_inference(model or model_path, dtype=dtype)
+    console.print(f"model: {loaded.checkpoint} ({loaded.recipe})", highlight=False, markup=False, soft_wrap=True)
+    if chat:
+        from ghostvis_cli.infer_chat import chat_loop
+
+        chat_loop(loaded, sampling, max_tokens, console, err_console)
+    elif prompts is not None:
+        _run_batch(loaded, prompts, output, resume, sampling, max_tokens, batch_size, limit)
+    else:
+        from ghostvis_core.engine import generate_text
+
+        reply = generate_text(loaded, prompt, max_tokens, temperature, top_k, seed, top_p, tuple(stop or ()),
+                              image=image)
+        console.print(f"[bold]>[/] {prompt}", highlight=False, markup=True)
+        console.print(reply, highlight=False, markup=False)
+
+
+def _run_batch(loaded, prompts, output, resume, sampling, max_tokens, batch_size, limit) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ghostvis_core.batch_io import ResultsFile
+
+    results = ResultsFile(output, resume)
+    todo = [i for i in range(len(prompts)) if i not in results.done]
+    if limit is not None:
+        todo = todo[:limit]
+    if resume and results.done:
+        err_console.print(f"resuming {output}: {len(results.done)} done, {len(todo)} to go", highlight=False)
+    ids = [loaded.encode_prompt(prompts[i]) for i in todo]
+    generated = 0
+    t0 = time.perf_counter()
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=err_console, disable=not sys.stderr.isatty() and len(todo) < 2)  # fmt: skip
+    task = progress.add_task("generating", total=len(todo))
+
+    def on_finish(c) -> None:
+        nonlocal generated
+        i = todo[c.index]
+        results.append({"index": i, "prompt": prompts[i], "text": c.text, "num_tokens": len(c.token_ids),
+                        "finish_reason": c.finish_reason})  # fmt: skip
+        generated += len(c.token_ids)
+        tok_s = generated / max(time.perf_counter() - t0, 1e-9)
+        progress.update(task, advance=1, description=f"generating {tok_s:,.0f} tok/s")
+
+    try:
+        with progress:
+            # Prompt i samples with seed + i whichever prompts this run skips, so a resumed run matches.
+            loaded.engine.generate_many(ids, sampling, max_tokens, batch_size, on_finish=on_finish,
+                                        seeds=[sampling.seed + i for i in todo])  # fmt: skip
+    finally:
+        results.close()
+    err_console.print(f"{len(todo)} result(s) written to {output}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -222,32 +222,49 @@ def attention_with_kvcache(
     v_BTKD: torch.Tensor,
     k_cache_BSKD: torch.Tensor,
     v_cache_BSKD: torch.Tensor,
-    start: int,
+    cache_seqlens: torch.Tensor | int,
     backend: str,
 ) -> torch.Tensor:
-    """Append k/v at cache slots [start, start+T) and attend causally to slots [0, start+T)."""
-    T = q_BTHD.shape[1]
-    end = start + T
+    """Append k/v of each row b at its slots [len_b, len_b + T) and attend causally to slots [0, len_b + T).
+
+    cache_seqlens: int32 (B,) per-row lengths on the device (an int means every row has that length). Shapes
+    never depend on the lengths, so a decode step is capturable in a CUDA graph: flash_attn reads cache_seqlens
+    itself; the SDPA path writes with a scatter and attends over all S slots with a per-row mask (at decode the
+    extra masked slots cost S/len_b more attention reads, small next to the weights for contexts of a few
+    thousand tokens). Slot indices are clamped to S - 1, so an idle row (continuous batching) that keeps
+    stepping past its end overwrites its own last slot instead of writing out of bounds.
+    """
+    B, T = q_BTHD.shape[:2]
+    S = k_cache_BSKD.shape[1]
+    if isinstance(cache_seqlens, int):
+        cache_seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q_BTHD.device)
     if backend == "flash_attn":
         from flash_attn import flash_attn_with_kvcache
 
-        # Writes k/v into the cache in place; causal aligns to the bottom-right corner (new tokens last).
+        # Writes k/v into the cache in place at each row's length; causal aligns each row's new tokens last.
         return flash_attn_with_kvcache(
-            q_BTHD, k_cache_BSKD, v_cache_BSKD, k=k_BTKD, v=v_BTKD, cache_seqlens=start, causal=True
+            q_BTHD, k_cache_BSKD, v_cache_BSKD, k=k_BTKD, v=v_BTKD, cache_seqlens=cache_seqlens, causal=True
         )
-    k_cache_BSKD[:, start:end] = k_BTKD
-    v_cache_BSKD[:, start:end] = v_BTKD
-    k_all, v_all = k_cache_BSKD[:, :end], v_cache_BSKD[:, :end]
-    if start == 0:
-        return _sdpa(q_BTHD, k_all, v_all, backend, is_causal=True)
-    if T == 1:
-        return _sdpa(q_BTHD, k_all, v_all, backend, is_causal=False)
-    # Several new tokens after a filled prefix: bottom-right causal mask (query t sees slots <= start + t).
-    # SDPA's flash and cuDNN kernels take no explicit mask, so this one case runs the efficient kernel
-    # (math on CPU); single-token decode above keeps the plan's kernel. The efficient kernel has no dtype
-    # limit (hardware_limits.LIMITS["sdpa_efficient"]: any dtype, sm50+), so fp32 caches are served too.
-    q_pos = torch.arange(start, end, device=q_BTHD.device)[:, None]
-    kv_pos = torch.arange(end, device=q_BTHD.device)[None, :]
-    mask = (kv_pos <= q_pos)[None, None]
-    masked_backend = "sdpa_efficient" if q_BTHD.is_cuda else "sdpa_math"
-    return _sdpa(q_BTHD, k_all, v_all, masked_backend, is_causal=False, mask=mask)
+    lens = cache_seqlens.to(torch.long)
+    q_pos = lens[:, None] + torch.arange(T, device=q_BTHD.device)  # (B, T) slot of each new token
+    rows = torch.arange(B, device=q_BTHD.device)[:, None].expand(B, T)
+    slots = q_pos.clamp(max=S - 1)
+    k_cache_BSKD[rows, slots] = k_BTKD
+    v_cache_BSKD[rows, slots] = v_BTKD
+    H, D = q_BTHD.shape[2:]
+    K = k_cache_BSKD.shape[2]
+    G = H // K
+    # GQA without repeating the cache: the G query heads of each KV head become G*T query rows of that head
+    # (a copy of q, which is tiny at decode), and the (T, S) mask is repeated over them.
+    q_BKMD = q_BTHD.view(B, T, K, G, D).permute(0, 2, 3, 1, 4).reshape(B, K, G * T, D)
+    allowed = torch.arange(S, device=q_BTHD.device)[None, None, :] <= q_pos[:, :, None]  # (B, T, S)
+    mask = allowed[:, None, None].expand(B, 1, G, T, S).reshape(B, 1, G * T, S)
+    k_BKSD, v_BKSD = k_cache_BSKD.transpose(1, 2), v_cache_BSKD.transpose(1, 2)
+    if q_BTHD.is_cuda:
+        # SDPA's flash and cuDNN kernels take no explicit mask: the efficient kernel serves any dtype (sm50+,
+        # hardware_limits.LIMITS["sdpa_efficient"]).
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+            out = F.scaled_dot_product_attention(q_BKMD, k_BKSD, v_BKSD, attn_mask=mask)
+    else:
+        out = F.scaled_dot_product_attention(q_BKMD, k_BKSD, v_BKSD, attn_mask=mask)
+    return out.view(B, K, G, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H, D)

@@ -1,4 +1,5 @@
-"""Native inference: load a trained run's checkpoint and answer prompts with the KV-cache decoder.
+"""Native inference: load a trained run's checkpoint and answer prompts with the batched KV-cache engine
+(ghostvis_core/batch_engine.py).
 
 A run trained on chats (data_format "chat" in its state.json) is prompted through the tokenizer's chat template,
 the same template training used; a text run continues plain text after BOS. Generation stops at the assistant's
@@ -8,7 +9,6 @@ The model's parameters are cast to the run's inference dtype (auto: bf16 on CUDA
 plan is made for that dtype, so no kernel that needs bf16/fp16 ever meets fp32 tensors.
 """
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,11 +17,28 @@ import torch
 from ghostvis_core.backend_names import DTYPES
 from ghostvis_core.backends import BackendPlan, inference_run_facts, log_plan, plan_run
 from ghostvis_core.env import probe_env
-from ghostvis_core.errors import CheckpointError, ConfigError
+from ghostvis_core.errors import BackendUnavailableError, CheckpointError, ConfigError
 from ghostvis_core.log import get_logger
 from ghostvis_core.models import text_config
 from ghostvis_core.paths import runs_dir
 from ghostvis_core.tokenizer import Tokenizer
+
+BACKENDS = ("native", "vllm", "auto")
+
+
+def resolve_backend(backend: str) -> str:
+    """The inference backend to use: native for native and auto (auto says so on stderr); vllm is refused
+    with the fix until the vLLM backend exists."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"--backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "vllm":
+        raise BackendUnavailableError(
+            "--backend vllm is not available in this environment: GhostVis has no vLLM backend wired in yet "
+            "(`ghostvis install vllm` only makes its environment); use --backend native (or auto)"
+        )
+    if backend == "auto":
+        get_logger().info("--backend auto: using the native engine (no vLLM backend is available here)")
+    return "native"
 
 
 @dataclass
@@ -36,6 +53,32 @@ class LoadedModel:
     """TrainState.data_format of the checkpoint: "text", "chat" or "image-chat"."""
     plan: BackendPlan | None = None
     """The inference plan the model was built with (dtype and backends)."""
+    _engine: object = None
+
+    @property
+    def engine(self):
+        """The batched engine of this model (built on first use; it keeps its caches and CUDA graphs)."""
+        from ghostvis_core.batch_engine import Engine
+
+        if self._engine is None:
+            self._engine = Engine(self.model, self.tokenizer, stop_token_ids=self.stop_token_ids)
+        return self._engine
+
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        """Tokens that end a reply: end-of-assistant for chat runs, and BOS (a new document) for every run."""
+        tok = self.tokenizer
+        return (tok.eos_id, tok.bos_id) if self.is_chat else (tok.bos_id,)
+
+    def encode_prompt(self, prompt: str, history: list[dict] | None = None) -> list[int]:
+        """Token ids of a prompt: the chat template (with earlier turns) for chat runs, BOS + text otherwise."""
+        if not prompt.strip():
+            raise ConfigError("the prompt is empty: pass some text (--prompt TEXT)")
+        tok = self.tokenizer
+        if self.is_chat:
+            messages = [*(history or []), {"role": "user", "content": prompt}]
+            return tok.encode_chat(messages, add_generation_prompt=True)[0]
+        return [tok.bos_id, *tok.encode(prompt)]
 
     @property
     def is_chat(self) -> bool:
@@ -44,20 +87,29 @@ class LoadedModel:
 
 
 def latest_run(root: Path) -> Path:
-    """The run folder with the newest complete checkpoint under `root`."""
-    from ghostvis_core.checkpoint import latest_checkpoint
+    """The default run: the newest complete one of the most trained kind (chat runs before base runs).
+
+    Complete: it has a step_NNNNNN checkpoint with a readable state.json and a tokenizer.
+    """
+    from ghostvis_core.checkpoint import TrainState, latest_checkpoint
 
     candidates = []
     for run in root.iterdir() if root.is_dir() else []:
         step = latest_checkpoint(run) if run.is_dir() else None
-        if step is not None:
-            candidates.append((step.stat().st_mtime, run))
+        if step is None or not (run / "tokenizer" / "tokenizer.json").is_file():
+            continue
+        try:
+            chat = TrainState.read(step).data_format != "text"
+        except CheckpointError as exc:  # a run whose state.json is damaged is not a candidate; say so
+            get_logger().warning(f"skipping {run.name} when choosing the default run: {exc}")
+            continue
+        candidates.append((chat, step.stat().st_mtime, run))
     if not candidates:
         raise CheckpointError(
             f"no trained run with a checkpoint under {root}: train one first (`ghostvis train base_train`), "
             "or pass --run NAME / --checkpoint PATH"
         )
-    return max(candidates)[1]
+    return max(candidates)[-1]
 
 
 def inference_plan(config, device_type: str | None = None, dtype: str = "auto") -> BackendPlan:
@@ -116,15 +168,33 @@ def generate_text(
     temperature: float = 0.0,
     top_k: int | None = None,
     seed: int = 0,
+    top_p: float = 1.0,
+    stop: tuple[str, ...] = (),
     image: str | Path | None = None,
     use_cache: bool = True,
 ) -> str:
     """The model's reply to `prompt` (chat runs) or its continuation (base runs), decoded without specials.
 
     image: a picture the prompt asks about (VLM runs): the prompt becomes a user turn of the image then the
-    text, as LLaVA data is ("<image>\n" + prompt), prefilled by embeddings, then KV-cache decode."""
+    text, as LLaVA data is ("<image>\n" + prompt), prefilled by embeddings, then KV-cache decode. Text runs go
+    through the batched engine; VLM runs through `VLM.generate` (one request at a time) until the engine
+    takes image prefills.
+    """
+    from ghostvis_core.sampling import SamplingParams
+
     if max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens must be >= 1 (got {max_new_tokens})")
+        raise ConfigError(f"--max-tokens must be >= 1 (got {max_new_tokens})")
+    if image is not None or loaded.data_format == "image-chat":
+        return _generate_vlm_text(loaded, prompt, max_new_tokens, temperature, top_k, seed, image, use_cache)
+    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=tuple(stop))
+    ids = loaded.encode_prompt(prompt)
+    return loaded.engine.generate_many([ids], sampling, max_new_tokens, batch_size=1)[0].text
+
+
+@torch.no_grad()
+def _generate_vlm_text(loaded: LoadedModel, prompt: str, max_new_tokens: int, temperature: float,
+                       top_k: int | None, seed: int, image: str | Path | None, use_cache: bool) -> str:
+    """generate_text for an image prompt or a VLM run: greedy or top-k sampling through VLM.generate."""
     if not 0 <= temperature < math.inf:
         raise ConfigError(f"--temperature must be a finite number >= 0 (got {temperature})")
     if top_k is not None and top_k < 1:

@@ -46,8 +46,11 @@ BICUBIC = 3
 # config.json contents
 
 
-def hf_llama_config_dict(config: GPTConfig, tokenizer: Tokenizer) -> dict[str, Any]:
-    """LlamaForCausalLM's config.json for our GPTConfig (every field our GPT's math depends on, explicit)."""
+def hf_llama_config_dict(config: GPTConfig, tokenizer: Tokenizer | None) -> dict[str, Any]:
+    """LlamaForCausalLM's config.json for our GPTConfig (every field our GPT's math depends on, explicit).
+
+    tokenizer None (random weights in a benchmark): no special-token ids.
+    """
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -67,7 +70,7 @@ def hf_llama_config_dict(config: GPTConfig, tokenizer: Tokenizer) -> dict[str, A
         "tie_word_embeddings": config.tie_embeddings,
         "attention_bias": False,
         "mlp_bias": False,
-        **_token_ids(tokenizer),
+        **(_token_ids(tokenizer) if tokenizer is not None else {}),
     }
 
 

@@ -206,8 +206,8 @@ class Attention(nn.Module):
         if cache is None:
             y = attention(q, k, v, ctx)
         else:
-            k_cache, v_cache = cache.layer(layer, k.dtype)
-            y = attention_with_kvcache(q, k, v, k_cache, v_cache, cache.pos, cache.decode_backend)
+            k_cache, v_cache = cache.layer(layer)
+            y = attention_with_kvcache(q, k, v, k_cache, v_cache, cache.cache_seqlens, cache.decode_backend)
         return self.o_proj(y.reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -416,30 +416,41 @@ class GPT(nn.Module):
     def new_kv_cache(
         self, batch_size: int, max_len: int, device: torch.device | str | None = None
     ) -> KVCache:
-        """An empty KV cache for `batch_size` rows of up to `max_len` tokens (prompt + generated)."""
+        """An empty KV cache for `batch_size` rows of up to `max_len` tokens each, in the parameters' dtype."""
         device = torch.device(device) if device is not None else self.lm_head.weight.device
         self._check_device(device)
         c = self.config
         decode = self.plan.attention["decode"].backend
-        return KVCache(c.n_layer, c.n_kv_head, c.head_dim, batch_size, max_len, device, decode)
+        dtype = self.lm_head.weight.dtype
+        return KVCache(c.n_layer, c.n_kv_head, c.head_dim, batch_size, max_len, device, decode, dtype)
 
     def forward_with_cache(
-        self, input_ids_BT: torch.Tensor | None, cache: KVCache, *, inputs_embeds: torch.Tensor | None = None
+        self,
+        input_ids_BT: torch.Tensor | None,
+        cache: KVCache,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        """Logits (B, T, V) fp32 of the new tokens, attending to the cache; appends their K/V and advances it.
+        """Logits (B, T, V) fp32 of T new tokens per row, attending to the cache; appends their K/V and advances
+        each row's length by T.
 
-        inputs_embeds (B, T, C) replaces the token embedding, as in forward (the VLM's prefill by embeddings).
+        Row b's tokens take RoPE positions cache_seqlens[b] + 0..T-1. inputs_embeds (B, T, C) replaces the
+        token embedding (a VLM prefill with image features spliced in). No host sync and no shape that depends
+        on the lengths, so a one-token step is CUDA-graph capturable; the caller keeps lengths within max_len
+        (the engine's scheduler does). last_only: logits (B, 1, V) of the last token only (a prefill needs no
+        more, and a 2k-token prompt's full fp32 logits would be 0.5 GB at V = 65536).
         """
         x = self.model.embed_tokens(input_ids_BT) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
-        if cache.pos + T > cache.max_len:
-            raise ConfigError(f"KV cache holds {cache.max_len} tokens; {cache.pos} + {T} new do not fit")
         self._check_device(x.device)
-        pos = torch.arange(cache.pos, cache.pos + T, device=x.device).expand(B, T)
+        pos = cache.cache_seqlens[:, None].to(torch.long) + torch.arange(T, device=x.device)
         cos, sin = rope_cos_sin(pos, self.inv_freq)
         for i, block in enumerate(self.model.layers):
             x = block(x, cos, sin, None, cache, i)
-        cache.pos += T
+        cache.cache_seqlens += T
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.model.norm(x)).float()
 
     @torch.no_grad()

@@ -1,18 +1,24 @@
-"""Preallocated per-layer key/value cache for KV-cache decoding (GPT.new_kv_cache makes one).
+"""Preallocated per-layer key/value cache with per-row lengths (GPT.new_kv_cache makes one).
 
 Shape legend: L layers, B batch rows, S cache slots, K key/value heads, D head dim.
+
+Every row has its own length (`cache_seqlens`, int32 (B,), on the device): rows holding prompts of different
+lengths share a batch, a row's next token goes to slot cache_seqlens[b] and gets RoPE position cache_seqlens[b].
+The tensors never move or change shape after construction, so a decode step that reads and writes them can be
+captured once in a CUDA graph and replayed (gpt-fast's static cache); the lengths live on the device so no step
+needs the host.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 
 @dataclass
 class KVCache:
-    """Cache tensors (L, B, S, K, D), filled left to right; `pos` slots are valid.
+    """Cache tensors k, v (L, B, S, K, D) and per-row valid lengths cache_seqlens (B,) int32.
 
     decode_backend is the plan's "decode" choice, made for the model's dtype, so it runs on these tensors.
     """
@@ -24,14 +30,35 @@ class KVCache:
     max_len: int
     device: torch.device
     decode_backend: str
-    pos: int = 0
-    k: torch.Tensor | None = None
-    v: torch.Tensor | None = None
+    dtype: torch.dtype = torch.float32
+    k: torch.Tensor = field(default=None, repr=False)  # type: ignore[assignment]
+    v: torch.Tensor = field(default=None, repr=False)  # type: ignore[assignment]
+    cache_seqlens: torch.Tensor = field(default=None, repr=False)  # type: ignore[assignment]
 
-    def layer(self, i: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cache tensors of layer i (allocated on first use in the activation dtype)."""
+    def __post_init__(self) -> None:
+        shape = (self.n_layer, self.batch_size, self.max_len, self.n_kv_head, self.head_dim)
         if self.k is None:
-            shape = (self.n_layer, self.batch_size, self.max_len, self.n_kv_head, self.head_dim)
-            self.k = torch.zeros(shape, dtype=dtype, device=self.device)
-            self.v = torch.zeros(shape, dtype=dtype, device=self.device)
+            self.k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self.v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        if self.cache_seqlens is None:
+            self.cache_seqlens = torch.zeros(self.batch_size, dtype=torch.int32, device=self.device)
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cache tensors (B, S, K, D) of layer i."""
         return self.k[i], self.v[i]
+
+    @property
+    def pos(self) -> int:
+        """The longest row's length (a host sync: for checks and tests, never in the decode loop)."""
+        return int(self.cache_seqlens.max().item())
+
+    def row(self, b: int) -> KVCache:
+        """A one-row view sharing storage: a prefill into it fills row b of this cache (continuous batching)."""
+        return KVCache(
+            self.n_layer, self.n_kv_head, self.head_dim, 1, self.max_len, self.device, self.decode_backend,
+            self.dtype, self.k[:, b : b + 1], self.v[:, b : b + 1], self.cache_seqlens[b : b + 1],
+        )  # fmt: skip
+
+    def reset(self) -> None:
+        """Every row empty (the slots are overwritten by the next prefill; no need to clear them)."""
+        self.cache_seqlens.zero_()

@@ -43,7 +43,7 @@ def test_lone_surrogate_escapes_are_malformed_records(tmp_path):
     (dict(top_k=-3), "--top-k must be >= 1"),
     (dict(temperature=math.nan), "--temperature must be a finite number"),
     (dict(temperature=-1.0), "--temperature must be a finite number"),
-    (dict(max_new_tokens=0), "--max-new-tokens must be >= 1"),
+    (dict(max_new_tokens=0), "--max-tokens must be >= 1"),  # the flag is --max-tokens now
 ])
 def test_sampling_options_are_checked_before_generating(kwargs, match):
     loaded = LoadedModel(model=None, tokenizer=None, checkpoint=None, recipe="chat_sft",

@@ -1,0 +1,283 @@
+"""The batched decode engine: per-row KV cache, continuous batching, CUDA-graph decode, streaming.
+
+A call of `Engine.generate_many` keeps `batch_size` rows busy: each row holds one request; when a request
+finishes, the next prompt is prefilled into that row's cache slots (the other rows keep their state) and decode
+continues for all rows together. One decode step (embed one token per row, every layer against the cache,
+sample) has the same shapes at every step, so on CUDA it is captured once per (batch size, cache length,
+sampling) in a `torch.cuda.CUDAGraph` and replayed: at batch 1 the step is launch-bound in eager mode (about
+200 kernels per token for 20 layers), and a replay issues them with no Python in between.
+
+The host reads the sampled tokens every `sync_every` steps (one copy for the whole chunk, never a sync per
+step); a chunk is cut short so no row runs past its token budget, so only rows that stop early (EOS, a stop
+string) run a few wasted steps. Prefill runs eagerly, one request at a time (prompt lengths differ).
+
+Timing per request (Completion.ttft_s / latency_s) starts when the request enters a row.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ghostvis_core.errors import ConfigError
+from ghostvis_core.kv_cache import KVCache
+from ghostvis_core.log import get_logger
+from ghostvis_core.sampling import SamplingParams, sample_next
+from ghostvis_core.text_stream import TextStream
+
+Prompt = Sequence[int] | torch.Tensor
+"""Token ids, or prompt embeddings (1, T, C) in the model's dtype (a VLM prompt with image features in it)."""
+
+
+@dataclass
+class Completion:
+    """One finished request."""
+
+    index: int
+    """Position of the prompt in the list given to generate_many."""
+    prompt_tokens: int
+    token_ids: list[int]
+    text: str | None
+    """Decoded reply (None when the engine has no tokenizer, e.g. a benchmark on random weights)."""
+    finish_reason: str
+    """"stop" (end token or stop string) or "length" (max_tokens or the context)."""
+    ttft_s: float
+    latency_s: float
+
+
+@dataclass
+class _Row:
+    index: int
+    prompt_len: int
+    budget: int
+    t_admit: float
+    stream: TextStream | None
+    tokens: list[int] = field(default_factory=list)
+    t_first: float | None = None
+    finish_reason: str | None = None
+
+
+class _DecodeGraph:
+    """One decode step captured in a CUDA graph (warmed up on a side stream first, as CUDA graphs require)."""
+
+    def __init__(self, step: Callable[[], None]):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):  # triton autotune, cuBLAS workspaces and lazy inits happen before capture
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            step()
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+class _Batch:
+    """Static device state of one (batch size, cache length): the cache, each row's next token and seed."""
+
+    def __init__(self, model, batch_size: int, cache_len: int):
+        self.cache: KVCache = model.new_kv_cache(batch_size, cache_len)
+        device = self.cache.device
+        self.tokens = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.seeds = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.graphs: dict[tuple, _DecodeGraph] = {}
+
+
+class Engine:
+    """Generates for many prompts at once with one model (see the module docstring).
+
+    stop_token_ids end a request (not part of its reply) unless sampling.ignore_eos. cuda_graphs: None = on
+    when the model is on CUDA (eager on CPU); True on CPU is an error.
+    """
+
+    def __init__(self, model, tokenizer=None, *, stop_token_ids: Sequence[int] = (), cuda_graphs: bool | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.stop_token_ids = frozenset(stop_token_ids)
+        self.device = model.lm_head.weight.device
+        on_cuda = self.device.type == "cuda"
+        if cuda_graphs and not on_cuda:
+            raise ConfigError(f"CUDA-graph decode needs the model on CUDA; it is on {self.device.type}")
+        self.cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
+        self._batches: dict[tuple[int, int], _Batch] = {}
+
+    @property
+    def context_len(self) -> int:
+        return self.model.config.sequence_len
+
+    # -- one step -------------------------------------------------------------------------------------------
+
+    def _decode_step(self, batch: _Batch, sampling: SamplingParams) -> None:
+        """Feed each row's token, sample its next one into batch.tokens (in place: graph-safe)."""
+        cache = batch.cache
+        logits = self.model.forward_with_cache(batch.tokens[:, None], cache)[:, -1]
+        # cache_seqlens now counts the fed token: it is the position the drawn token will take.
+        batch.tokens.copy_(sample_next(logits, sampling, batch.seeds, cache.cache_seqlens))
+        cache.cache_seqlens.clamp_(max=cache.max_len - 1)  # idle rows step in place (kv_cache.py)
+
+    def _step_fn(self, batch: _Batch, sampling: SamplingParams) -> Callable[[], None]:
+        if not self.cuda_graphs:
+            return lambda: self._decode_step(batch, sampling)
+        key = (sampling.temperature, sampling.top_k, sampling.top_p)
+        if key not in batch.graphs:
+            batch.graphs[key] = _DecodeGraph(lambda: self._decode_step(batch, sampling))
+            batch.cache.reset()
+        return batch.graphs[key].replay
+
+    def prefill(self, cache: KVCache, prompt: Prompt) -> torch.Tensor:
+        """Fill an empty one-row cache (view) with a prompt; returns the last position's logits (1, V).
+
+        prompt: token ids, or embeddings (1, T, C) (a VLM prompt: image features spliced into the text).
+        """
+        cache.cache_seqlens.zero_()
+        if isinstance(prompt, torch.Tensor):
+            logits = self.model.forward_with_cache(None, cache, inputs_embeds=prompt, last_only=True)
+        else:
+            ids = torch.tensor([list(prompt)], dtype=torch.long, device=self.device)
+            logits = self.model.forward_with_cache(ids, cache, last_only=True)
+        return logits[:, -1]
+
+    # -- the scheduler --------------------------------------------------------------------------------------
+
+    def _budgets(self, lengths: list[int], max_tokens: int) -> list[int]:
+        """Tokens each request may generate: max_tokens, capped by the context (with one warning)."""
+        limit = self.context_len
+        for i, n in enumerate(lengths):
+            if n == 0:
+                raise ConfigError(f"prompt {i} is empty: every prompt needs at least one token")
+            if n >= limit:
+                raise ConfigError(
+                    f"prompt {i} is {n} tokens; the model's context is {limit} (room for at least one new "
+                    "token is needed): shorten it"
+                )
+        budgets = [min(max_tokens, limit - n) for n in lengths]
+        capped = [i for i, b in enumerate(budgets) if b < max_tokens]
+        if capped:
+            i = capped[0]
+            get_logger().warning(
+                f"--max-tokens {max_tokens} does not fit the {limit}-token context for {len(capped)} prompt(s): "
+                f"capped (prompt {i}: {lengths[i]} tokens, so at most {budgets[i]} new)"
+            )
+        return budgets
+
+    def generate_many(
+        self,
+        prompts: Sequence[Prompt],
+        sampling: SamplingParams,
+        max_tokens: int,
+        batch_size: int = 32,
+        *,
+        on_text: Callable[[int, str], None] | None = None,
+        on_finish: Callable[[Completion], None] | None = None,
+        sync_every: int = 16,
+        cache_len: int | None = None,
+        seeds: Sequence[int] | None = None,
+    ) -> list[Completion]:
+        """Completions of every prompt, in prompt order (continuous batching over `batch_size` rows).
+
+        on_text(index, new_text) streams each reply as it grows (needs a tokenizer); on_finish(completion) is
+        called as each request ends (in finishing order). cache_len: slots per row (default: just enough for
+        the longest prompt plus its budget; a chat passes the context so one graph serves every turn).
+        seeds: one sampling seed per prompt (default sampling.seed + index; a resumed batch passes the seeds
+        its prompts had in the whole file).
+        """
+        if max_tokens < 1:
+            raise ConfigError(f"--max-tokens must be >= 1 (got {max_tokens})")
+        if batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1 (got {batch_size})")
+        if not prompts:
+            return []
+        lengths = [p.shape[1] if isinstance(p, torch.Tensor) else len(p) for p in prompts]
+        budgets = self._budgets(lengths, max_tokens)
+        need = max(n + b for n, b in zip(lengths, budgets, strict=True))
+        cache_len = min(max(cache_len or 0, need), self.context_len)
+        B = min(batch_size, len(prompts))
+        if seeds is None:
+            seeds = [sampling.seed + i for i in range(len(prompts))]
+        elif len(seeds) != len(prompts):
+            raise ConfigError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        with torch.no_grad():
+            return self._run(prompts, lengths, budgets, sampling, seeds, B, cache_len, on_text, on_finish,
+                             sync_every)  # fmt: skip
+
+    def _run(self, prompts, lengths, budgets, sampling, seeds, B, cache_len, on_text, on_finish, sync_every):
+        batch = self._batches.get((B, cache_len))
+        if batch is None:
+            batch = self._batches[(B, cache_len)] = _Batch(self.model, B, cache_len)
+        step = self._step_fn(batch, sampling)
+        hist = torch.zeros(B, max(sync_every, 1), dtype=torch.long, device=self.device)
+        queue = deque(range(len(prompts)))
+        rows: list[_Row | None] = [None] * B
+        done: list[Completion | None] = [None] * len(prompts)
+        use_text = self.tokenizer is not None
+
+        def finish(b: int) -> None:
+            r = rows[b]
+            rows[b] = None
+            now = time.perf_counter()
+            text = None
+            if r.stream is not None:
+                tail = r.stream.finish()
+                if tail and on_text:
+                    on_text(r.index, tail)
+                text = r.stream.text
+            c = Completion(r.index, r.prompt_len, r.tokens, text, r.finish_reason, r.t_first - r.t_admit,
+                           now - r.t_admit)  # fmt: skip
+            done[r.index] = c
+            if on_finish:
+                on_finish(c)
+
+        def accept(b: int, new: list[int]) -> None:
+            """Host side of a row's new tokens: stop tokens, stop strings, budget, streaming."""
+            r = rows[b]
+            if r.t_first is None:
+                r.t_first = time.perf_counter()
+            for tok in new:
+                if tok in self.stop_token_ids and not sampling.ignore_eos:
+                    r.finish_reason = "stop"
+                    break
+                r.tokens.append(tok)
+                if r.stream is not None:
+                    delta = r.stream.push([tok])
+                    if delta and on_text:
+                        on_text(r.index, delta)
+                    if r.stream.stopped:
+                        r.finish_reason = "stop"
+                        break
+                if len(r.tokens) >= r.budget:
+                    r.finish_reason = "length"
+                    break
+            if r.finish_reason is not None:
+                finish(b)
+
+        while queue or any(rows):
+            for b in range(B):
+                while rows[b] is None and queue:  # a request can end at its first token: admit the next one
+                    i = queue.popleft()
+                    stream = TextStream(self.tokenizer, sampling.stop) if use_text else None
+                    rows[b] = _Row(i, lengths[i], budgets[i], time.perf_counter(), stream)
+                    batch.seeds[b] = seeds[i]
+                    view = batch.cache.row(b)
+                    logits = self.prefill(view, prompts[i])
+                    first = sample_next(logits, sampling, batch.seeds[b : b + 1], view.cache_seqlens)
+                    batch.tokens[b : b + 1].copy_(first)
+                    accept(b, [int(first.item())])
+            active = [r for r in rows if r is not None]
+            if not active:
+                continue
+            n_steps = max(1, min(sync_every, min(r.budget - len(r.tokens) for r in active)))
+            for s in range(n_steps):
+                step()
+                hist[:, s].copy_(batch.tokens)
+            host = hist[:, :n_steps].tolist()  # the one host sync of the chunk
+            for b in range(B):
+                if rows[b] is not None:
+                    accept(b, host[b])
+        return done

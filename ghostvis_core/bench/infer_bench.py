@@ -1,0 +1,204 @@
+"""`ghostvis bench --num-prompts`: offline inference throughput of the native engine (and HF's, compared).
+
+Prompts are random tokens of exactly input_len and every request generates exactly output_len tokens (EOS
+ignored), so the numbers measure the engine, not the model's taste for stopping. All requests arrive at once
+(vLLM's offline throughput benchmark); TTFT and latency per request count from when it enters a batch row.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ghostvis_core.engine import resolve_backend
+from ghostvis_core.errors import ConfigError, GhostVisError
+
+
+def random_model(preset: str, device: str | None, dtype: str):
+    """A preset's GPT with random weights (every matrix N(0, 0.02): realistic activations, no zero blocks)."""
+    from ghostvis_core.engine import LoadedModel, cast_parameters_, inference_plan
+    from ghostvis_core.gpt import GPT
+    from ghostvis_core.model_configs import get_preset
+
+    config = get_preset(preset)
+    plan = inference_plan(config, device, dtype)
+    torch.manual_seed(0)
+    with torch.device(plan.device_type):
+        model = GPT(config, plan)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.normal_(0.0, 0.02)
+    return LoadedModel(cast_parameters_(model, plan.dtype), None, None, f"random {preset}", "text", plan)
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights one decode step reads: every matrix once; an untied embedding table only one row."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not model.config.tie_embeddings:
+        emb = model.model.embed_tokens.weight
+        total -= (emb.shape[0] - 1) * emb.shape[1] * emb.element_size()
+    return total
+
+
+def _pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
+
+
+def summarize(completions, elapsed_s: float, input_len: int) -> dict:
+    """The result block's numbers from per-request timing."""
+    n = len(completions)
+    out_tokens = sum(len(c.token_ids) for c in completions)
+    ttft = [1e3 * c.ttft_s for c in completions]
+    lat = [1e3 * c.latency_s for c in completions]
+    return {
+        "num_prompts": n,
+        "elapsed_s": elapsed_s,
+        "requests_per_s": n / elapsed_s,
+        "output_tokens": out_tokens,
+        "output_tokens_per_s": out_tokens / elapsed_s,
+        "total_tokens_per_s": (out_tokens + n * input_len) / elapsed_s,
+        "latency_ms_per_prompt": 1e3 * elapsed_s / n,
+        "ttft_ms": {"mean": sum(ttft) / n, "p50": _pct(ttft, 50), "p99": _pct(ttft, 99)},
+        "latency_ms": {"p50": _pct(lat, 50), "p90": _pct(lat, 90), "p99": _pct(lat, 99)},
+    }
+
+
+def _timed(engine, prompts, max_tokens: int, batch_size: int, cache_len: int):
+    from ghostvis_core.sampling import SamplingParams
+
+    sampling = SamplingParams(ignore_eos=True)  # greedy; EOS ignored so every request makes max_tokens
+    # Warm-up at the timed batch size and cache length: builds the cache and captures the CUDA graph.
+    engine.generate_many(prompts[:batch_size], sampling, 2, batch_size, cache_len=cache_len)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    done = engine.generate_many(prompts, sampling, max_tokens, batch_size, cache_len=cache_len)
+    return done, time.perf_counter() - t0  # generate_many ends on a host read: the GPU is done
+
+
+def batch1_bandwidth(loaded, engine, prompts, output_len: int, cache_len: int) -> dict:
+    """Batch-1 decode tok/s (after the first token) and the weight bytes it reads, vs a device copy."""
+    from ghostvis_core.bench.timing import copy_bandwidth
+
+    done, _ = _timed(engine, prompts[:1], output_len, 1, cache_len)
+    c = done[0]
+    tok_s = (len(c.token_ids) - 1) / (c.latency_s - c.ttft_s)
+    nbytes = weight_bytes_per_token(loaded.model)
+    read_gb_s = nbytes * tok_s / 1e9
+    copy = copy_bandwidth()
+    return {"decode_tokens_per_s": tok_s, "weight_bytes_per_token": nbytes, "weights_gb_s": read_gb_s,
+            "copy_gb_s": copy.gb_s, "pct_of_copy": 100 * read_gb_s / copy.gb_s}  # fmt: skip
+
+
+def hf_static_generate(model, prompts: list[list[int]], output_len: int, batch_size: int) -> dict:
+    """transformers' LlamaForCausalLM on the same weights: generate with the static cache, greedy, no EOS stop.
+
+    Prompts go in batches of batch_size (all of one length, so no padding); timed after one warm-up batch.
+    """
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError as exc:
+        raise GhostVisError(f"--compare hf needs transformers ({exc}); `pip install transformers`") from None
+    from ghostvis_core.export import hf_llama_config_dict
+
+    config = LlamaConfig(**hf_llama_config_dict(model.config, None))
+    dtype = model.lm_head.weight.dtype
+    device = model.lm_head.weight.device
+    with torch.device(device):
+        hf = LlamaForCausalLM(config).to(dtype).eval()
+    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise GhostVisError(f"--compare hf: the state dict does not map onto LlamaForCausalLM "
+                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")  # fmt: skip
+    ids = torch.tensor(prompts, dtype=torch.long, device=device)
+    kw = dict(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False,
+              cache_implementation="static", pad_token_id=0)  # fmt: skip
+
+    def run(batch):
+        return hf.generate(batch, attention_mask=torch.ones_like(batch), **kw)
+
+    with torch.no_grad():
+        run(ids[:batch_size])  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for s in range(0, len(prompts), batch_size):
+            run(ids[s : s + batch_size])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+    return {"elapsed_s": elapsed, "output_tokens_per_s": len(prompts) * output_len / elapsed}
+
+
+def run_infer_bench(
+    num_prompts: int, input_len: int, output_len: int, batch_size: int = 64, *, model: str | None = None,
+    preset: str | None = None, backend: str = "native", compare: str | None = None, dtype: str = "auto",
+    device: str | None = None, seed: int = 0,
+) -> dict:  # fmt: skip
+    """Run the benchmark; returns the JSON-able result (see `format_infer_bench`)."""
+    from ghostvis_core.batch_engine import Engine
+    from ghostvis_core.engine import load_for_inference
+
+    for name, v in (("--num-prompts", num_prompts), ("--input-len", input_len), ("--output-len", output_len),
+                    ("--batch-size", batch_size)):  # fmt: skip
+        if v < 1:
+            raise ConfigError(f"{name} must be >= 1 (got {v})")
+    if compare not in (None, "hf"):
+        raise ConfigError(f"--compare {compare!r}: the only comparison is hf (transformers, static cache)")
+    if model and preset:
+        raise ConfigError("pass --model RUN or --preset NAME, not both")
+    backend = resolve_backend(backend)
+    loaded = load_for_inference(model, device, dtype) if model else random_model(preset or "d20", device, dtype)
+    m = loaded.model
+    cache_len = input_len + output_len
+    if cache_len > m.config.sequence_len:
+        raise ConfigError(f"--input-len + --output-len = {cache_len} exceeds the model's context "
+                          f"{m.config.sequence_len}")  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(0, m.config.vocab_size, (num_prompts, input_len), generator=g).tolist()
+    engine = Engine(m)  # no stop tokens: every request makes output_len
+    done, elapsed = _timed(engine, prompts, output_len, batch_size, cache_len)
+    dev = m.lm_head.weight.device
+    result = {
+        "backend": backend, "model": str(loaded.checkpoint or loaded.recipe), "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "dtype": str(m.lm_head.weight.dtype).removeprefix("torch."), "cuda_graphs": engine.cuda_graphs,
+        "num_prompts": num_prompts, "input_len": input_len, "output_len": output_len, "batch_size": batch_size,
+        **summarize(done, elapsed, input_len), "batch1": None, "compare": None,
+    }  # fmt: skip
+    if dev.type == "cuda":
+        result["batch1"] = batch1_bandwidth(loaded, engine, prompts, output_len, cache_len)
+    if compare == "hf":
+        hf = hf_static_generate(m, prompts, output_len, batch_size)
+        hf["ratio"] = result["output_tokens_per_s"] / hf["output_tokens_per_s"]
+        result["compare"] = {"hf": hf}
+    return result
+
+
+def format_infer_bench(r: dict) -> str:
+    """The seed's result block plus the per-request and bandwidth figures."""
+    lines = [
+        "=== Benchmark Results ===",
+        f"Backend: {r['backend']} ({'CUDA graphs' if r['cuda_graphs'] else 'eager'}), {r['device_name']}, "
+        f"{r['dtype']}, model {r['model']}",
+        f"Prompts: {r['num_prompts']} x {r['input_len']} tokens in, {r['output_len']} out, batch {r['batch_size']}",
+        f"Throughput: {r['output_tokens_per_s']:,.1f} tokens/sec (output)",
+        f"Latency: {r['latency_ms_per_prompt']:,.2f} ms/prompt",
+        f"Requests/s: {r['requests_per_s']:,.2f}   total tokens/s: {r['total_tokens_per_s']:,.1f}",
+        "TTFT ms: mean {mean:,.1f}  p50 {p50:,.1f}  p99 {p99:,.1f}".format(**r["ttft_ms"]),
+        "Request latency ms: p50 {p50:,.1f}  p90 {p90:,.1f}  p99 {p99:,.1f}".format(**r["latency_ms"]),
+    ]
+    if r["batch1"]:
+        b = r["batch1"]
+        lines.append(f"Batch-1 decode: {b['decode_tokens_per_s']:,.0f} tok/s x {b['weight_bytes_per_token'] / 1e9:.2f}"
+                     f" GB of weights = {b['weights_gb_s']:,.0f} GB/s, {b['pct_of_copy']:.0f}% of a device copy "
+                     f"({b['copy_gb_s']:,.0f} GB/s)")  # fmt: skip
+    if r["compare"]:
+        hf = r["compare"]["hf"]
+        lines.append(f"HF transformers (static cache): {hf['output_tokens_per_s']:,.1f} tokens/sec; "
+                     f"native / HF = {hf['ratio']:.2f}x")  # fmt: skip
+    return "\n".join(lines)

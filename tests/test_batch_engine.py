@@ -1,0 +1,143 @@
+"""The batched engine: KV cache vs recompute, batched and continuous batching vs one by one, seeded sampling,
+stop tokens and strings, streaming, and a prefill from prompt embeddings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_gpt import V, randomized, tiny_config
+
+from ghostvis_core.batch_engine import Engine
+from ghostvis_core.errors import ConfigError
+from ghostvis_core.sampling import SamplingParams, filter_logits, uniform_noise
+from ghostvis_core.text_stream import TextStream
+from ghostvis_core.tokenizer import Tokenizer
+
+GREEDY = SamplingParams()
+SAMPLED = SamplingParams(temperature=1.0, top_k=40, top_p=0.9, seed=7)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return randomized(tiny_config(sequence_len=48), seed=5).eval()
+
+
+def _prompts(n: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, V, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]  # fmt: skip
+
+
+def _one_by_one(engine, prompts, sampling, max_tokens):
+    """Each prompt alone, keeping its index (so its seed) as in the batched call."""
+    out = []
+    for i, p in enumerate(prompts):
+        shifted = SamplingParams(**{**sampling.__dict__, "seed": sampling.seed + i})
+        out.append(engine.generate_many([p], shifted, max_tokens, batch_size=1)[0].token_ids)
+    return out
+
+
+def test_greedy_with_cache_equals_recompute(model):
+    engine = Engine(model)
+    for prompt in _prompts(3):
+        got = engine.generate_many([prompt], GREEDY, 10)[0]
+        ref = model.generate(torch.tensor([prompt]), 10, use_cache=False)[0, len(prompt):].tolist()
+        assert got.token_ids == ref and got.finish_reason == "length" and got.prompt_tokens == len(prompt)
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_mixed_lengths_batched_and_continuous_equal_one_by_one(model, sampling):
+    engine = Engine(model)
+    prompts = _prompts(7, seed=1)
+    assert len({len(p) for p in prompts}) > 2  # really mixed lengths
+    alone = _one_by_one(engine, prompts, sampling, 9)
+    batched = [c.token_ids for c in engine.generate_many(prompts, sampling, 9, batch_size=7)]
+    continuous = engine.generate_many(prompts, sampling, 9, batch_size=3, sync_every=4)  # 7 prompts, 3 rows
+    assert batched == alone
+    assert [c.token_ids for c in continuous] == alone
+    assert [c.index for c in continuous] == list(range(7))
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(model):
+    engine = Engine(model)
+    prompts = _prompts(4, seed=2)
+    a = [c.token_ids for c in engine.generate_many(prompts, SAMPLED, 12, batch_size=2)]
+    b = [c.token_ids for c in engine.generate_many(prompts, SAMPLED, 12, batch_size=4)]
+    other = SamplingParams(temperature=1.0, top_k=40, top_p=0.9, seed=8)
+    c = [r.token_ids for r in engine.generate_many(prompts, other, 12, batch_size=2)]
+    assert a == b
+    assert a != c
+    greedy = [r.token_ids for r in engine.generate_many(prompts, GREEDY, 12, batch_size=2)]
+    assert a != greedy  # temperature 1 over 97 tokens really samples
+
+
+def test_noise_is_uniform_and_filters_keep_the_right_tokens():
+    u = uniform_noise(torch.tensor([1, 2]), torch.tensor([5, 5]), 20000)
+    assert 0 < u.min() and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 0.01 and not torch.equal(u[0], u[1])
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = torch.isfinite(filter_logits(logits, None, 0.7))
+    assert kept.tolist() == [[True, True, False, False]]  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7
+    assert torch.isfinite(filter_logits(logits, 1, 1.0)).tolist() == [[True, False, False, False]]
+
+
+def test_stop_token_ends_the_reply_without_it(model):
+    prompt = _prompts(1, seed=3)[0]
+    full = Engine(model).generate_many([prompt], GREEDY, 12)[0].token_ids
+    stop = full[4]
+    cut = full.index(stop)
+    got = Engine(model, stop_token_ids=[stop]).generate_many([prompt], GREEDY, 12)[0]
+    assert got.token_ids == full[:cut] and got.finish_reason == "stop"
+    ignored = Engine(model, stop_token_ids=[stop]).generate_many(
+        [prompt], SamplingParams(ignore_eos=True), 12)[0]  # fmt: skip
+    assert ignored.token_ids == full
+
+
+def test_prefill_from_embeddings_equals_token_ids(model):
+    engine = Engine(model)
+    prompt = _prompts(1, seed=4)[0]
+    embeds = model.model.embed_tokens(torch.tensor([prompt])).detach()
+    by_ids = engine.generate_many([prompt], GREEDY, 8)[0].token_ids
+    by_embeds = engine.generate_many([embeds], GREEDY, 8)[0].token_ids
+    assert by_embeds == by_ids
+
+
+def test_context_limits(model):
+    engine = Engine(model)
+    with pytest.raises(ConfigError, match="prompt 1 is 48 tokens; the model's context is 48"):
+        engine.generate_many([[1, 2], [3] * 48], GREEDY, 4)
+    with pytest.raises(ConfigError, match="prompt 0 is empty"):
+        engine.generate_many([[]], GREEDY, 4)
+    got = engine.generate_many([[1] * 40], GREEDY, 100)[0]  # capped to the 8 tokens that fit
+    assert len(got.token_ids) == 8 and got.finish_reason == "length"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = ["the red ball rolls to the blue box. stop here then go on."] * 50
+    return Tokenizer.train(texts, vocab_size=300, min_frequency=1)
+
+
+def test_stop_strings_and_streaming(tokenizer):
+    model = randomized(tiny_config(vocab_size=tokenizer.vocab_size, sequence_len=64), seed=6).eval()
+    engine = Engine(model, tokenizer)
+    prompt = [tokenizer.bos_id, *tokenizer.encode("the red")]
+    sampled = SamplingParams(temperature=1.0, seed=3)
+    free = engine.generate_many([prompt], sampled, 30)[0]
+    assert len(free.text) > 6
+    stop = free.text[3:5]
+    streamed: list[str] = []
+    got = engine.generate_many([prompt], SamplingParams(temperature=1.0, seed=3, stop=(stop,)), 30,
+                               on_text=lambda i, t: streamed.append(t))[0]  # fmt: skip
+    assert got.text == free.text[: free.text.index(stop)] and got.finish_reason == "stop"
+    assert "".join(streamed) == got.text
+    streamed.clear()
+    again = engine.generate_many([prompt], sampled, 30, on_text=lambda i, t: streamed.append(t))[0]
+    assert "".join(streamed) == again.text == free.text and len(streamed) > 1
+
+
+def test_text_stream_holds_back_a_possible_stop_prefix(tokenizer):
+    ids = tokenizer.encode("the red ball")
+    stream = TextStream(tokenizer, stop=("ball",))
+    shown = "".join(stream.push([t]) for t in ids)
+    assert stream.stopped and stream.text == shown == tokenizer.decode(ids).split("ball")[0]

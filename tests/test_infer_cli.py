@@ -1,0 +1,127 @@
+"""`ghostvis infer` modes (prompt, batch file with resume, chat through a pseudo-terminal), its one-message
+errors, and `ghostvis bench --num-prompts` on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+
+import pytest
+from helpers import run_cli
+from test_train_config import REPO, tiny_config
+
+from ghostvis_core.paths import runs_dir
+from ghostvis_core.train.loop import train
+
+
+@pytest.fixture
+def run_name(tmp_path):
+    train(tiny_config(tmp_path, runs_root=str(runs_dir()), run="inf", num_steps=2, save_every=0))
+    return "inf"
+
+
+def test_prompt_names_the_model_first(run_name, capsys):
+    code, out, err = run_cli(["infer", "--prompt", "the red ball", "--max-tokens", "5"], capsys)
+    assert code == 0, err
+    first = out.splitlines()[0]
+    assert first.startswith("model: ") and "inf" in first and "step_" in first
+
+
+def test_batch_file_resume_gives_the_uninterrupted_file(run_name, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("the red ball\n\nblue box\na cat\nthe dog runs\nfive\n")
+    full, part = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
+    common = ["--model", run_name, "--batch-file", str(prompts), "--max-tokens", "6", "--temperature", "0.9",
+              "--batch-size", "1"]  # fmt: skip
+    assert run_cli(["infer", *common, "--output", str(full)], capsys)[0] == 0
+    lines = full.read_text().splitlines()
+    assert [json.loads(x)["index"] for x in lines] == [0, 1, 2, 3, 4]  # the empty line is not a prompt
+    assert run_cli(["infer", *common, "--output", str(part), "--limit", "2"], capsys)[0] == 0  # "interrupted"
+    with open(part, "a") as f:
+        f.write('{"index": 2, "prompt": "a ca')  # a line cut short by a crash
+    code, _, err = run_cli(["infer", *common, "--output", str(part)], capsys)
+    assert code == 2 and "--resume" in err  # an existing results file is never appended to silently
+    code, _, err = run_cli(["infer", *common, "--output", str(part), "--resume"], capsys)
+    assert code == 0, err
+    assert part.read_text() == full.read_text()
+
+
+@pytest.mark.parametrize("content, suffix, match", [
+    ('{"prompt": "ok"}\n{"prompt": \n', ".jsonl", "p.jsonl:2: not valid JSON"),
+    ('{"prompt": "ok"}\n{"text": "x"}\n', ".jsonl", "p.jsonl:2: needs a non-empty string \"prompt\""),
+    ("\n  \n", ".txt", "has no prompts"),
+])  # fmt: skip
+def test_bad_batch_files_are_one_message(tmp_path, capsys, content, suffix, match):
+    path = tmp_path / f"p{suffix}"
+    path.write_text(content)
+    code, _, err = run_cli(["infer", "--batch-file", str(path), "--output", str(tmp_path / "o.jsonl")], capsys)
+    assert code == 2 and match in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--prompt", "  "], "--prompt is empty"),
+    (["--model", "nope", "--prompt", "hi"], "nope"),
+    (["--prompt", "hi", "--backend", "vllm"], "--backend vllm is not available"),
+    ([], "pass exactly one of --prompt"),
+])  # fmt: skip
+def test_bad_inputs_are_one_message(tmp_path, capsys, args, match):
+    code, _, err = run_cli(["infer", *args], capsys)
+    assert code == 2 and match in err and "Traceback" not in err
+
+
+def test_too_many_tokens_is_capped_with_a_warning(run_name, capsys, caplog):
+    code, _, _ = run_cli(["infer", "--prompt", "the red ball", "--max-tokens", "100000"], capsys)
+    assert code == 0
+    assert "--max-tokens 100000 does not fit the 256-token context" in caplog.text and "at most" in caplog.text
+
+
+def _read_until(fd, needle: bytes, timeout: float = 60.0) -> bytes:
+    buf, end = b"", time.monotonic() + timeout
+    while needle not in buf:
+        left = end - time.monotonic()
+        assert left > 0, f"timed out waiting for {needle!r}; got {buf[-400:]!r}"
+        if select.select([fd], [], [], left)[0]:
+            buf += os.read(fd, 4096)
+    return buf
+
+
+def test_chat_through_a_pseudo_terminal(run_name):
+    main, child = pty.openpty()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "ghostvis_cli", "infer", "--chat", "--max-tokens", "8"],
+                            stdin=child, stdout=child, stderr=child, env=env, cwd=REPO)  # fmt: skip
+    os.close(child)
+    try:
+        assert b"model: " in _read_until(main, b"> ")
+        os.write(main, b"the red ball\n")
+        _read_until(main, b"> ")
+        os.write(main, b"/image x.png\n")
+        assert b"needs a VLM run" in _read_until(main, b"> ")
+        os.write(main, b"/reset\n")
+        assert b"conversation reset" in _read_until(main, b"> ")
+        os.write(main, b"/exit\n")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(main)
+
+
+def test_bench_num_prompts_json_on_cpu(capsys):
+    args = ["bench", "--num-prompts", "8", "--input-len", "8", "--output-len", "8", "--preset", "tiny", "--json"]
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["num_prompts"] == 8 and r["output_tokens"] == 64 and r["cuda_graphs"] is False
+    for key in ("requests_per_s", "output_tokens_per_s", "total_tokens_per_s", "latency_ms_per_prompt"):
+        assert r[key] > 0
+    assert set(r["ttft_ms"]) == {"mean", "p50", "p99"} and set(r["latency_ms"]) == {"p50", "p90", "p99"}
+    assert r["latency_ms"]["p50"] <= r["latency_ms"]["p99"]
+    code, out, _ = run_cli(["bench", "--num-prompts", "0", "--preset", "tiny", "--json"], capsys)
+    assert code == 2 and "--num-prompts must be >= 1" in json.loads(out)["error"]
