@@ -9,6 +9,7 @@ The model's parameters are cast to the run's inference dtype (auto: bf16 on CUDA
 plan is made for that dtype, so no kernel that needs bf16/fp16 ever meets fp32 tensors.
 """
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
