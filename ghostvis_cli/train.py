@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ghostvis_core.errors import ConfigError
-from ghostvis_core.train import launch
+from ghostvis_core.train import launch, run_lock
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -103,6 +103,7 @@ def train(
             _print_dry_run(job)
         return
 
+    run_lock.check_unlocked(cfg.run_dir)  # fail before starting a child when a live trainer holds the run
     launch.write_launch_config(job)
     where = "CPU" if plan.nproc == 0 else f"{plan.nproc} GPU{'s' if plan.nproc > 1 else ''}"
     if nodes > 1:

@@ -28,9 +28,11 @@ from ghostvis_core.train.distributed import (
     DistInfo,
     all_reduce_sum,
     barrier,
+    broadcast_object,
     destroy_distributed,
     init_distributed,
 )
+from ghostvis_core.train import run_lock
 from ghostvis_core.train.metrics import compute_mfu, peak_memory_gib
 from ghostvis_core.train.run import Progress, StepStats, TrainingRun, TrainResult, build_run
 from ghostvis_core.train.schedule import apply_lr, lr_multiplier
@@ -123,7 +125,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     setup_logging()
     info = init_distributed()
     try:
-        result = _train(cfg, info)
+        # one trainer per run folder, taken before anything reads checkpoints or writes (run_lock.py)
+        with run_lock.hold(cfg.run_dir, info.is_main, share=broadcast_object if info.is_distributed else None):
+            result = _train(cfg, info)
         # Every rank reaches teardown together: a gloo rank that destroys its group while another is still
         # writing the loss plot aborts at exit ("terminate called without an active exception").
         barrier()
