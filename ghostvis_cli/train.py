@@ -95,7 +95,6 @@ def train(
         rdzv_endpoint=rdzv_endpoint,
         parent_env=os.environ,
     )
-    cfg, plan = job.cfg, job.plan
     if dry_run:
         if json_out:
             typer.echo(json.dumps(launch.dry_run_dict(job), indent=2))
@@ -103,8 +102,17 @@ def train(
             _print_dry_run(job)
         return
 
-    run_lock.check_unlocked(cfg.run_dir)  # fail before starting a child when a live trainer holds the run
-    launch.write_launch_config(job)
+    run_lock.check_unlocked(job.cfg.run_dir)  # fail before starting a child when a live trainer holds the run
+    job = launch.write_launch_config(job)
+    try:
+        _run(job, recipe, nodes, node_rank)
+    finally:
+        launch.remove_pending_config(job)
+
+
+def _run(job: launch.Launch, recipe: str, nodes: int, node_rank: int) -> None:
+    """Start the trainer and turn its exit into ours."""
+    cfg, plan = job.cfg, job.plan
     where = "CPU" if plan.nproc == 0 else f"{plan.nproc} GPU{'s' if plan.nproc > 1 else ''}"
     if nodes > 1:
         where += f" x {nodes} nodes (this is node {node_rank})"
@@ -136,7 +144,8 @@ def _print_dry_run(job: launch.Launch) -> None:
     console.print(table)
     where = "CPU, one process" if plan.nproc == 0 else f"{plan.nproc} GPU process(es) per node"
     console.print(f"Launch: {where} x {plan.nodes} node(s) = world size {plan.world_size}")
-    console.print(f"Config file: {plan.config_path} (written at launch)", soft_wrap=True, markup=False)
+    console.print(f"Launch record: {plan.config_path} (written by the trainer once it accepts the launch; the "
+                  "launch passes a temporary copy)", soft_wrap=True, markup=False)
     if job.changes:
         console.print("Environment added for every rank:")
         for key, value in job.changes.items():

@@ -6,6 +6,7 @@ Shape legend: B batch, T time (tokens), H query heads, D head dim.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -13,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -141,6 +142,26 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
         raise SystemExit(0)  # main always exits; this only guards against a silent return
     captured = capsys.readouterr()
     return exc.value.code or 0, captured.out, captured.err
+
+
+@contextlib.contextmanager
+def fresh_log_handlers() -> Iterator[None]:
+    """The library logger without its handlers for the body (a trainer run in-process then binds a new one to
+    the current, captured, stderr), and exactly its old handlers after it: a handler bound to an earlier
+    test's captured stream would raise "I/O operation on closed file" into the output."""
+    from ghostvis_core.log import get_logger
+
+    logger = get_logger()
+    saved = list(logger.handlers)
+    for handler in saved:
+        logger.removeHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in logger.handlers[:]:
+            logger.removeHandler(handler)
+        for handler in saved:
+            logger.addHandler(handler)
 
 
 def run_cli_process(args: Sequence[str], **kwargs) -> subprocess.CompletedProcess:

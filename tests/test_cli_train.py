@@ -262,9 +262,10 @@ def test_list_shows_recipes_and_presets(capsys):
 # ---- launching -----------------------------------------------------------------------------------------
 
 
-def test_launch_writes_resolved_config_and_returns_child_code(tmp_path, capsys, monkeypatch):
-    """The resolved config lands in RUN/launch/ atomically; the run's config.json is not touched; the child's
-    exit code becomes ours with a one-line summary."""
+def test_launch_passes_a_temporary_config_and_returns_child_code(tmp_path, capsys, monkeypatch):
+    """The child reads the resolved config from a temporary file outside the run folder (the trainer publishes
+    RUN/launch/resolved_config.json once it accepts the launch); the file is gone afterwards; the run folder
+    is not touched; the child's exit code becomes ours with a one-line summary."""
     run_dir = tmp_path / "home" / "runs" / "base_train"
     run_dir.mkdir(parents=True)
     (run_dir / "config.json").write_text('{"written": "by the trainer"}')
@@ -272,15 +273,18 @@ def test_launch_writes_resolved_config_and_returns_child_code(tmp_path, capsys, 
 
     def fake_run_child(cmd, env, **_):
         seen["cmd"], seen["env"] = cmd, env
-        seen["config"] = json.loads(Path(cmd[cmd.index("--config") + 1]).read_text())
+        seen["path"] = Path(cmd[cmd.index("--config") + 1])
+        seen["config"] = json.loads(seen["path"].read_text())
         return 3
 
     monkeypatch.setattr(launch, "run_child", fake_run_child)
     code, out, err = run_cli(["train", "base_train", "num_steps=4", "model.n_layer=2"], capsys)
     assert code == 3
     assert "training exited with code 3" in err
-    assert seen["cmd"] == [PY, "-m", "recipes.base_train", "--config", str(config_path(tmp_path))]
+    assert seen["cmd"][:4] == [PY, "-m", "recipes.base_train", "--config"] and len(seen["cmd"]) == 5
+    assert run_dir not in seen["path"].parents and not seen["path"].exists()
     assert seen["config"]["num_steps"] == 4 and seen["config"]["model"] == {"n_layer": 2}
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json"]
     assert (run_dir / "config.json").read_text() == '{"written": "by the trainer"}'
     assert seen["env"]["GHOSTVIS_HOME"] == str(tmp_path / "home")  # parent env passes through
 

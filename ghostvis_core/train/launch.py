@@ -264,7 +264,8 @@ def format_command(cmd: Sequence[str], changes: Mapping[str, str] | None = None)
 
 
 def resolved_config_path(run_dir: Path) -> Path:
-    """Where the CLI writes the resolved config: RUN_DIR/launch/ (config.json belongs to the trainer)."""
+    """The launch record, RUN_DIR/launch/resolved_config.json: the config of the newest accepted launch,
+    written by the trainer (config.json also holds the model's config)."""
     return Path(run_dir) / LAUNCH_DIR / RESOLVED_CONFIG_NAME
 
 
@@ -468,12 +469,32 @@ def dry_run_dict(launch: Launch) -> dict[str, Any]:
     }
 
 
-def write_launch_config(launch: Launch) -> Path:
-    """Write the resolved config for the child; an unwritable runs folder is a ConfigError naming the fix."""
+def write_launch_config(launch: Launch) -> Launch:
+    """Write the resolved config for the child to a temporary file OUTSIDE the run folder; the Launch that
+    passes it. The trainer publishes it as RUN/launch/resolved_config.json only once it accepts the launch
+    (publish_launch_record), so a refused launch never rewrites the run's record. The caller removes the file
+    (remove_pending_config) when the child has exited."""
+    import tempfile
+
     try:
-        return write_resolved_config(launch.cfg.to_dict(), launch.plan.config_path)
+        fd, name = tempfile.mkstemp(prefix=f"ghostvis-launch-{launch.cfg.run}-", suffix=".json")
+        os.close(fd)
+        write_resolved_config(launch.cfg.to_dict(), Path(name))
     except OSError as e:
         raise ConfigError(
-            f"cannot write the run's config to {launch.plan.config_path} ({e.strerror}): pick another "
-            "--run NAME or fix the runs folder (GHOSTVIS_HOME / runs_root)"
+            f"cannot write the launch config to the temporary folder {tempfile.gettempdir()} ({e.strerror}): "
+            "free space there or point TMPDIR at a writable folder"
         ) from e
+    plan = dataclasses.replace(launch.plan, config_path=Path(name))
+    return dataclasses.replace(launch, plan=plan, cmd=build_command(plan))
+
+
+def remove_pending_config(launch: Launch) -> None:
+    """Delete the temporary config of write_launch_config (never the published record)."""
+    if launch.plan.config_path != resolved_config_path(launch.cfg.run_dir):
+        launch.plan.config_path.unlink(missing_ok=True)
+
+
+def publish_launch_record(cfg: Any) -> Path:
+    """The trainer, having accepted the launch: RUN/launch/resolved_config.json, atomically."""
+    return write_resolved_config(cfg.to_dict(), resolved_config_path(cfg.run_dir))

@@ -19,7 +19,7 @@ from ghostvis_core.backends import BackendPlan
 from ghostvis_core.checkpoint import TrainState
 from ghostvis_core.log import get_logger
 from ghostvis_core.models import ModelConfig, build_model, model_kind_of, text_config
-from ghostvis_core.train import setup
+from ghostvis_core.train import launch, setup
 from ghostvis_core.train.config import TrainConfig
 from ghostvis_core.train.distributed import (
     DistInfo,
@@ -184,6 +184,8 @@ class TrainingRun:
                 ckpt.log_superseded(ckpt.supersede_newer(run_dir, step))
             self.metrics.truncate_after(step)
             write_json_atomic(run_dir / "config.json", {"train": cfg.to_dict(), "model": self.model_config.to_dict()})
+            # the launch is accepted (start point found, data and model built, run lock held): record it
+            launch.publish_launch_record(cfg)
             if not (run_dir / "tokenizer" / "tokenizer.json").is_file():
                 self.tokenizer.save(run_dir / "tokenizer")
         barrier()
