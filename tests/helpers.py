@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import signal
 import subprocess
@@ -162,6 +163,23 @@ def fresh_log_handlers() -> Iterator[None]:
             logger.removeHandler(handler)
         for handler in saved:
             logger.addHandler(handler)
+
+
+@contextlib.contextmanager
+def library_log(caplog) -> Iterator[None]:
+    """caplog sees the library logger's records at INFO and above for the body, whether or not the trainer's
+    setup_logging (which stops propagation to the root logger) already ran in this process."""
+    from ghostvis_core.log import get_logger
+
+    logger = get_logger()
+    logger.addHandler(caplog.handler)
+    previous = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(caplog.handler)
+        logger.setLevel(previous)
 
 
 def run_cli_process(args: Sequence[str], **kwargs) -> subprocess.CompletedProcess:

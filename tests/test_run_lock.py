@@ -4,7 +4,6 @@ nothing; a lock left by a dead trainer is taken over with a log line; the lock g
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import socket
@@ -13,7 +12,7 @@ import sys
 import time
 
 import pytest
-from helpers import run_cli, tree_hashes
+from helpers import library_log, run_cli, tree_hashes
 from test_train_config import recipe_cmd, subprocess_env, tiny_config
 
 from ghostvis_core.train import run_lock
@@ -77,7 +76,7 @@ def test_stale_lock_of_a_dead_trainer_is_taken_over_with_a_log_line(tmp_path, ca
     cfg = tiny_config(tmp_path, num_steps=2, save_every=0)
     dead = _dead_pid()
     _write_lock(cfg.run_dir, dead, socket.gethostname())
-    with caplog.at_level(logging.WARNING):
+    with library_log(caplog):
         result = train(cfg)
     assert result.step == 2
     assert f"Taking over the stale lock {cfg.run_dir / 'run.lock'}: its holder (pid {dead} on host" in caplog.text

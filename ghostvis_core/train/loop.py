@@ -35,7 +35,7 @@ from ghostvis_core.train.distributed import (
 from ghostvis_core.train import run_lock
 from ghostvis_core.train.metrics import compute_mfu, peak_memory_gib
 from ghostvis_core.train.run import Progress, StepStats, TrainingRun, TrainResult, build_run
-from ghostvis_core.train.schedule import apply_lr, lr_multiplier
+from ghostvis_core.train.schedule import apply_lr, group_lrs
 
 
 class _StopFlag:
@@ -175,7 +175,7 @@ def train_step(run: TrainingRun, progress: Progress, stop: _StopFlag) -> StepSta
     """One optimizer step (all micro-batches); raises TrainingAborted on OOM or a non-finite loss/grad norm."""
     cfg, device = run.cfg, run.info.device
     t0 = time.perf_counter()
-    mult = lr_multiplier(progress.step, cfg.num_steps, cfg.warmup_steps, cfg.warmdown_frac)
+    mult = run.schedule.multiplier(progress.step)
     apply_lr(run.optimizer, mult)
     t_data = time.perf_counter()
     micro = [_to_device(next(run.loader), device) for _ in range(run.grad_accum)]
@@ -214,8 +214,8 @@ def train_step(run: TrainingRun, progress: Progress, stop: _StopFlag) -> StepSta
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     progress.advance(loss, run.tokens_per_step)
-    return StepStats(loss=loss, grad_norm=norm, lr_mult=mult, dt=time.perf_counter() - t0, stop_now=stop_now,
-                     images=images, data_s=data_s)
+    return StepStats(loss=loss, grad_norm=norm, lr_mult=mult, lrs=group_lrs(run.optimizer),
+                     dt=time.perf_counter() - t0, stop_now=stop_now, images=images, data_s=data_s)
 
 
 def log_step(run: TrainingRun, progress: Progress, stats: StepStats) -> None:
@@ -230,7 +230,7 @@ def log_step(run: TrainingRun, progress: Progress, stats: StepStats) -> None:
     # MFU counts the tower too: LLM flops per token + the tower's flops per image x images per token
     flops_per_token = run.flops_per_token + run.flops_per_image * stats.images / run.tokens_per_step
     record = {
-        "step": step, "loss": stats.loss, "lr_mult": stats.lr_mult, "grad_norm": stats.grad_norm,
+        "step": step, "loss": stats.loss, "lr_mult": stats.lr_mult, "lr": stats.lrs, "grad_norm": stats.grad_norm,
         "dt_ms": 1000 * stats.dt, "tok_per_s": tok_per_s,
         "mfu": compute_mfu(tok_per_s, flops_per_token, info.world_size, run.peak_flops),
         "data_ms": 1000 * stats.data_s,

@@ -57,6 +57,14 @@ def format_eta(seconds: float | None) -> str:
     return f"{secs}s"
 
 
+def _rates(record: dict[str, Any]) -> str:
+    """" (matrix 3e-03, head 3e-03)": the real rate of each optimizer group, when the record has them."""
+    lrs = record.get("lr")
+    if not lrs:
+        return ""
+    return " (" + ", ".join(f"{name} {lr:.2e}" for name, lr in lrs.items()) + ")"
+
+
 def format_step_line(record: dict[str, Any], num_steps: int) -> str:
     """One Rich-markup progress line for a metrics record."""
     step = record["step"]
@@ -66,7 +74,7 @@ def format_step_line(record: dict[str, Any], num_steps: int) -> str:
     mem_label = "mem" if record.get("mem_kind") == "cuda" else "rss"
     return (
         f"[bold]step {step:>{width}}/{num_steps}[/bold] ({100 * step / num_steps:5.1f}%) | "
-        f"loss [cyan]{record['loss']:.4f}[/cyan] | lr x{record['lr_mult']:.3f} | dt {record['dt_ms']:.0f}ms | "
+        f"loss [cyan]{record['loss']:.4f}[/cyan] | lr x{record['lr_mult']:.3f}{_rates(record)} | dt {record['dt_ms']:.0f}ms | "
         f"tok/s {record['tok_per_s']:,.0f} | "
         + (f"img/s {record['images_per_s']:,.1f} | " if "images_per_s" in record else "")
         + f"mfu {mfu_text} | {mem_label} {record['peak_mem_gib']:.2f}GiB | "

@@ -35,7 +35,7 @@ from ghostvis_core.train.distributed import (
 from ghostvis_core.train.freeze import FreezeSpec, apply_freeze, parse_freeze
 from ghostvis_core.train.metrics import MetricsLog, ProgressPrinter, peak_flops
 from ghostvis_core.train.recipe_spec import RecipeSpec, spec_for
-from ghostvis_core.train.schedule import lr_multiplier
+from ghostvis_core.train.schedule import LRSchedule, apply_lr, group_lrs, resume_schedule
 
 
 def build_model_and_optimizer(cfg: TrainConfig, model_config: ModelConfig, info: DistInfo,
@@ -95,6 +95,8 @@ class StepStats:
     loss: float
     grad_norm: float
     lr_mult: float
+    lrs: dict[str, float]
+    """The learning rate of each optimizer group in this step, by group name."""
     dt: float
     """Seconds, from setting the LR to the device being idle again."""
     stop_now: bool
@@ -158,12 +160,27 @@ class TrainingRun:
     peak_flops: float | None
     flops_per_image: float = 0.0
     """Training FLOPs per image of the tower and projector (0 for a GPT); MFU adds images x this."""
+    schedule: LRSchedule | None = None
+    """The LR multiplier per step; restore() sets it (continued from a resumed checkpoint when needed)."""
 
     def restore(self) -> Progress:
         """Load the start point: weights (resume or init_from), and on resume optimizer, loader and RNG too."""
         start, info = self.start, self.info
         load_start_weights(self.raw_model, self.optimizer, start)
         state = start.resume_state
+        cfg = self.cfg
+        if state is None:
+            self.schedule, message = resume_schedule(cfg.num_steps, cfg.warmup_steps, cfg.warmdown_frac)
+        else:
+            # the optimizer state holds the rate its last step ran at (lr = initial_lr x that step's multiplier)
+            group = self.optimizer.param_groups[0]
+            last = group["lr"] / group["initial_lr"] if group.get("initial_lr") else None
+            self.schedule, message = resume_schedule(cfg.num_steps, cfg.warmup_steps, cfg.warmdown_frac,
+                                                     state.step, state.lr_multiplier, last)
+        if message is not None:
+            apply_lr(self.optimizer, self.schedule.multiplier(state.step))
+            rates = ", ".join(f"{name} {lr:.3g}" for name, lr in group_lrs(self.optimizer).items())
+            get_logger().warning(f"{message} (learning rates at step {state.step + 1}: {rates})")
         if state is None:
             return Progress()
         same_world = state.world_size == info.world_size
@@ -197,7 +214,7 @@ class TrainingRun:
         return TrainState(
             step=progress.step,
             tokens_seen=progress.tokens_seen,
-            lr_multiplier=lr_multiplier(progress.step, cfg.num_steps, cfg.warmup_steps, cfg.warmdown_frac),
+            lr_multiplier=self.schedule.multiplier(progress.step),
             world_size=self.info.world_size,
             loader=all_gather_objects(self.loader.state_dict()),
             rng=all_gather_objects(ckpt.capture_rng_state(self.info.device)),
