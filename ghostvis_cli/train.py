@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ghostvis_core.errors import ConfigError
+from ghostvis_core.errors import ConfigError, GhostVisError
 from ghostvis_core.train import launch, run_lock
 
 console = Console(highlight=False)
@@ -123,6 +123,9 @@ def _run(job: launch.Launch, recipe: str, nodes: int, node_rank: int) -> None:
     code = launch.run_child(job.cmd, launch.build_env(plan, os.environ, job.cpu_count))
     if code == 130:
         err_console.print(f"interrupted (run {cfg.run}, folder {cfg.run_dir})")
+        raise typer.Exit(code)
+    if code == GhostVisError.exit_code:
+        # the trainer refused or stopped with a user error and printed its one line: nothing to add
         raise typer.Exit(code)
     if code != 0:
         err_console.print(

@@ -244,8 +244,9 @@ def _fix_hint(path: Path) -> str:
              and s < int(STEP_DIR_RE.match(path.name).group(1))]
     options = []
     if older:
-        options.append(f"resume from an older checkpoint with --resume {older[-1]}")
-    options.append("start over with --resume none and a new --run NAME")
+        options.append(f"use the older checkpoint {older[-1]} (`ghostvis train --resume` or `ghostvis infer "
+                       "--model` take it)")
+    options.append("train again with --resume none under a new --run NAME, or answer with another --model")
     return "Fix: " + ", or ".join(options) + ". Nothing on disk was changed."
 
 
@@ -451,7 +452,25 @@ class TrainState:
         if self.model_config is None:
             raise CheckpointError(f"{Path(step_dir) / STATE_FILE}: field 'model_config' is missing, and the run's "
                                   "config.json has no \"model\" entry either")
+        _check_model_config(self, Path(step_dir) / STATE_FILE)
         return self.model_config
+
+
+def _check_model_config(state: TrainState, where: Path) -> None:
+    """The model config builds a config of the state's model kind; CheckpointError naming the file and field."""
+    from ghostvis_core.errors import ConfigError
+
+    if state.model_config is None:
+        return
+    if state.model_kind == "vlm":
+        from ghostvis_core.vision_config import VLMConfig as config_cls
+    else:
+        from ghostvis_core.config import GPTConfig as config_cls
+    try:
+        config_cls.from_dict(state.model_config)
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{where}: field 'model_config' is not a valid {state.model_kind} model config "
+                              f"({e}). {_fix_hint(where.parent)}") from None
 
 
 def run_config(run_dir: Path) -> dict[str, Any]:

@@ -182,6 +182,18 @@ def library_log(caplog) -> Iterator[None]:
         logger.setLevel(previous)
 
 
+def in_process_child(cmd: Sequence[str], env, **_) -> int:
+    """A stand-in for launch.run_child that runs the recipe of `cmd` (`-m recipes.X --config FILE`) in this
+    process: the same code both sides of the process boundary, without a second interpreter's start-up."""
+    import importlib
+
+    from recipes._main import run_recipe
+
+    module = importlib.import_module(cmd[cmd.index("-m") + 1])
+    with fresh_log_handlers():
+        return run_recipe(list(cmd[cmd.index("--config"):]), module.default_config, "recipe")
+
+
 def run_cli_process(args: Sequence[str], **kwargs) -> subprocess.CompletedProcess:
     """`python -m ghostvis_cli ARGS` in a real process (real entry point, real exit code), text output."""
     kwargs.setdefault("timeout", 120)

@@ -9,23 +9,12 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import fresh_log_handlers, run_cli, tree_hashes
+from helpers import in_process_child, run_cli, tree_hashes
 
 from ghostvis_core.train import launch
 
 TINY = ["--gpus", "0", "--device-batch-size", "2", "--pack-max-length", "32", "model.n_layer=1",
         "model.n_embd=64", "model.n_head=2", "model.n_kv_head=1", "log_every=1", "save_every=2", "warmup_steps=0"]
-
-
-def in_process_child(cmd, env, **_):
-    """launch.run_child, but the recipe runs in this process: `-m recipes.X --config FILE`."""
-    import importlib
-
-    from recipes._main import run_recipe
-
-    module = importlib.import_module(cmd[cmd.index("-m") + 1])
-    with fresh_log_handlers():
-        return run_recipe(cmd[cmd.index("--config"):], module.default_config, "test")
 
 
 @pytest.fixture

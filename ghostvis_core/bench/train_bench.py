@@ -389,16 +389,19 @@ def run_train_bench(
     norm_backend: str = "auto",
 ) -> dict:
     """Train-step throughput, MFU and peak memory of our stack vs the plain PyTorch reference, same card."""
+    # the flags first: a typo is reported as such on any machine, not hidden behind "needs a GPU"
+    if steps < 1 or warmup < 0 or batch_size < 1:
+        raise ConfigError(
+            f"need --steps >= 1, warmup >= 0, --batch-size >= 1 (got {steps}, {warmup}, {batch_size})"
+        )
+    if optimizer not in ("adamw", "muon"):
+        raise ConfigError(f"--optimizer {optimizer!r}: expected adamw or muon")
+    config = get_preset(preset, sequence_len=seq_len, norm_backend=norm_backend)
     if not torch.cuda.is_available():
         raise GhostVisError(
             "the training benchmark needs a CUDA GPU (it measures tok/s, MFU and GPU memory); "
             "run `ghostvis bench train` on a GPU machine"
         )
-    if steps < 1 or warmup < 0 or batch_size < 1:
-        raise ConfigError(
-            f"need steps >= 1, warmup >= 0, batch_size >= 1 (got {steps}, {warmup}, {batch_size})"
-        )
-    config = get_preset(preset, sequence_len=seq_len, norm_backend=norm_backend)
     device_name = torch.cuda.get_device_name()
     peak = peak_bf16_flops(device_name)
     plan = bench_plan(config, compile, optimizer)

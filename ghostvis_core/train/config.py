@@ -230,7 +230,10 @@ class TrainConfig:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
     def to_json(self, path: str | Path) -> None:
         """Write the config as indented JSON (atomically: a reader never sees half a file)."""
@@ -321,10 +324,45 @@ def _optim_from_dict(d: dict[str, Any]) -> OptimizerConfig:
 
 
 def _check_model_overrides(overrides: dict[str, Any]) -> None:
+    """Every model override names a GPTConfig field and has its type (a config file's "model" object is checked
+    here, where the file is still known, not when the trainer builds the model)."""
     names = [f.name for f in dataclasses.fields(GPTConfig)]
-    for key in overrides:
+    hints = typing.get_type_hints(GPTConfig)
+    for key, value in overrides.items():
         if key not in names:
             raise ConfigError(f"unknown model key {key!r}{did_you_mean(key, names)} (a GPTConfig field)")
+        if not _has_type(value, hints[key]):
+            raise ConfigError(f"model.{key}={value!r}: expected {_type_name(hints[key])}")
+
+
+def _has_type(value: Any, tp: Any) -> bool:
+    """Whether a JSON value fits an annotation (int, float, bool, str, Literal, X | None); others pass."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, arg) for arg in typing.get_args(tp))
+    if origin is typing.Literal:
+        return value in typing.get_args(tp)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    return True
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in typing.get_args(tp))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return {type(None): "null", bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
 
 
 def _check_preset(preset: str) -> None:

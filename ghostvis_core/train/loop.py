@@ -23,6 +23,7 @@ from ghostvis_core.backends import BackendPlan
 from ghostvis_core.constants import IGNORE_INDEX
 from ghostvis_core.errors import TrainingAborted
 from ghostvis_core.log import get_logger, setup_logging
+from ghostvis_core.train import run_lock
 from ghostvis_core.train.config import TrainConfig
 from ghostvis_core.train.distributed import (
     DistInfo,
@@ -32,7 +33,6 @@ from ghostvis_core.train.distributed import (
     destroy_distributed,
     init_distributed,
 )
-from ghostvis_core.train import run_lock
 from ghostvis_core.train.metrics import compute_mfu, peak_memory_gib
 from ghostvis_core.train.run import Progress, StepStats, TrainingRun, TrainResult, build_run
 from ghostvis_core.train.schedule import apply_lr, group_lrs

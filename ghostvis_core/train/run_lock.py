@@ -76,7 +76,7 @@ def read_holder(run_dir: Path) -> LockHolder | None:
         data = json.loads(path.read_text("utf-8"))
         return LockHolder(pid=int(data["pid"]), host=str(data["host"]), since=float(data["since"]),
                           command=str(data.get("command", "")))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise RunLockedError(

@@ -89,6 +89,7 @@ def find_start(cfg: TrainConfig) -> StartPoint:
     resume_dir = ckpt.resolve_resume(cfg.resume, cfg.run_dir, runs_root(cfg))
     if resume_dir is not None:
         state = TrainState.read(resume_dir)
+        state.require_model_config(state.model_kind, resume_dir)  # else a preset's shape would be guessed
         _check_same_recipe_and_preset(cfg, state, resume_dir)
         log.info(f"Resuming from {resume_dir} (step {state.step})")
         return StartPoint(resume_dir, state, None, state.model_config, _tokenizer_dir(resume_dir),
@@ -110,6 +111,7 @@ def find_start(cfg: TrainConfig) -> StartPoint:
                         "captions alone teach it little language (train base_train first for a real start)")
         return StartPoint(None, None, None, None, None, spec.for_start(None), None, None, *vision)
     state = TrainState.read(init_dir)
+    state.require_model_config(state.model_kind, init_dir)
     run_spec = spec.for_start(state.model_kind)
     if state.model_kind == "vlm" and vision[0] is not None:
         raise ConfigError(f"vision.init_from={cfg.vision.init_from}: the VLM checkpoint {init_dir} already holds "
