@@ -102,7 +102,10 @@ def train(
             _print_dry_run(job)
         return
 
-    run_lock.check_unlocked(job.cfg.run_dir)  # fail before starting a child when a live trainer holds the run
+    if node_rank == 0:
+        # fail before starting a child when a live trainer holds the run (the trainer's rank 0, on node 0,
+        # takes the lock; other nodes of this launch would find it already taken on a shared filesystem)
+        run_lock.check_unlocked(job.cfg.run_dir)
     job = launch.write_launch_config(job)
     try:
         _run(job, recipe, nodes, node_rank)

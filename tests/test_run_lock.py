@@ -111,3 +111,25 @@ def test_refused_fresh_launch_leaves_no_run_folder(tmp_path):
     with pytest.raises(DataError):
         train(cfg)
     assert not cfg.run_dir.exists() and not (tmp_path / "runs").exists()
+
+
+def test_only_node_zero_checks_the_lock_before_launching(tmp_path, capsys, monkeypatch):
+    """Node 1 of a multi-node launch starts while node 0's trainer already holds the shared run folder."""
+    from helpers import make_env, write_profile
+
+    from ghostvis_core import env as env_module
+    from ghostvis_core.train import launch
+
+    monkeypatch.setenv("GHOSTVIS_HOME", str(tmp_path / "home"))
+    profile = write_profile(make_env("h100", num_gpus=2), tmp_path / "profile.json")
+    monkeypatch.setenv("GHOSTVIS_ENV_PROFILE", str(profile))
+    env_module.reset_env_cache()
+    _write_lock(tmp_path / "home" / "runs" / "base_train", os.getpid(), socket.gethostname())
+    started = []
+    monkeypatch.setattr(launch, "run_child", lambda cmd, env, **_: started.append(cmd) or 0)
+    common = ["train", "base_train", "--gpus", "2", "--nodes", "2", "--rdzv-endpoint", "h:29500"]
+    code, _, err = run_cli([*common, "--node-rank", "1"], capsys)
+    assert code == 0 and len(started) == 1, err
+    code, _, err = run_cli([*common, "--node-rank", "0"], capsys)
+    assert code == 2 and "is in use by another trainer" in err and len(started) == 1
+    env_module.reset_env_cache()
