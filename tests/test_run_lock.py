@@ -133,3 +133,18 @@ def test_only_node_zero_checks_the_lock_before_launching(tmp_path, capsys, monke
     code, _, err = run_cli([*common, "--node-rank", "0"], capsys)
     assert code == 2 and "is in use by another trainer" in err and len(started) == 1
     env_module.reset_env_cache()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_zombie_holder_is_not_alive():
+    """A holder that exited but is not reaped yet (its parent has not waited) holds nothing."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 60
+    while "Z" not in open(f"/proc/{proc.pid}/stat").read().rpartition(")")[2].split()[0]:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    try:
+        assert not run_lock.pid_alive(proc.pid)
+        assert run_lock.pid_alive(os.getpid())
+    finally:
+        proc.wait()

@@ -59,14 +59,20 @@ def lock_path(run_dir: Path) -> Path:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists on this host (signal 0 checks without sending anything)."""
+    """Whether a process with this pid runs on this host (signal 0 checks without sending anything). A zombie
+    (exited, not yet reaped: a SIGKILLed torchrun worker whose parent died too) holds nothing: not alive."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # it exists, under another user
-    return True
+        pass  # it exists, under another user
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc (macOS) or it exited just now: the signal check above stands
+    # /proc/PID/stat is "pid (comm) STATE ...", and comm may hold spaces or parentheses: split after the last ")"
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
 
 
 def read_holder(run_dir: Path) -> LockHolder | None:
