@@ -161,7 +161,7 @@ class TrainingRun:
     flops_per_image: float = 0.0
     """Training FLOPs per image of the tower and projector (0 for a GPT); MFU adds images x this."""
     schedule: LRSchedule | None = None
-    """The LR multiplier per step; restore() sets it (continued from a resumed checkpoint when needed)."""
+    """The LR multiplier per step: the plan; restore() continues it from a resumed checkpoint when needed."""
 
     def restore(self) -> Progress:
         """Load the start point: weights (resume or init_from), and on resume optimizer, loader and RNG too."""
@@ -294,6 +294,7 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> TrainingRun:
         printer=ProgressPrinter(cfg.num_steps, enabled=info.is_main),
         flops_per_token=raw_model.flops_per_token(cfg.pack_max_length), peak_flops=peak_flops(info.device),
         flops_per_image=raw_model.flops_per_image() if spec.model_kind == "vlm" else 0.0,
+        schedule=LRSchedule(num_steps=cfg.num_steps, warmup_steps=cfg.warmup_steps, warmdown_frac=cfg.warmdown_frac),
     )
 
 
