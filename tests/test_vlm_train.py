@@ -234,3 +234,14 @@ def test_vision_pretrain_from_scratch_warns(tmp_path, stand_in_images, caplog):
     with caplog.at_level("WARNING", logger="ghostvis"):
         result = train(vlm_cfg(tmp_path, init_from=None, num_steps=2, freeze=""))
     assert "starts from random weights" in caplog.text and result.step == 2
+
+
+def test_vision_pretrain_resume_mid_epoch_with_image_workers_is_bitwise(tmp_path):
+    """The real image pipeline (built-in shapes captions, pixels decoded in 2 DataLoader workers): a run
+    resumed from its step-4 checkpoint replays steps 5..8 with bit-identical losses."""
+    cfg = vlm_cfg(tmp_path, init_from=None, freeze="", num_steps=8, save_every=4, run="full")
+    full = train(cfg)
+    assert [s for s, _ in full.losses] == list(range(1, 9))
+    resumed = train(vlm_cfg(tmp_path, init_from=None, freeze="", num_steps=8, save_every=4, run="branch",
+                            resume=str(cfg.run_dir / "step_000004")))
+    assert resumed.losses == full.losses[4:]
