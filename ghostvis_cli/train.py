@@ -48,6 +48,12 @@ def train(
     resume: str | None = typer.Option(None, "--resume", help="auto | none | PATH to a step_NNNNNN folder."),
     preset: str | None = typer.Option(None, "--preset", help="Model preset (see --list)."),
     data: str | None = typer.Option(None, "--data", help="Training data file or folder (default: embedded)."),
+    image_root: str | None = typer.Option(
+        None, "--image-root", help="Folder the data's image paths are relative to (default: the data file's)."
+    ),
+    skip_bad_records: bool | None = typer.Option(
+        None, "--skip-bad-records", help="Count and skip malformed records (and unreadable images) instead of stopping."
+    ),
     device_batch_size: int | None = typer.Option(
         None, "--device-batch-size", help="Rows per micro-batch per rank."
     ),
@@ -78,6 +84,8 @@ def train(
         "--resume": resume,
         "--preset": preset,
         "--data": data,
+        "--image-root": image_root,
+        "--skip-bad-records": skip_bad_records,
         "--device-batch-size": device_batch_size,
         "--pack-max-length": pack_max_length,
         "--num-steps": num_steps,

@@ -356,6 +356,7 @@ def test_cli_modules_do_not_import_the_app():
 # that updates this list (and the docs that name the flags).
 TRAIN_OPTIONS = {
     "--gpus", "--nodes", "--node-rank", "--rdzv-endpoint", "--run", "--resume", "--preset", "--data",
+    "--image-root", "--skip-bad-records",
     "--device-batch-size", "--pack-max-length", "--num-steps", "--compile", "--no-compile", "--fsdp",
     "--no-fsdp", "--dry-run", "--json", "--list",
 }  # fmt: skip (-h/--help come from the app's context settings, checked in test_cli_basics)

@@ -251,12 +251,15 @@ def test_missing_path_fields_are_reported(tmp_path, monkeypatch):
     class Cfg:
         data: str | None = None
         tokenizer: str | None = None
+        image_root: str | None = None
         init_from: str | None = None
         resume: str = "auto"
         runs_root: str | None = None
 
     with pytest.raises(DataError, match=r"--data .*nope.jsonl: no such file"):
         launch.absolutize_paths(Cfg(data=str(tmp_path / "nope.jsonl")))
+    with pytest.raises(DataError, match=r"--image-root .*no-images: no such file or folder"):
+        launch.absolutize_paths(Cfg(image_root=str(tmp_path / "no-images")))
     with pytest.raises(DataError, match=r"tokenizer .*tok: no such file"):
         launch.absolutize_paths(Cfg(tokenizer=str(tmp_path / "tok")))
     (tmp_path / "d.txt").write_text("x")

@@ -159,11 +159,11 @@ class ImageBatchLoader:
             "input_ids": torch.from_numpy(p.input_ids[rows]),
             "targets": torch.from_numpy(p.targets[rows]),
             "position_ids": torch.from_numpy(p.position_ids[rows]),
+            "num_images": torch.from_numpy(p.images.num_images_per_row(rows)),
         }
-        if self.pin_memory:
+        if self.pin_memory:  # the DataLoader's pin thread already pinned the pixels
             batch = {k: v.pin_memory() for k, v in batch.items()}
         batch["pixel_values"] = item["pixel_values"]
-        batch["num_images"] = torch.from_numpy(p.images.num_images_per_row(rows))
         return batch
 
     def close(self) -> None:

@@ -319,3 +319,43 @@ def write_llava_dataset(
                 "num_records": len(records), "image_size": image_size, "seed": seed, "split": split}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return out / "data.json"
+
+
+def draw_example(out_path: str | os.PathLike, image_size: int = 32, shape: str = "circle", index: int = 0,
+                 upscale: int = 8) -> ShapesSample:
+    """Save the index-th held-out scene that contains `shape` as a PNG (a fresh image no training run saw) and
+    return its sample; `upscale` > 1 also saves NAME-large.png, nearest-neighbour enlarged for people to look at.
+    """
+    if shape not in SHAPES:
+        raise ConfigError(f"shape={shape!r}: use one of {', '.join(SHAPES)}")
+    task = ShapesTask(image_size, 0, "heldout")
+    found = (s for s in (task.sample(i) for i in itertools.count()) if any(x.kind == shape for x in s.shapes))
+    sample = next(itertools.islice(found, index, None))
+    out = Path(out_path).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sample.image.save(out)
+    if upscale > 1:
+        big = sample.image.resize((image_size * upscale,) * 2, Image.NEAREST)
+        big.save(out.with_name(f"{out.stem}-large{out.suffix}"))
+    return sample
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """`python -c 'from ghostvis_core.data.shapes import main; main()' --run NAME [--size N] [--shape S]`:
+    draw one held-out image into run NAME's folder (demo-image.png, and demo-image-large.png to look at),
+    print what is in it, and print its path last (the demo asks the trained VLM about it)."""
+    import argparse
+
+    from ghostvis_core.paths import runs_dir
+
+    parser = argparse.ArgumentParser(description="Draw one held-out shapes image next to a run.")
+    parser.add_argument("--run", required=True, help="run name (the image goes into its folder)")
+    parser.add_argument("--size", type=int, default=32, help="image side in pixels (the tower's image size)")
+    parser.add_argument("--shape", default="circle", help="a shape the image must contain")
+    parser.add_argument("--index", type=int, default=0, help="which such held-out scene")
+    args = parser.parse_args(argv)
+    out = runs_dir() / args.run / "demo-image.png"
+    sample = draw_example(out, args.size, args.shape, args.index)
+    print(f"In the image: {sample.caption}")
+    print(out)
+    return out

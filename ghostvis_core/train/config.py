@@ -375,6 +375,8 @@ def _check_preset(preset: str) -> None:
         )
 
 
+# Optional keys whose value "none" means something of its own (see _parse_value).
+_NONE_KEYWORD_KEYS = ("init_from",)
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
@@ -386,7 +388,9 @@ def _parse_value(text: str, tp: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if type(None) in args and text.lower() in ("none", "null"):
-            return None
+            # init_from=none is a keyword (start from random weights), unlike an unset init_from (the recipe's
+            # default start), so it stays the string "none"
+            return "none" if key in _NONE_KEYWORD_KEYS and text.lower() == "none" else None
         errors = []
         for arg in args:
             if arg is type(None):

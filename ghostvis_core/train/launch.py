@@ -46,6 +46,8 @@ FLAG_FIELDS = {
     "--resume": "resume",
     "--preset": "preset",
     "--data": "data",
+    "--image-root": "image_root",
+    "--skip-bad-records": "skip_bad_records",
     "--device-batch-size": "device_batch_size",
     "--pack-max-length": "pack_max_length",
     "--num-steps": "num_steps",
@@ -54,7 +56,7 @@ FLAG_FIELDS = {
 }
 
 # Config fields that name files or folders which must exist before anything is launched.
-_PATH_FIELDS = ("data", "tokenizer")
+_PATH_FIELDS = ("data", "tokenizer", "image_root")
 # Checkpoint specs: a path, or a run name the trainer looks up under the runs folder (checkpoint.py).
 _CHECKPOINT_FIELDS = ("init_from", "resume")
 
@@ -119,7 +121,7 @@ def absolutize_paths(cfg: Any) -> Any:
             continue
         path = Path(value).expanduser()
         if not path.exists():
-            flag = "--data" if key == "data" else key
+            flag = {"data": "--data", "image_root": "--image-root"}.get(key, key)
             raise DataError(f"{flag} {value}: no such file or folder; check the path ({key}=PATH)")
         changes[key] = str(path.resolve())
     for key in _CHECKPOINT_FIELDS:

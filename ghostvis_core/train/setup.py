@@ -164,7 +164,12 @@ def _find_init(cfg: TrainConfig, spec: RecipeSpec) -> Path | None:
     (none for a recipe that may start from scratch and init_from=none)."""
     if cfg.init_from and not spec.init_from_allowed:
         raise ConfigError(f"init_from={cfg.init_from}: recipe {cfg.recipe} trains from scratch: drop init_from")
-    source = cfg.init_from or (None if spec.scratch_allowed else spec.starts_from)
+    if cfg.init_from is not None and cfg.init_from.strip().lower() == "none":
+        if not spec.scratch_allowed:
+            raise ConfigError(f"init_from=none: recipe {cfg.recipe} cannot start from random weights; give "
+                              f"init_from=PATH or train `ghostvis train {spec.starts_from}` first")
+        return None
+    source = cfg.init_from or spec.starts_from
     if source is None:
         return None
     try:
