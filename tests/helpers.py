@@ -333,3 +333,25 @@ def signal_after_metrics(
             proc.kill()
             proc.wait()
     return proc.returncode, out, err
+
+
+def one_process_and_two_ranks(tmp_path, recipe: str, single, multi, env) -> tuple[list[dict], list[dict], str]:
+    """Run `recipe` with config `single` in one process and `multi` under torchrun on 2 CPU ranks (gloo);
+    returns both runs' metrics.jsonl records and the 2-rank run's stderr. Both runs must exit 0."""
+    import subprocess
+    import sys
+
+    from ghostvis_core.train.metrics import read_metrics
+
+    single.to_json(tmp_path / "single.json")
+    multi.to_json(tmp_path / "multi.json")
+    one = subprocess.run([sys.executable, "-m", f"recipes.{recipe}", "--config", str(tmp_path / "single.json")],
+                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", f"recipes.{recipe}", "--config", str(tmp_path / "multi.json")],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    return read_metrics(single.run_dir / "metrics.jsonl"), read_metrics(multi.run_dir / "metrics.jsonl"), two.stderr

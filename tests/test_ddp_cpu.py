@@ -10,14 +10,11 @@ gradient entry that differs in its last bits moves its weight by a different O(l
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
+from helpers import one_process_and_two_ranks
 from test_train_config import subprocess_env, tiny_config
 
 from ghostvis_core.config import OptimizerConfig
-from ghostvis_core.train.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -31,20 +28,8 @@ def test_two_rank_gloo_ddp_matches_one_process_with_the_same_global_batch(tmp_pa
     common = dict(num_steps=8, save_every=0, optim=OptimizerConfig(lr=LR))
     single = tiny_config(tmp_path, run="single", device_batch_size=4, **common)
     ddp = tiny_config(tmp_path, run="ddp", device_batch_size=2, **common)
-    single.to_json(tmp_path / "single.json")
-    ddp.to_json(tmp_path / "ddp.json")
-    one = subprocess.run([sys.executable, "-m", "recipes.base_train", "--config", str(tmp_path / "single.json")],
-                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "recipes.base_train", "--config", str(tmp_path / "ddp.json")],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert "2 rank(s)" in two.stderr and "128 tokens per step" in two.stderr
-    a = read_metrics(single.run_dir / "metrics.jsonl")
-    b = read_metrics(ddp.run_dir / "metrics.jsonl")
+    a, b, stderr = one_process_and_two_ranks(tmp_path, "base_train", single, ddp, env)
+    assert "2 rank(s)" in stderr and "128 tokens per step" in stderr
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 9))
     rel = [abs(x["loss"] - y["loss"]) / abs(x["loss"]) for x, y in zip(a, b, strict=True)]
     print("relative loss difference per step:", " ".join(f"{r:.1e}" for r in rel))

@@ -8,13 +8,9 @@ differences faster than the text test's lr).
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
+from helpers import one_process_and_two_ranks
 from test_train_config import subprocess_env, tiny_config
-
-from ghostvis_core.train.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -30,20 +26,8 @@ def _cfg(tmp_path, run: str, batch: int, **kw):
 def test_two_rank_vision_pretrain_matches_one_process(tmp_path, fsdp):
     env = subprocess_env(tmp_path)
     single, multi = _cfg(tmp_path, "single", 4), _cfg(tmp_path, "multi", 2, fsdp=fsdp)
-    single.to_json(tmp_path / "single.json")
-    multi.to_json(tmp_path / "multi.json")
-    one = subprocess.run([sys.executable, "-m", "recipes.vision_pretrain", "--config", str(tmp_path / "single.json")],
-                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "recipes.vision_pretrain", "--config", str(tmp_path / "multi.json")],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert "2 rank(s)" in two.stderr
-    a = read_metrics(single.run_dir / "metrics.jsonl")
-    b = read_metrics(multi.run_dir / "metrics.jsonl")
+    a, b, stderr = one_process_and_two_ranks(tmp_path, "vision_pretrain", single, multi, env)
+    assert "2 rank(s)" in stderr
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 6))
     rel = [abs(x["loss"] - y["loss"]) / abs(x["loss"]) for x, y in zip(a, b, strict=True)]
     print(f"{'FSDP2' if fsdp else 'DDP'} vs one process, relative loss difference per step:",
