@@ -59,8 +59,13 @@ def is_debug() -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: user errors become one red line and a non-zero exit."""
-    args = sys.argv[1:] if argv is None else argv
-    _DEBUG["enabled"] = "--debug" in args
+    args = list(sys.argv[1:] if argv is None else argv)
+    # --debug is a global flag, but users type it anywhere (`ghostvis train base_train --debug`): move it in
+    # front of the subcommand, where the root callback takes it (arguments after a bare "--" are left alone).
+    head = args[: args.index("--")] if "--" in args else args
+    if "--debug" in head:
+        args = ["--debug", *[a for a in head if a != "--debug"], *args[len(head):]]
+    _DEBUG["enabled"] = "--debug" in head
     try:
         app(args=args, prog_name="ghostvis", standalone_mode=True)
     except GhostVisError as err:

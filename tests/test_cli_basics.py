@@ -66,7 +66,7 @@ def test_debug_shows_traceback(use_profile, tmp_path):
     assert plain.returncode == 2
     assert "Traceback" not in plain.stderr
     assert "cannot install flash-attn here" in plain.stderr
-    debug = run_cli_process(["--debug", *cmd])
-    assert debug.returncode != 0
-    assert "Traceback" in debug.stderr
-    assert "BackendUnavailableError" in debug.stderr
+    for args in (["--debug", *cmd], [*cmd, "--debug"]):  # before or after the subcommand
+        debug = run_cli_process(args)
+        assert debug.returncode != 0, args
+        assert "Traceback" in debug.stderr and "BackendUnavailableError" in debug.stderr, args
