@@ -14,7 +14,7 @@ from rich.console import Console
 
 console = Console(highlight=False)
 
-tokenizer_app = typer.Typer(help="Train and inspect tokenizers.", no_args_is_help=True, add_completion=False)
+tokenizer_app = typer.Typer(help="Train byte-level BPE tokenizers on your data.", no_args_is_help=True, add_completion=False)
 
 
 def register(app: typer.Typer) -> None:
