@@ -260,11 +260,9 @@ def attention_with_kvcache(
     allowed = torch.arange(S, device=q_BTHD.device)[None, None, :] <= q_pos[:, :, None]  # (B, T, S)
     mask = allowed[:, None, None].expand(B, 1, G, T, S).reshape(B, 1, G * T, S)
     k_BKSD, v_BKSD = k_cache_BSKD.transpose(1, 2), v_cache_BSKD.transpose(1, 2)
-    if q_BTHD.is_cuda:
-        # SDPA's flash and cuDNN kernels take no explicit mask: the efficient kernel serves any dtype (sm50+,
-        # hardware_limits.LIMITS["sdpa_efficient"]).
-        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
-            out = F.scaled_dot_product_attention(q_BKMD, k_BKSD, v_BKSD, attn_mask=mask)
-    else:
+    # The plan's decode choice here is sdpa_efficient (CUDA, any dtype) or sdpa_math (CPU): SDPA's flash and
+    # cuDNN kernels take no explicit mask (attention_preferences.CASES_SUPPORTED).
+    assert backend in ("sdpa_efficient", "sdpa_math"), f"decode cannot run on {backend}"
+    with sdpa_kernel([_SDPA_KERNELS[backend]]):
         out = F.scaled_dot_product_attention(q_BKMD, k_BKSD, v_BKSD, attn_mask=mask)
     return out.view(B, K, G, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H, D)

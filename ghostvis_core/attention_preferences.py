@@ -2,11 +2,13 @@
 architecture and case, the order of preference with the measurement behind it. `backends.py` applies it."""
 
 # Which cases each backend can serve at all. Packed documents need a per-document mask or varlen; SDPA's
-# flash and cuDNN kernels take no arbitrary mask, so they cannot keep documents apart.
+# flash and cuDNN kernels take no arbitrary mask, so they cannot keep documents apart. Decode reads a
+# preallocated cache with per-row lengths (attention.attention_with_kvcache): flash_attn takes the lengths
+# itself, SDPA needs a per-row mask over every slot, so of SDPA only the efficient and math kernels serve it.
 CASES_SUPPORTED = {
     "flash_attn": {"dense", "packed", "decode", "noncausal"},  # func / varlen_func / with_kvcache
-    "sdpa_cudnn": {"dense", "decode", "noncausal"},
-    "sdpa_flash": {"dense", "decode", "noncausal"},
+    "sdpa_cudnn": {"dense", "noncausal"},
+    "sdpa_flash": {"dense", "noncausal"},
     "sdpa_efficient": {"dense", "packed", "decode", "noncausal"},  # packed via a block-diagonal mask
     "flex": {"dense", "packed", "noncausal"},  # packed via a document BlockMask
     "sdpa_math": {"dense", "packed", "decode", "noncausal"},
@@ -32,13 +34,11 @@ PREFERENCES: dict[str, dict[str, tuple[tuple[str, str], ...]]] = {
             ("flex", "document BlockMask skips cross-document blocks"),
             ("sdpa_efficient", "block-diagonal mask (computes every block)"),
         ),
-        # No decode measurement yet: flash_attn_with_kvcache appends to the cache in place; SDPA flash is
-        # the same FA2 kernel without the in-place append.
+        # No decode measurement yet: flash_attn_with_kvcache appends to the cache in place and takes each row's
+        # length; SDPA masks every slot of the preallocated cache per row (the efficient kernel).
         "decode": (
             ("flash_attn", "in-place KV-cache append"),
-            ("sdpa_flash", "PyTorch's built-in FlashAttention-2 kernel"),
-            ("sdpa_cudnn", "cuDNN attention"),
-            ("sdpa_efficient", "memory-efficient SDPA"),
+            ("sdpa_efficient", "memory-efficient SDPA with a per-row mask over the cache"),
         ),
         # Non-causal runs the same kernels as dense without the mask: cuDNN leads there too (fwd 498-589).
         "noncausal": (
@@ -62,8 +62,7 @@ PREFERENCES: dict[str, dict[str, tuple[tuple[str, str], ...]]] = {
         ),
         "decode": (
             ("flash_attn", "in-place KV-cache append"),
-            ("sdpa_flash", "PyTorch's built-in FlashAttention-2 kernel"),
-            ("sdpa_efficient", "memory-efficient SDPA"),
+            ("sdpa_efficient", "memory-efficient SDPA with a per-row mask over the cache"),
         ),
         "noncausal": (
             ("flash_attn", "FlashAttention-2"),
@@ -90,11 +89,7 @@ PREFERENCES: dict[str, dict[str, tuple[tuple[str, str], ...]]] = {
             ("flex", "document BlockMask skips cross-document blocks"),
             ("sdpa_efficient", "block-diagonal mask (computes every block)"),
         ),
-        "decode": (
-            ("sdpa_cudnn", "cuDNN attention ships Blackwell kernels"),
-            ("sdpa_flash", "PyTorch's built-in FlashAttention-2 kernel"),
-            ("sdpa_efficient", "memory-efficient SDPA"),
-        ),
+        "decode": (("sdpa_efficient", "memory-efficient SDPA with a per-row mask over the cache"),),
         "noncausal": (
             ("sdpa_cudnn", "cuDNN attention ships Blackwell kernels"),
             ("sdpa_flash", "PyTorch's built-in FlashAttention-2 kernel"),

@@ -41,7 +41,7 @@ def test_h100_without_flash_attn_uses_flex_for_packed():
     assert _attn(plan) == {
         "dense": "sdpa_cudnn",
         "packed": "flex",
-        "decode": "sdpa_flash",
+        "decode": "sdpa_efficient",  # the masked per-row cache: SDPA's flash/cuDNN kernels take no mask
         "noncausal": "sdpa_cudnn",
     }
     assert "flash-attn is not installed: `ghostvis install flash-attn`" in plan.attention["packed"].reason
@@ -64,7 +64,7 @@ def test_a100_and_4090_prefer_fa2_when_installed():
     assert _attn(plan) == {
         "dense": "sdpa_flash",
         "packed": "flex",
-        "decode": "sdpa_flash",
+        "decode": "sdpa_efficient",
         "noncausal": "sdpa_flash",
     }
     assert "`ghostvis install flash-attn`" in plan.attention["dense"].reason
@@ -111,7 +111,7 @@ def test_blackwell():
     assert _attn(plan) == {
         "dense": "sdpa_cudnn",
         "packed": "flex",
-        "decode": "sdpa_cudnn",
+        "decode": "sdpa_efficient",
         "noncausal": "sdpa_cudnn",
     }
     assert "not built for Blackwell (sm100)" in plan.attention["dense"].reason

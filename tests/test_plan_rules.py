@@ -48,7 +48,8 @@ def test_bf16_h100_does_pick_half_only_kernels():
     plan = plan_run(make_env("h100", flash_attn="2.8.3"), RunFacts("cuda", "bfloat16"))
     assert {c.backend for c in plan.attention.values()} == {"sdpa_cudnn", "flash_attn"}
     no_fa2 = plan_run(make_env("h100"), RunFacts("cuda", "bfloat16"))
-    assert no_fa2.attention["decode"].backend == "sdpa_flash"  # the H200-without-flash-attn decode kernel
+    # without flash-attn, decode over the per-row masked cache runs SDPA's efficient kernel (any dtype)
+    assert no_fa2.attention["decode"].backend == "sdpa_efficient"
     fp32 = plan_run(make_env("h100"), RunFacts("cuda", "float32"))
     assert fp32.attention["decode"].backend == "sdpa_efficient"
     assert "runs only in fp16/bf16, not float32" in fp32.attention["decode"].reason
