@@ -208,16 +208,16 @@ def _generate_vlm_text(loaded: LoadedModel, prompt: str, max_new_tokens: int, te
                           "image chat_sft) or drop --image")
     pixels = None
     if image is not None:
+        from ghostvis_core.data.image_dataset import expand_image_tokens
         from ghostvis_core.data.images import load_image
-        from ghostvis_core.vlm import expand_image_tokens
 
         vision = loaded.model.config.vision
         if not Path(image).is_file():
             raise ConfigError(f"--image {image}: no such image file")
         pixels = load_image(image, vision.image_size, vision.image_mean, vision.image_std)[None]
         content = [{"type": "image"}, {"type": "text", "text": "\n" + prompt}]
-        ids, _ = tok.encode_chat([{"role": "user", "content": content}], add_generation_prompt=True)
-        ids = expand_image_tokens(ids, tok.image_id, loaded.model.config.num_image_tokens)
+        ids, mask = tok.encode_chat([{"role": "user", "content": content}], add_generation_prompt=True)
+        ids = expand_image_tokens(ids, mask, tok.image_id, loaded.model.config.num_image_tokens)[0].tolist()
     elif loaded.is_chat:
         ids, _ = tok.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
     else:

@@ -24,12 +24,13 @@ import torch.nn.functional as F
 
 from ghostvis_core.backends import BackendPlan
 from ghostvis_core.config import GPTConfig
+from ghostvis_core.constants import IGNORE_INDEX
 from ghostvis_core.errors import ConfigError
-from ghostvis_core.gpt import GPT, IGNORE_INDEX
+from ghostvis_core.gpt import GPT
 from ghostvis_core.vision import VisionTower
 from ghostvis_core.vision_config import VLMConfig
 
-__all__ = ["VLM", "VLMConfig", "MultiModalProjector", "expand_image_tokens", "hf_llava_key", "mask_image_targets"]
+__all__ = ["VLM", "VLMConfig", "MultiModalProjector", "hf_llava_key", "mask_image_targets"]
 
 # Our key prefix -> transformers' LlavaForConditionalGeneration prefix, per layout (the table at the top).
 # First match wins, so the lm_head entry comes before the general language_model one.
@@ -202,11 +203,3 @@ class VLM(nn.Module):
         from ghostvis_core.checkpoint import build_from_checkpoint
 
         return build_from_checkpoint(cls, VLMConfig, "vlm", step_dir, plan, state)
-
-
-def expand_image_tokens(ids: list[int], image_token_id: int, num_image_tokens: int) -> list[int]:
-    """ids with every `<image>` id repeated num_image_tokens times (what the data side does per image)."""
-    out: list[int] = []
-    for token in ids:
-        out.extend([token] * num_image_tokens if token == image_token_id else [token])
-    return out

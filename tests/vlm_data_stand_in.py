@@ -8,11 +8,11 @@ import numpy as np
 import torch
 
 from ghostvis_core.constants import IGNORE_INDEX
+from ghostvis_core.data.image_dataset import expand_image_tokens
 from ghostvis_core.data.images import _to_pixels
 from ghostvis_core.data.loader import PackedBatchLoader
 from ghostvis_core.data.packing import PackedData
 from ghostvis_core.data.shapes import CAPTION_PROMPT, ShapesTask
-from ghostvis_core.vlm import expand_image_tokens
 
 
 def shapes_chats(builtin: str, count: int, seed: int = 0, split: str = "train"):
@@ -35,10 +35,7 @@ def build_stand_in(tokenizer, row_len: int, vision, builtin: str, count: int = 4
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\n" + prompt}]},
                     {"role": "assistant", "content": answer}]
         ids, mask = tokenizer.encode_chat(messages)
-        at = ids.index(tokenizer.image_id)
-        P = vision.num_image_tokens
-        ids = expand_image_tokens(ids, tokenizer.image_id, P)
-        mask = mask[:at] + [0] * P + mask[at + 1:]
+        ids, mask, _ = (a.tolist() for a in expand_image_tokens(ids, mask, tokenizer.image_id, vision.num_image_tokens))
         ids, mask = ids[:row_len + 1], mask[:row_len + 1]
         pad = row_len + 1 - len(ids)
         ids, mask = ids + [tokenizer.pad_id] * pad, mask + [0] * pad

@@ -139,8 +139,10 @@ def materialise_builtin(builtin: str, count: int, image_size: int, split: str = 
     return data
 
 
-def _expand_images(ids: list[int], mask: list[int], image_id: int, P: int) -> tuple[np.ndarray, ...]:
-    """(ids, mask, image starts) with every image id repeated P times; image starts index the new ids."""
+def expand_image_tokens(ids: list[int], mask: list[int], image_id: int, P: int) -> tuple[np.ndarray, ...]:
+    """(ids, mask, image starts) with every `<image>` id repeated P times (P = the tower's tokens per image, as
+    HF's LlavaProcessor and vLLM expand it); image starts index the new ids. Training data and inference
+    prompts both expand through here."""
     ids_a = np.asarray(ids, dtype=np.int64)
     is_image = ids_a == image_id
     repeats = np.where(is_image, P, 1)
@@ -184,7 +186,7 @@ def build_image_chat_dataset(
     offset = 0
     for r, chat in enumerate(chats):
         ids, mask = tokenizer.encode_chat(chat.template_messages())
-        ids_a, mask_a, starts = _expand_images(ids, mask, image_id, P)
+        ids_a, mask_a, starts = expand_image_tokens(ids, mask, image_id, P)
         assert len(starts) == len(chat.image_paths), "encode_chat emits one <image> per image part"
         docs.append(ids_a)
         masks.append(mask_a)
