@@ -9,7 +9,6 @@ The model's parameters are cast to the run's inference dtype (auto: bf16 on CUDA
 plan is made for that dtype, so no kernel that needs bf16/fp16 ever meets fp32 tensors.
 """
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,29 +184,30 @@ def generate_text(
 
     if max_new_tokens < 1:
         raise ConfigError(f"--max-tokens must be >= 1 (got {max_new_tokens})")
-    if image is not None or loaded.data_format == "image-chat":
-        return _generate_vlm_text(loaded, prompt, max_new_tokens, temperature, top_k, seed, image, use_cache)
     sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=tuple(stop))
+    if image is not None or loaded.data_format == "image-chat":
+        return _generate_vlm_text(loaded, prompt, max_new_tokens, sampling, image, use_cache)
     ids = loaded.encode_prompt(prompt)
     return loaded.engine.generate_many([ids], sampling, max_new_tokens, batch_size=1)[0].text
 
 
 @torch.no_grad()
-def _generate_vlm_text(loaded: LoadedModel, prompt: str, max_new_tokens: int, temperature: float,
-                       top_k: int | None, seed: int, image: str | Path | None, use_cache: bool) -> str:
-    """generate_text for an image prompt or a VLM run: greedy or top-k sampling through VLM.generate."""
-    if not 0 <= temperature < math.inf:
-        raise ConfigError(f"--temperature must be a finite number >= 0 (got {temperature})")
-    if top_k is not None and top_k < 1:
-        raise ConfigError(f"--top-k must be >= 1 (got {top_k}); leave it out to sample from every token")
-    tok = loaded.tokenizer
-    vlm = loaded.data_format == "image-chat"
-    if image is not None and not vlm:
+def _generate_vlm_text(loaded: LoadedModel, prompt: str, max_new_tokens: int, sampling, image: str | Path | None,
+                       use_cache: bool) -> str:
+    """generate_text for a VLM run (an image prompt, or a chat turn without one): greedy or top-k sampling
+    through VLM.generate, one request at a time."""
+    if loaded.data_format != "image-chat":
         raise ConfigError(f"--image {image}: run {loaded.checkpoint.parent} is a text model ({loaded.recipe}, "
                           "trained on text only) and cannot see images; pick a vision run (vision_pretrain or an "
                           "image chat_sft) or drop --image")
+    if sampling.top_p < 1 or sampling.stop:
+        raise ConfigError("--top-p and --stop are not available for vision runs yet (they answer through "
+                          "VLM.generate: greedy, --temperature and --top-k); drop them")
+    tok = loaded.tokenizer
     pixels = None
-    if image is not None:
+    if image is None:
+        ids = loaded.encode_prompt(prompt)
+    else:
         from ghostvis_core.data.image_dataset import expand_image_tokens
         from ghostvis_core.data.images import load_image
 
@@ -218,26 +218,18 @@ def _generate_vlm_text(loaded: LoadedModel, prompt: str, max_new_tokens: int, te
         content = [{"type": "image"}, {"type": "text", "text": "\n" + prompt}]
         ids, mask = tok.encode_chat([{"role": "user", "content": content}], add_generation_prompt=True)
         ids = expand_image_tokens(ids, mask, tok.image_id, loaded.model.config.num_image_tokens)[0].tolist()
-    elif loaded.is_chat:
-        ids, _ = tok.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
-    else:
-        ids = [tok.bos_id, *tok.encode(prompt)]
     limit = text_config(loaded.model.config).sequence_len
     max_new_tokens = min(max_new_tokens, limit - len(ids))
     if max_new_tokens < 1:
         raise ConfigError(f"the prompt is {len(ids)} tokens; the model's context is {limit}: shorten it")
-    device = next(loaded.model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    idx = torch.tensor([ids], dtype=torch.long, device=device)
-    kwargs = dict(temperature=temperature, top_k=top_k, generator=generator, use_cache=use_cache)
-    if vlm:
-        dtype = next(loaded.model.parameters()).dtype
-        pixels = None if pixels is None else pixels.to(device=device, dtype=dtype)
-        out = loaded.model.generate(idx, pixels, max_new_tokens, **kwargs)
-    else:
-        out = loaded.model.generate(idx, max_new_tokens, **kwargs)
+    param = next(loaded.model.parameters())
+    generator = torch.Generator(device=param.device).manual_seed(sampling.seed)
+    idx = torch.tensor([ids], dtype=torch.long, device=param.device)
+    pixels = None if pixels is None else pixels.to(device=param.device, dtype=param.dtype)
+    out = loaded.model.generate(idx, pixels, max_new_tokens, temperature=sampling.temperature, top_k=sampling.top_k,
+                                generator=generator, use_cache=use_cache)
     new = out[0, len(ids):].tolist()
-    stops = {tok.eos_id, tok.bos_id} if loaded.is_chat else {tok.bos_id}
+    stops = set(loaded.stop_token_ids)
     for i, token in enumerate(new):
         if token in stops:
             new = new[:i]
