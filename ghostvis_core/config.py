@@ -48,6 +48,12 @@ def _check_positive_int(cls_name: str, name: str, value: Any) -> None:
         raise ConfigError(f"{cls_name}.{name} must be a positive integer, got {value!r}")
 
 
+def _check_unit_interval(cls_name: str, name: str, value: Any) -> None:
+    # a chained comparison is False for NaN, which `value <= 0` alone lets through
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ConfigError(f"{cls_name}.{name} must be in (0, 1), got {value!r}")
+
+
 def _check_choice(cls_name: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{cls_name}.{name}={value!r} is not one of {', '.join(choices)}")
@@ -118,8 +124,7 @@ class GPTConfig:
         _check_positive_int(name, "mlp_hidden", self.mlp_hidden)
         if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
             raise ConfigError(f"GPTConfig.rope_theta must be > 0, got {self.rope_theta!r}")
-        if not (isinstance(self.norm_eps, (int, float)) and 0 < self.norm_eps < 1):
-            raise ConfigError(f"GPTConfig.norm_eps must be in (0, 1), got {self.norm_eps!r}")
+        _check_unit_interval(name, "norm_eps", self.norm_eps)
         for key in ("tie_embeddings", "use_flash_attn", "use_fused_kernels", "low_precision_residual"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"GPTConfig.{key} must be true or false, got {getattr(self, key)!r}")

@@ -12,18 +12,12 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from ghostvis_core.config import GPTConfig, _check_positive_int, _from_known_keys
+from ghostvis_core.config import GPTConfig, _check_positive_int, _check_unit_interval, _from_known_keys
 from ghostvis_core.errors import ConfigError, did_you_mean
 
 # SigLIP normalises pixels to [-1, 1]: (x - 0.5) / 0.5 per channel (its image processor's mean and std).
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
-
-
-def _check_unit_interval(cls_name: str, name: str, value: Any) -> None:
-    # a chained comparison is False for NaN, which `value <= 0` alone lets through
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-        raise ConfigError(f"{cls_name}.{name} must be in (0, 1), got {value!r}")
 
 
 @dataclass(kw_only=True)

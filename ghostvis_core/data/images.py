@@ -39,9 +39,8 @@ from PIL import Image
 from ghostvis_core.data.sources import SkipReport, _is_utf8, _iter_json_objects, _Records
 from ghostvis_core.errors import ConfigError, DataError
 from ghostvis_core.tokenizer import IMAGE, ROLES
+from ghostvis_core.vision_config import SIGLIP_MEAN, SIGLIP_STD
 
-SIGLIP_MEAN = (0.5, 0.5, 0.5)
-SIGLIP_STD = (0.5, 0.5, 0.5)
 LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 DATA_SUFFIXES = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 # Errors Pillow raises for a file that is there but is not a decodable image (truncated, wrong format,
