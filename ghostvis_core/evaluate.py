@@ -11,7 +11,6 @@ upper bound). A text-only model of any size cannot beat it, so a VLM well above 
 
 from __future__ import annotations
 
-import json
 import re
 from collections import defaultdict
 from collections.abc import Callable
@@ -91,9 +90,8 @@ def read_questions(path: Path, image_root: str | None = None, limit: int | None 
     """
     from ghostvis_core.data.images import ImagePart, TextPart, iter_image_chats
 
-    kinds = _record_kinds(path)
     out: list[Question] = []
-    for i, chat in enumerate(iter_image_chats(path, image_root)):
+    for chat in iter_image_chats(path, image_root):
         if limit is not None and len(out) >= limit:
             break
         roles = [m.role for m in chat.messages if m.role != "system"]
@@ -106,23 +104,10 @@ def read_questions(path: Path, image_root: str | None = None, limit: int | None 
             raise DataError(f"{chat.where}: an eval question has exactly one image, this one has {len(images)}")
         question = "".join(p.text for p in user.parts if isinstance(p, TextPart)).strip()
         answer = "".join(p.text for p in reply.parts if isinstance(p, TextPart)).strip()
-        out.append(Question(question, Path(images[0]), answer, kinds[i] if i < len(kinds) else ALL_KINDS))
+        out.append(Question(question, Path(images[0]), answer, chat.kind or ALL_KINDS))
     if not out:
         raise DataError(f"{path}: no questions to evaluate")
     return out
-
-
-def _record_kinds(path: Path) -> list[str]:
-    """The "kind" of each record of a json list file (the built-in task writes one); [] for other files."""
-    if path.suffix != ".json":
-        return []
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return []  # iter_image_chats reports what is wrong with the file, naming it
-    if not isinstance(records, list):
-        return []
-    return [str(r.get("kind", ALL_KINDS)) if isinstance(r, dict) else ALL_KINDS for r in records]
 
 
 def builtin_heldout(image_size: int, num_images: int = DEFAULT_HELDOUT_IMAGES) -> Path:

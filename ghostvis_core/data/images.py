@@ -80,6 +80,8 @@ class ImageChat:
     messages: tuple[ImageMessage, ...]
     where: str
     """'FILE:record N' (json) or 'FILE:LINE' (jsonl)."""
+    kind: str | None = None
+    """The record's "kind" string when it has one (the built-in task's question kind, for `ghostvis eval`)."""
 
     @property
     def image_paths(self) -> list[Path]:
@@ -348,7 +350,9 @@ def iter_image_chats(
                 rec.bad(where, chat)
                 continue
             count += 1
-            yield ImageChat(tuple(ImageMessage(role, parts) for role, parts in chat), f"{f}:{where}")
+            kind = obj.get("kind")  # _record accepted obj, so it is a dict
+            yield ImageChat(tuple(ImageMessage(role, parts) for role, parts in chat), f"{f}:{where}",
+                            kind if isinstance(kind, str) else None)
         rec.finish(count)
 
 
