@@ -1,64 +1,31 @@
 """The batched decode engine: per-row KV cache, continuous batching, CUDA-graph decode, streaming.
 
-A call of `Engine.generate_many` keeps `batch_size` rows busy: each row holds one request; when a request
-finishes, the next prompt is prefilled into that row's cache slots (the other rows keep their state) and decode
-continues for all rows together. One decode step (embed one token per row, every layer against the cache,
-sample) has the same shapes at every step, so on CUDA it is captured once per (batch size, cache length,
-sampling) in a `torch.cuda.CUDAGraph` and replayed: at batch 1 the step is launch-bound in eager mode (about
-200 kernels per token for 20 layers), and a replay issues them with no Python in between.
+A call of `Engine.generate_many` keeps `batch_size` rows busy through the scheduler (scheduler.py, which
+`ghostvis serve` runs too): each row holds one request; when a request finishes, the next prompt is prefilled
+into that row's cache slots (the other rows keep their state) and decode continues for all rows together. One
+decode step (embed one token per row, every layer against the cache, sample) has the same shapes at every
+step, so on CUDA it is captured once per (batch size, cache length, sampling mode) in a `torch.cuda.CUDAGraph`
+and replayed: at batch 1 the step is launch-bound in eager mode (about 200 kernels per token for 20 layers),
+and a replay issues them with no Python in between. Sampling parameters live in per-row device tensors
+(sampling.RowSampling), so requests with different temperatures, top-k/top-p and seeds share one step.
 
-The host reads the sampled tokens every `sync_every` steps (one copy for the whole chunk, never a sync per
-step); a chunk is cut short so no row runs past its token budget, so only rows that stop early (EOS, a stop
-string) run a few wasted steps. Prefill runs eagerly, one request at a time (prompt lengths differ).
-
-Timing per request (Completion.ttft_s / latency_s) starts when the request enters a row.
+Prefill runs eagerly, one request at a time (prompt lengths differ).
 """
 
 from __future__ import annotations
 
-import time
-from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import replace
 
 import torch
 
 from ghostvis_core.errors import ConfigError
 from ghostvis_core.kv_cache import KVCache
 from ghostvis_core.log import get_logger
-from ghostvis_core.sampling import SamplingParams, sample_next
-from ghostvis_core.text_stream import TextStream
+from ghostvis_core.sampling import RowSampling, SamplingParams, sample_rows
+from ghostvis_core.scheduler import Completion, Prompt, Request, Scheduler
 
-Prompt = Sequence[int] | torch.Tensor
-"""Token ids, or prompt embeddings (1, T, C) in the model's dtype (a VLM prompt with image features in it)."""
-
-
-@dataclass
-class Completion:
-    """One finished request."""
-
-    index: int
-    """Position of the prompt in the list given to generate_many."""
-    prompt_tokens: int
-    token_ids: list[int]
-    text: str | None
-    """Decoded reply (None when the engine has no tokenizer, e.g. a benchmark on random weights)."""
-    finish_reason: str
-    """"stop" (end token or stop string) or "length" (max_tokens or the context)."""
-    ttft_s: float
-    latency_s: float
-
-
-@dataclass
-class _Row:
-    index: int
-    prompt_len: int
-    budget: int
-    t_admit: float
-    stream: TextStream | None
-    tokens: list[int] = field(default_factory=list)
-    t_first: float | None = None
-    finish_reason: str | None = None
+__all__ = ["Completion", "Engine", "Prompt"]
 
 
 class _DecodeGraph:
@@ -80,24 +47,26 @@ class _DecodeGraph:
 
 
 class _Batch:
-    """Static device state of one (batch size, cache length): the cache, each row's next token and seed."""
+    """Static device state of one (batch size, cache length): the cache, each row's next token and sampling."""
 
     def __init__(self, model, batch_size: int, cache_len: int):
         self.cache: KVCache = model.new_kv_cache(batch_size, cache_len)
         device = self.cache.device
         self.tokens = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.seeds = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.graphs: dict[tuple, _DecodeGraph] = {}
+        self.sampling = RowSampling.empty(batch_size, device)
+        self.graphs: dict[str, _DecodeGraph] = {}
 
 
 class Engine:
     """Generates for many prompts at once with one model (see the module docstring).
 
-    stop_token_ids end a request (not part of its reply) unless sampling.ignore_eos. cuda_graphs: None = on
-    when the model is on CUDA (eager on CPU); True on CPU is an error.
+    stop_token_ids end a request (not part of its reply) unless sampling.ignore_eos. banned_token_ids are never
+    generated (a VLM's `<image>` placeholder, which only data places). cuda_graphs: None = on when the model is
+    on CUDA (eager on CPU); True on CPU is an error.
     """
 
-    def __init__(self, model, tokenizer=None, *, stop_token_ids: Sequence[int] = (), cuda_graphs: bool | None = None):
+    def __init__(self, model, tokenizer=None, *, stop_token_ids: Sequence[int] = (), cuda_graphs: bool | None = None,
+                 banned_token_ids: Sequence[int] = ()):  # fmt: skip
         self.model = model
         self.tokenizer = tokenizer
         self.stop_token_ids = frozenset(stop_token_ids)
@@ -107,6 +76,7 @@ class Engine:
             raise ConfigError(f"CUDA-graph decode needs the model on CUDA; it is on {self.device.type}")
         self.cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
         self._batches: dict[tuple[int, int], _Batch] = {}
+        self._banned = torch.tensor(sorted(set(banned_token_ids)), dtype=torch.long, device=self.device)
 
     @property
     def context_len(self) -> int:
@@ -114,22 +84,39 @@ class Engine:
 
     # -- one step -------------------------------------------------------------------------------------------
 
-    def _decode_step(self, batch: _Batch, sampling: SamplingParams) -> None:
+    def sample(self, logits_BV: torch.Tensor, rows: RowSampling, positions_B: torch.Tensor, mode: str):
+        """Next token per row (sampling.sample_rows) with the banned tokens masked out."""
+        if self._banned.numel():
+            logits_BV = logits_BV.index_fill(-1, self._banned, float("-inf"))
+        return sample_rows(logits_BV, rows, positions_B, mode)
+
+    def _decode_step(self, batch: _Batch, mode: str) -> None:
         """Feed each row's token, sample its next one into batch.tokens (in place: graph-safe)."""
         cache = batch.cache
         logits = self.model.forward_with_cache(batch.tokens[:, None], cache)[:, -1]
         # cache_seqlens now counts the fed token: it is the position the drawn token will take.
-        batch.tokens.copy_(sample_next(logits, sampling, batch.seeds, cache.cache_seqlens))
+        batch.tokens.copy_(self.sample(logits, batch.sampling, cache.cache_seqlens, mode))
         cache.cache_seqlens.clamp_(max=cache.max_len - 1)  # idle rows step in place (kv_cache.py)
 
-    def _step_fn(self, batch: _Batch, sampling: SamplingParams) -> Callable[[], None]:
+    def step_fn(self, batch: _Batch, mode: str) -> Callable[[], None]:
+        """One decode step of `batch` in sampling mode `mode` (a CUDA-graph replay on CUDA)."""
         if not self.cuda_graphs:
-            return lambda: self._decode_step(batch, sampling)
-        key = (sampling.temperature, sampling.top_k, sampling.top_p)
-        if key not in batch.graphs:
-            batch.graphs[key] = _DecodeGraph(lambda: self._decode_step(batch, sampling))
-            batch.cache.reset()
-        return batch.graphs[key].replay
+            return lambda: self._decode_step(batch, mode)
+        if mode not in batch.graphs:
+            # Warm-up and capture run real steps: put each row's length and next token back afterwards (the
+            # K/V they wrote sit past each row's length, where the row's next step writes before reading).
+            saved = batch.tokens.clone(), batch.cache.cache_seqlens.clone()
+            batch.graphs[mode] = _DecodeGraph(lambda: self._decode_step(batch, mode))
+            batch.tokens.copy_(saved[0])
+            batch.cache.cache_seqlens.copy_(saved[1])
+        return batch.graphs[mode].replay
+
+    def batch(self, batch_size: int, cache_len: int) -> _Batch:
+        """The static state of (batch_size, cache_len), made on first use and kept with its graphs."""
+        key = (batch_size, cache_len)
+        if key not in self._batches:
+            self._batches[key] = _Batch(self.model, batch_size, cache_len)
+        return self._batches[key]
 
     def prefill(self, cache: KVCache, prompt: Prompt) -> torch.Tensor:
         """Fill an empty one-row cache (view) with a prompt; returns the last position's logits (1, V).
@@ -146,17 +133,21 @@ class Engine:
 
     # -- the scheduler --------------------------------------------------------------------------------------
 
+    def check_prompt_len(self, n: int, i: int = 0) -> None:
+        """ConfigError unless a prompt of n tokens leaves room for one new token in the context."""
+        if n == 0:
+            raise ConfigError(f"prompt {i} is empty: every prompt needs at least one token")
+        if n >= self.context_len:
+            raise ConfigError(
+                f"prompt {i} is {n} tokens; the model's context is {self.context_len} (room for at least one "
+                "new token is needed): shorten it"
+            )
+
     def _budgets(self, lengths: list[int], max_tokens: int) -> list[int]:
         """Tokens each request may generate: max_tokens, capped by the context (with one warning)."""
         limit = self.context_len
         for i, n in enumerate(lengths):
-            if n == 0:
-                raise ConfigError(f"prompt {i} is empty: every prompt needs at least one token")
-            if n >= limit:
-                raise ConfigError(
-                    f"prompt {i} is {n} tokens; the model's context is {limit} (room for at least one new "
-                    "token is needed): shorten it"
-                )
+            self.check_prompt_len(n, i)
         budgets = [min(max_tokens, limit - n) for n in lengths]
         capped = [i for i, b in enumerate(budgets) if b < max_tokens]
         if capped:
@@ -203,81 +194,17 @@ class Engine:
             seeds = [sampling.seed + i for i in range(len(prompts))]
         elif len(seeds) != len(prompts):
             raise ConfigError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-        with torch.no_grad():
-            return self._run(prompts, lengths, budgets, sampling, seeds, B, cache_len, on_text, on_finish,
-                             sync_every)  # fmt: skip
-
-    def _run(self, prompts, lengths, budgets, sampling, seeds, B, cache_len, on_text, on_finish, sync_every):
-        batch = self._batches.get((B, cache_len))
-        if batch is None:
-            batch = self._batches[(B, cache_len)] = _Batch(self.model, B, cache_len)
-        step = self._step_fn(batch, sampling)
-        hist = torch.zeros(B, max(sync_every, 1), dtype=torch.long, device=self.device)
-        queue = deque(range(len(prompts)))
-        rows: list[_Row | None] = [None] * B
         done: list[Completion | None] = [None] * len(prompts)
-        use_text = self.tokenizer is not None
 
-        def finish(b: int) -> None:
-            r = rows[b]
-            rows[b] = None
-            now = time.perf_counter()
-            text = None
-            if r.stream is not None:
-                tail = r.stream.finish()
-                if tail and on_text:
-                    on_text(r.index, tail)
-                text = r.stream.text
-            c = Completion(r.index, r.prompt_len, r.tokens, text, r.finish_reason, r.t_first - r.t_admit,
-                           now - r.t_admit)  # fmt: skip
-            done[r.index] = c
+        def finished(c: Completion) -> None:
+            done[c.index] = c
             if on_finish:
                 on_finish(c)
 
-        def accept(b: int, new: list[int]) -> None:
-            """Host side of a row's new tokens: stop tokens, stop strings, budget, streaming."""
-            r = rows[b]
-            if r.t_first is None:
-                r.t_first = time.perf_counter()
-            for tok in new:
-                if tok in self.stop_token_ids and not sampling.ignore_eos:
-                    r.finish_reason = "stop"
-                    break
-                r.tokens.append(tok)
-                if r.stream is not None:
-                    delta = r.stream.push([tok])
-                    if delta and on_text:
-                        on_text(r.index, delta)
-                    if r.stream.stopped:
-                        r.finish_reason = "stop"
-                        break
-                if len(r.tokens) >= r.budget:
-                    r.finish_reason = "length"
-                    break
-            if r.finish_reason is not None:
-                finish(b)
-
-        while queue or any(rows):
-            for b in range(B):
-                while rows[b] is None and queue:  # a request can end at its first token: admit the next one
-                    i = queue.popleft()
-                    stream = TextStream(self.tokenizer, sampling.stop) if use_text else None
-                    rows[b] = _Row(i, lengths[i], budgets[i], time.perf_counter(), stream)
-                    batch.seeds[b] = seeds[i]
-                    view = batch.cache.row(b)
-                    logits = self.prefill(view, prompts[i])
-                    first = sample_next(logits, sampling, batch.seeds[b : b + 1], view.cache_seqlens)
-                    batch.tokens[b : b + 1].copy_(first)
-                    accept(b, [int(first.item())])
-            active = [r for r in rows if r is not None]
-            if not active:
-                continue
-            n_steps = max(1, min(sync_every, min(r.budget - len(r.tokens) for r in active)))
-            for s in range(n_steps):
-                step()
-                hist[:, s].copy_(batch.tokens)
-            host = hist[:, :n_steps].tolist()  # the one host sync of the chunk
-            for b in range(B):
-                if rows[b] is not None:
-                    accept(b, host[b])
+        scheduler = Scheduler(self, B, cache_len, sync_every)
+        for i, prompt in enumerate(prompts):
+            text = None if on_text is None else (lambda delta, i=i: on_text(i, delta))
+            scheduler.submit(Request(prompt, lengths[i], budgets[i], replace(sampling, seed=seeds[i]), index=i,
+                                     on_text=text, on_finish=finished))  # fmt: skip
+        scheduler.run_until_idle()
         return done

@@ -73,30 +73,95 @@ def uniform_noise(seeds_B: torch.Tensor, positions_B: torch.Tensor, vocab: int) 
     return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
 
-def filter_logits(logits_BV: torch.Tensor, top_k: int | None, top_p: float) -> torch.Tensor:
-    """Logits with every token outside the top k, or outside the smallest set holding top_p of the
-    probability (always keeping the most likely token), set to -inf."""
-    if top_k is not None and top_k < logits_BV.shape[-1]:
-        kth = torch.topk(logits_BV, top_k, dim=-1).values[:, -1:]
-        logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits_BV, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        drop_sorted = (torch.cumsum(probs, dim=-1) - probs) > top_p  # mass before this token already > p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits_BV = logits_BV.masked_fill(drop, float("-inf"))
-    return logits_BV
-
-
-def sample_next(
-    logits_BV: torch.Tensor, sampling: SamplingParams, seeds_B: torch.Tensor, positions_B: torch.Tensor
+def filter_logits(
+    logits_BV: torch.Tensor, top_k: int | None | torch.Tensor, top_p: float | torch.Tensor
 ) -> torch.Tensor:
-    """Next token per row (B,) int64, on the logits' device, without a host sync.
+    """Logits with every token outside the top k, or outside the smallest set holding top_p of the
+    probability (always keeping the most likely token), set to -inf.
 
-    positions_B: the position each drawn token will take (its row's length), the counter of the noise.
+    top_k / top_p: one value for every row, or a tensor (B,) of per-row values (top_k >= V and top_p = 1
+    keep every token), so rows of one batch can filter differently in one captured step.
     """
+    B, V = logits_BV.shape
+    k_B = _per_row(V if top_k is None else top_k, B, torch.int64, logits_BV.device).clamp(1, V)
+    p_B = _per_row(top_p, B, torch.float32, logits_BV.device)
+    sorted_BV, order_BV = torch.sort(logits_BV, dim=-1, descending=True)
+    kth_B1 = sorted_BV.gather(-1, k_B[:, None] - 1)  # ties with the k-th value are kept, as topk-masking does
+    sorted_BV = sorted_BV.masked_fill(sorted_BV < kth_B1, float("-inf"))
+    probs = torch.softmax(sorted_BV, dim=-1)
+    # mass before this token already > p; rows with p = 1 drop nothing (a cumsum may round past 1)
+    drop_sorted = ((torch.cumsum(probs, dim=-1) - probs) > p_B[:, None]) & (p_B < 1.0)[:, None]
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order_BV, drop_sorted)
+    return logits_BV.masked_fill(drop | (logits_BV < kth_B1), float("-inf"))
+
+
+def _per_row(value, B: int, dtype: torch.dtype, device) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype)
+    return torch.full((B,), value, dtype=dtype, device=device)
+
+
+SAMPLING_MODES = ("greedy", "sample", "filter")
+"""What one decode step computes, cheapest first: argmax only; Gumbel noise (some row samples); noise after
+the top-k/top-p filter (a full sort: some sampled row filters). A step of a mode serves every row of the
+modes before it, so a batch runs the most demanding mode among its rows."""
+
+
+def sampling_mode(sampling: SamplingParams) -> str:
+    """The cheapest mode (SAMPLING_MODES) that serves a request sampling this way."""
     if sampling.greedy:
-        return logits_BV.argmax(dim=-1)
-    z = filter_logits(logits_BV.float() / sampling.temperature, sampling.top_k, sampling.top_p)
-    gumbel = -torch.log(-torch.log(uniform_noise(seeds_B, positions_B, z.shape[-1])))
-    return (z + gumbel).argmax(dim=-1)
+        return "greedy"
+    return "filter" if sampling.top_k is not None or sampling.top_p < 1.0 else "sample"
+
+
+def batch_mode(modes) -> str:
+    """The mode a batch of rows with these modes runs (the most demanding one)."""
+    return max(modes, key=SAMPLING_MODES.index, default="greedy")
+
+
+@dataclass
+class RowSampling:
+    """Per-row sampling parameters on the device (B,): what one captured decode step reads for every row.
+
+    temperature 0 = greedy row; top_k V = off; top_p 1 = off; seed = the request's seed. `set_row` writes
+    one row in place (the tensors never move, so a graph captured over them stays valid).
+    """
+
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    seeds: torch.Tensor
+
+    @classmethod
+    def empty(cls, batch_size: int, device) -> RowSampling:
+        zeros = lambda dtype: torch.zeros(batch_size, dtype=dtype, device=device)  # noqa: E731
+        return cls(zeros(torch.float32), zeros(torch.int64), torch.ones(batch_size, device=device),
+                   zeros(torch.int64))  # fmt: skip
+
+    def set_row(self, b: int, sampling: SamplingParams, vocab: int) -> None:
+        self.temperature[b] = sampling.temperature
+        self.top_k[b] = vocab if sampling.top_k is None else min(sampling.top_k, vocab)
+        self.top_p[b] = sampling.top_p
+        self.seeds[b] = sampling.seed
+
+    def rows(self, index: slice) -> RowSampling:
+        """A view of some rows (sharing storage)."""
+        return RowSampling(self.temperature[index], self.top_k[index], self.top_p[index], self.seeds[index])
+
+
+def sample_rows(logits_BV: torch.Tensor, rows: RowSampling, positions_B: torch.Tensor, mode: str) -> torch.Tensor:
+    """Next token per row (B,) int64 with each row's own parameters, on the logits' device, no host sync.
+
+    positions_B: the position each drawn token will take (its row's length), the counter of the noise. A
+    greedy row takes argmax(logits) in every mode, so its tokens are the same whatever its neighbours do.
+    """
+    greedy_B = logits_BV.argmax(dim=-1)
+    if mode == "greedy":
+        return greedy_B
+    is_greedy = rows.temperature == 0
+    temperature = torch.where(is_greedy, torch.ones_like(rows.temperature), rows.temperature)
+    z = logits_BV.float() / temperature[:, None]
+    if mode == "filter":
+        z = filter_logits(z, rows.top_k, rows.top_p)
+    gumbel = -torch.log(-torch.log(uniform_noise(rows.seeds, positions_B, z.shape[-1])))
+    return torch.where(is_greedy, greedy_B, (z + gumbel).argmax(dim=-1))
