@@ -30,7 +30,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -250,14 +250,15 @@ def _check_size(image_size: int, mean: Sequence[float], std: Sequence[float]) ->
 
 
 def load_image(
-    path: str | os.PathLike,
+    path: str | os.PathLike | BinaryIO,
     image_size: int,
     mean: Sequence[float] = SIGLIP_MEAN,
     std: Sequence[float] = SIGLIP_STD,
 ) -> torch.Tensor:
-    """(C, H, W) float32 pixels of an image file, as SiglipImageProcessor gives; DataError if unreadable."""
+    """(C, H, W) float32 pixels of an image file (a path, or a binary file object such as an uploaded
+    image's bytes in io.BytesIO), as SiglipImageProcessor gives; DataError if unreadable."""
     _check_size(image_size, mean, std)
-    image = _open_rgb(Path(path))
+    image = _open_rgb(path if hasattr(path, "read") else Path(path))
     if isinstance(image, str):
         raise DataError(f"{path}: {image}")
     return _to_pixels(image, image_size, mean, std)
