@@ -7,7 +7,7 @@ TORCH_PIP_ARGS ?=
 # Re-run the install only when the package metadata changes.
 STAMP := $(VENV)/.ghostvis-installed
 
-.PHONY: install demo test lint bench
+.PHONY: install demo test browser lint bench
 
 install: $(STAMP)
 
@@ -36,8 +36,18 @@ demo: install
 	$(call STAGE,infer --image,img=$$($(BIN)/python -c 'from ghostvis_core.data.shapes import main; main()' --run $(DEMO_RUN)-vlm | tee /dev/stderr | tail -n 1) && $(BIN)/ghostvis infer --run $(DEMO_RUN)-vlm --image "$$img" --prompt "What colour is the circle?")
 
 # pytest exits 5 when it collects no tests; make treats that as a failure, as it should.
-test: install
+test: install browser
 	$(BIN)/python -m pytest -q
+
+# The web chat's browser test drives Debian's chromium through chromedriver: installed here when missing (CI is
+# a clean Debian machine, run as root). Without root or apt-get the test itself fails and names the fix.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing chromium and chromium-driver (the web chat's browser test)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      chromium chromium-driver >/dev/null; \
+	  else echo "note: chromium/chromedriver are missing and this user cannot apt-get them: the browser test will fail"; fi; }
 
 lint: install
 	$(BIN)/python -m ruff --version >/dev/null 2>&1 || $(BIN)/pip install 'ruff>=0.6'

@@ -123,7 +123,7 @@ def vlm_server(vlm_loaded, home):
     from ghostvis_core.serving.limits import ServeLimits
 
     server, service = serve(vlm_loaded, batch_size=4, sync_every=4,
-                            limits=ServeLimits(max_image_pixels=64 * 64, image_root=home))  # fmt: skip
+                            limits=ServeLimits(max_image_pixels=300 * 300, image_root=home))  # fmt: skip
     yield server, service
     server.close()
 
@@ -268,7 +268,7 @@ def _bad_cases(home):
     from PIL import Image
 
     Image.new("RGB", (8, 8)).save(outside)
-    big = png_data_url(size=80)  # 6400 pixels > the 64x64 limit
+    big = png_data_url(size=400)  # 160000 pixels > the vlm server's 300x300 limit
     chat = {"messages": QUESTION, "max_tokens": 4}
 
     def with_image(url):
