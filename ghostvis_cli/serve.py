@@ -38,6 +38,8 @@ def serve(
     max_batch_size: int = typer.Option(None, "--max-batch-size", help="Rows decoded together (default: 64 on "
                                        "CUDA, 8 on CPU)."),
     sync_every: int = typer.Option(8, "--sync-every", help="Decode steps between host reads (streaming grain)."),
+    max_model_len: int = typer.Option(None, "--max-model-len", help="Cache slots per row, prompt and reply "
+                                      "together (default: the model's context)."),
     image_root: Path = typer.Option(None, "--image-root", help="Allow local image paths inside this folder."),
     max_body_bytes: int = typer.Option(16 << 20, "--max-body-bytes", help="Largest request body."),
     max_image_bytes: int = typer.Option(8 << 20, "--max-image-bytes", help="Largest image (encoded)."),
@@ -67,11 +69,12 @@ def serve(
     if not api_key and not _is_loopback(host):
         err_console.print(f"[yellow]warning:[/] serving on {host} with no API key: anyone who can reach this "
                           f"address can use the model; pass --api-key KEY (or set {API_KEY_ENV})", highlight=False)
-    service = build_service(model, preset, dtype, served_model_name, max_batch_size, sync_every, limits)
+    service = build_service(model, preset, dtype, served_model_name, max_batch_size, sync_every, limits,
+                            max_model_len)
     run_server(service, host, port, api_key or None)
 
 
-def build_service(model, preset, dtype, name, max_batch_size, sync_every, limits):
+def build_service(model, preset, dtype, name, max_batch_size, sync_every, limits, max_model_len=None):
     """The ServedModel of a run (or a preset's random weights)."""
     from ghostvis_core.engine import load_for_inference
     from ghostvis_core.serving.service import ServedModel
@@ -85,7 +88,7 @@ def build_service(model, preset, dtype, name, max_batch_size, sync_every, limits
     on_cuda = next(loaded.model.parameters()).device.type == "cuda"
     rows = max_batch_size or (64 if on_cuda else 8)
     return ServedModel.from_loaded(loaded, name or (f"random-{preset}" if preset else None), batch_size=rows,
-                                   sync_every=sync_every, limits=limits)  # fmt: skip
+                                   sync_every=sync_every, limits=limits, max_model_len=max_model_len)  # fmt: skip
 
 
 def run_server(service, host: str, port: int, api_key: str | None) -> None:

@@ -35,10 +35,11 @@ class ServedModel:
     """One model behind the API: its engine, its scheduler (started by `start()`), and prompt building.
 
     model: a GPT or a VLM; tokenizer None for a random-weight benchmark model (token-id prompts only).
+    max_model_len: cache slots per row, prompt and reply together (default and most: the model's context).
     """
 
     def __init__(self, model, tokenizer, name: str, *, is_chat: bool, stop_token_ids=(), batch_size: int = 8,
-                 sync_every: int = 8, limits: ServeLimits | None = None):  # fmt: skip
+                 sync_every: int = 8, limits: ServeLimits | None = None, max_model_len: int | None = None):  # fmt: skip
         self.model = model
         self.vlm = model if hasattr(model, "language_model") else None
         self.lm = self.vlm.language_model if self.vlm is not None else model
@@ -49,6 +50,11 @@ class ServedModel:
         banned = (self.vlm.config.image_token_id,) if self.vlm is not None else ()
         self.engine = Engine(self.lm, tokenizer, stop_token_ids=stop_token_ids, banned_token_ids=banned)
         self.context_len = self.lm.config.sequence_len
+        if max_model_len is not None:
+            if not 2 <= max_model_len <= self.context_len:
+                raise ConfigError(f"--max-model-len must be in 2..{self.context_len} (the model's context), got "
+                                  f"{max_model_len}")
+            self.context_len = max_model_len
         self.scheduler = Scheduler(self.engine, batch_size, self.context_len, sync_every)
 
     @classmethod
