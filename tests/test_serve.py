@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import socket
@@ -138,6 +139,23 @@ def png_data_url(size=32, color=(200, 30, 30)) -> str:
     buf = io.BytesIO()
     Image.new("RGB", (size, size), color).save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@contextlib.contextmanager
+def slow_device(service, seconds: float):
+    """Each decode step of the service's engine takes `seconds` longer (a slow device: a request is still
+    generating when the test acts on it)."""
+    real_step_fn = service.engine.step_fn
+
+    def slow_step_fn(batch, mode):
+        step = real_step_fn(batch, mode)
+        return lambda: (time.sleep(seconds), step())
+
+    service.engine.step_fn = slow_step_fn
+    try:
+        yield
+    finally:
+        service.engine.step_fn = real_step_fn
 
 
 def open_stream(server, body: dict, key: str | None = None) -> socket.socket:
@@ -322,17 +340,11 @@ def test_concurrency_limit_is_429_with_retry_after(text_loaded):
     from ghostvis_core.serving.limits import ServeLimits
 
     server, service = serve(text_loaded, batch_size=2, limits=ServeLimits(max_concurrent=1))
-    real_step_fn = service.engine.step_fn
-
-    def slow_step_fn(batch, mode):  # a slow device: the first request is still generating when the second comes
-        step = real_step_fn(batch, mode)
-        return lambda: (time.sleep(0.02), step())
-
-    service.engine.step_fn = slow_step_fn
     try:
-        held = open_stream(server, {"messages": QUESTION, "max_tokens": 100, "stream": True, "ignore_eos": True})
-        r = httpx.post(server.url + "/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 2})
-        held.close()
+        with slow_device(service, 0.02):
+            held = open_stream(server, {"messages": QUESTION, "max_tokens": 100, "stream": True, "ignore_eos": True})
+            r = httpx.post(server.url + "/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 2})
+            held.close()
         assert r.status_code == 429 and r.headers["retry-after"] == "1"
         assert r.json()["error"]["type"] == "rate_limit_error"
     finally:
@@ -359,19 +371,10 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(text_server):
     server, service = text_server
     headers = {"Authorization": f"Bearer {KEY}"}
     before = httpx.get(server.url + "/metrics", headers=headers).json()
-    real_step_fn = service.engine.step_fn
-
-    def slow_step_fn(batch, mode):  # a slow device: the stream is far from done when its client leaves
-        step = real_step_fn(batch, mode)
-        return lambda: (time.sleep(0.01), step())
-
-    service.engine.step_fn = slow_step_fn
-    try:
+    with slow_device(service, 0.01):  # the stream is far from done when its client leaves
         sock = open_stream(server, {"messages": QUESTION, "max_tokens": 100, "stream": True, "ignore_eos": True},
                            key=KEY)  # fmt: skip
         sock.close()  # the client goes away after its first chunk
-    finally:
-        service.engine.step_fn = real_step_fn
     deadline = time.monotonic() + 30
     while True:
         m = httpx.get(server.url + "/metrics", headers=headers).json()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("fastapi", reason="the serve extra: pip install 'ghostvis[serve]'")
-from test_serve import home, vlm_loaded, vlm_server  # noqa: E402, F401  (fixtures)
+from test_serve import home, slow_device, vlm_loaded, vlm_server  # noqa: E402, F401  (fixtures)
 
 SKIP_ENV = "GHOSTVIS_SKIP_BROWSER_TEST"
 ARTIFACTS_ENV = "GHOSTVIS_TEST_ARTIFACTS"
@@ -75,48 +75,41 @@ def _ask(driver, text: str) -> tuple[object, list[str]]:
     return answer, seen + [answer.text]
 
 
-def test_web_chat_streams_answers_and_takes_an_image(vlm_server, home, tmp_path):
+def test_web_chat_streams_answers_and_takes_an_image(vlm_server, home, tmp_path):  # noqa: F811
     from selenium.webdriver.common.by import By
 
     from ghostvis_core.data.shapes import draw_example
 
     server, service = vlm_server
-    real_step_fn = service.engine.step_fn
-
-    def slow_step_fn(batch, mode):  # a slow device, so the page is seen mid-answer
-        step = real_step_fn(batch, mode)
-        return lambda: (time.sleep(0.03), step())
-
-    service.engine.step_fn = slow_step_fn
     image = draw_example(tmp_path / "scene.png", image_size=32, upscale=8)
     driver = _driver()
-    try:
-        driver.get(server.url + "/")
-        _wait(lambda: driver.find_element(By.ID, "model").text.startswith("vlm"), "the model name")
-        assert "sees images" in driver.find_element(By.ID, "model").text
+    with slow_device(service, 0.03):  # a slow device, so the page is seen mid-answer
+        try:
+            driver.get(server.url + "/")
+            _wait(lambda: driver.find_element(By.ID, "model").text.startswith("vlm"), "the model name")
+            assert "sees images" in driver.find_element(By.ID, "model").text
 
-        answer, seen = _ask(driver, "hello, who are you?")
-        print(f"text answer {answer.text!r} seen growing in {len(seen)} steps, {answer.get_attribute('data-chunks')} chunks")
-        assert answer.text and len(set(seen)) >= 3  # tokens streamed in: the answer was seen growing
-        assert all(answer.text.startswith(s) for s in seen)
-        assert "tok/s" in driver.find_element(By.ID, "speed").text
+            answer, seen = _ask(driver, "hello, who are you?")
+            print(f"text answer {answer.text!r} seen growing in {len(seen)} steps, {answer.get_attribute('data-chunks')} chunks")
+            assert answer.text and len(set(seen)) >= 3  # tokens streamed in: the answer was seen growing
+            assert all(answer.text.startswith(s) for s in seen)
+            assert "tok/s" in driver.find_element(By.ID, "speed").text
 
-        driver.find_element(By.ID, "reset").click()  # a new conversation: the tiny context holds one turn
-        assert not driver.find_elements(By.CSS_SELECTOR, ".msg")
-        driver.find_element(By.ID, "file").send_keys(str(tmp_path / "scene-large.png"))
-        _wait(lambda: driver.find_element(By.ID, "preview").is_displayed(), "the image preview")
-        n_prompt = service.scheduler.num_finished
-        answer, seen = _ask(driver, "What colour is the circle?")
-        print(f"image answer {answer.text!r} ({image.qa[0][0]!r} -> {image.qa[0][1]!r} in the scene)")
-        assert answer.text and len(set(seen)) >= 2
-        assert not driver.find_element(By.ID, "preview").is_displayed()
-        assert driver.find_elements(By.CSS_SELECTOR, ".user img")  # the sent image shows in the chat
-        assert service.scheduler.num_finished == n_prompt + 1
-        out = Path(os.environ.get(ARTIFACTS_ENV) or tmp_path) / "serve-chat.png"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        driver.save_screenshot(str(out))
-        print(f"screenshot: {out}")
-        assert out.stat().st_size > 5000
-    finally:
-        driver.quit()
-        service.engine.step_fn = real_step_fn
+            driver.find_element(By.ID, "reset").click()  # a new conversation: the tiny context holds one turn
+            assert not driver.find_elements(By.CSS_SELECTOR, ".msg")
+            driver.find_element(By.ID, "file").send_keys(str(tmp_path / "scene-large.png"))
+            _wait(lambda: driver.find_element(By.ID, "preview").is_displayed(), "the image preview")
+            n_prompt = service.scheduler.num_finished
+            answer, seen = _ask(driver, "What colour is the circle?")
+            print(f"image answer {answer.text!r} ({image.qa[0][0]!r} -> {image.qa[0][1]!r} in the scene)")
+            assert answer.text and len(set(seen)) >= 2
+            assert not driver.find_element(By.ID, "preview").is_displayed()
+            assert driver.find_elements(By.CSS_SELECTOR, ".user img")  # the sent image shows in the chat
+            assert service.scheduler.num_finished == n_prompt + 1
+            out = Path(os.environ.get(ARTIFACTS_ENV) or tmp_path) / "serve-chat.png"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            driver.save_screenshot(str(out))
+            print(f"screenshot: {out}")
+            assert out.stat().st_size > 5000
+        finally:
+            driver.quit()

@@ -142,21 +142,20 @@ def create_app(service: ServedModel, *, api_key: str | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        authorize(request)
-        t0 = time.perf_counter()
-        req = await read_json(request, ChatCompletionRequest)
-        prepared = service.chat_prompt(req)
-        return await _generate(request, req, prepared, req.max_completion_tokens or req.max_tokens, "chat", t0)
+        return await _generate(request, ChatCompletionRequest, "chat")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
+        return await _generate(request, CompletionRequest, "text")
+
+    async def _generate(request: Request, schema, kind: str):
         authorize(request)
         t0 = time.perf_counter()
-        req = await read_json(request, CompletionRequest)
-        prepared = service.completion_prompt(req)
-        return await _generate(request, req, prepared, req.max_tokens, "text", t0)
-
-    async def _generate(request: Request, req, prepared, max_tokens, kind: str, t0: float):
+        req = await read_json(request, schema)
+        if kind == "chat":
+            prepared, max_tokens = service.chat_prompt(req), req.max_completion_tokens or req.max_tokens
+        else:
+            prepared, max_tokens = service.completion_prompt(req), req.max_tokens
         if req.model is not None and req.model != service.name:
             raise ApiError(404, f"model {req.model!r} is not served here (this server serves {service.name!r})",
                            param="model", code="model_not_found")  # fmt: skip
