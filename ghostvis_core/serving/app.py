@@ -42,8 +42,7 @@ def _error_response(err: ApiError) -> JSONResponse:
 
 def _validation_error(e: ValidationError) -> ApiError:
     first = e.errors()[0]
-    where = ".".join(str(x) for x in first["loc"] if not (isinstance(x, str) and x in ("text", "image_url")
-                                                          and first["type"] == "union_tag_invalid"))
+    where = ".".join(str(x) for x in first["loc"])
     if first["type"] == "extra_forbidden":
         return ApiError(400, f"unknown field {where!r}: this server does not take it", param=where,
                         code="unknown_field")  # fmt: skip
