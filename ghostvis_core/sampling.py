@@ -9,6 +9,10 @@ that ties or nearly ties can flip a pick (in fp32 on CPU the tests see identical
 
 Sampling from softmax(z / T) is argmax(z / T + g) with g standard Gumbel noise (the Gumbel-max trick), which
 needs no multinomial (a host-synchronising, non-capturable kernel on some builds) and no sort when top-p is off.
+
+Each row of a batch samples with its own parameters (RowSampling: device tensors the captured step reads), so
+requests with different temperatures, top-k/top-p and seeds share one decode step; a greedy row takes the
+plain argmax whatever its neighbours do, so its tokens are the same as in an all-greedy batch.
 """
 
 from __future__ import annotations
@@ -25,11 +29,12 @@ _MASK32 = 0xFFFFFFFF
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How every request of a `generate_many` call picks its tokens.
+    """How a request picks its tokens (for `generate_many`, every request of the call).
 
-    temperature 0 is greedy; top_k None / top_p 1.0 keep every token. Request i samples with seed `seed + i`
-    (its index in the prompt list), so its output is the same alone or in any batch. stop: strings that end a
-    reply (not included in it); ignore_eos generates max_tokens whatever the model says (benchmarks).
+    temperature 0 is greedy; top_k None / top_p 1.0 keep every token. In generate_many request i samples with
+    seed `seed + i` (its index in the prompt list), so its output is the same alone or in any batch. stop:
+    strings that end a reply (not included in it); ignore_eos generates max_tokens whatever the model says
+    (benchmarks).
     """
 
     temperature: float = 0.0
