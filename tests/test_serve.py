@@ -333,6 +333,8 @@ def test_each_bad_request_is_its_4xx_with_an_openai_error_body(text_server, vlm_
             assert r.status_code == status, name
             assert fragment in err["message"] and err["code"] == code, name
             assert err["type"] and "Traceback" not in r.text, name
+    m = httpx.get(text_server[0].url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert m["requests_by_status"]["400"] >= 8 and m["requests_by_status"]["413"] >= 1  # refusals are counted
     r = httpx.get(text_server[0].url + "/v1/nothing", headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
 

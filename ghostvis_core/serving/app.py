@@ -69,7 +69,9 @@ def create_app(service: ServedModel, *, api_key: str | None = None) -> FastAPI:
     app.state.metrics = metrics
 
     @app.exception_handler(ApiError)
-    async def _api_error(_request, err: ApiError):
+    async def _api_error(request, err: ApiError):  # a refused request: its access-log line, then the error
+        metrics.record(RequestRecord("refused-" + uuid.uuid4().hex[:12], request.url.path, err.status,
+                                     finish_reason=err.code))  # fmt: skip
         return _error_response(err)
 
     @app.exception_handler(HTTPException)
