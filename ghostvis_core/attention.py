@@ -216,6 +216,26 @@ def attention(q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Tensor, 
     return _sdpa(q_BTHD, k_BTKD, v_BTKD, backend, is_causal=causal)
 
 
+@torch.library.custom_op("ghostvis::flash_attn_kvcache", mutates_args=("k_cache", "v_cache"))
+def _flash_attn_kvcache(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    cache_seqlens: torch.Tensor, cache_batch_idx: torch.Tensor | None,
+) -> torch.Tensor:  # fmt: skip
+    """flash_attn_with_kvcache as an op torch.compile can keep in its graph (declared as writing the caches in
+    place): without it the call is a graph break in every layer, and the compiled decode step falls apart
+    into per-layer pieces that recompile for each layer index."""
+    from flash_attn import flash_attn_with_kvcache
+
+    return flash_attn_with_kvcache(
+        q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx, causal=True
+    )
+
+
+@_flash_attn_kvcache.register_fake
+def _(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx):
+    return q.new_empty(q.shape)
+
+
 def attention_with_kvcache(
     q_BTHD: torch.Tensor,
     k_BTKD: torch.Tensor,
@@ -243,13 +263,10 @@ def attention_with_kvcache(
     if isinstance(cache_seqlens, int):
         cache_seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q_BTHD.device)
     if backend == "flash_attn":
-        from flash_attn import flash_attn_with_kvcache
-
         # Writes k/v into the cache in place at each row's length; causal aligns each row's new tokens last.
-        return flash_attn_with_kvcache(
-            q_BTHD, k_cache_BSKD, v_cache_BSKD, k=k_BTKD, v=v_BTKD, cache_seqlens=cache_seqlens,
-            cache_batch_idx=cache_batch_idx, causal=True,
-        )  # fmt: skip
+        return _flash_attn_kvcache(
+            q_BTHD, k_cache_BSKD, v_cache_BSKD, k_BTKD, v_BTKD, cache_seqlens, cache_batch_idx
+        )
     lens = cache_seqlens.to(torch.long)
     q_pos = lens[:, None] + torch.arange(T, device=q_BTHD.device)  # (B, T) slot of each new token
     if cache_batch_idx is None:

@@ -120,11 +120,13 @@ class Engine:
         self.cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
         self._batches: dict[tuple[int, int], _Batch] = {}
         # The plan decides (backends.inference_run_facts); dynamic=False: one specialisation per batch shape,
-        # which is what a captured graph needs anyway. Not fullgraph: flash-attn's kvcache call is a graph
-        # break (eager inside the same CUDA graph, writing the cache in place).
+        # which is what a captured graph needs anyway; fullgraph: a graph break would split the step per layer
+        # (flash-attn's kvcache call is a custom op for that reason, attention._flash_attn_kvcache).
         plan = getattr(model, "plan", None)
         compiled = plan is not None and plan.compiled
-        self._step_impl = torch.compile(self._decode_step, dynamic=False) if compiled else self._decode_step
+        self._step_impl = (
+            torch.compile(self._decode_step, dynamic=False, fullgraph=True) if compiled else self._decode_step
+        )
 
     @property
     def context_len(self) -> int:
