@@ -207,9 +207,11 @@ class Attention(nn.Module):
             y = attention(q, k, v, ctx)
         else:
             k_cache, v_cache = cache.layer(layer)
+            dt = k_cache.dtype  # no-op casts unless the activations' dtype is not the plan's (no autocast)
             y = attention_with_kvcache(
-                q, k, v, k_cache, v_cache, cache.cache_seqlens, cache.decode_backend, cache.batch_idx
-            )
+                q.to(dt), k.to(dt), v.to(dt), k_cache, v_cache, cache.cache_seqlens, cache.decode_backend,
+                cache.batch_idx,
+            ).to(x_BTC.dtype)
         return self.o_proj(y.reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -423,7 +425,9 @@ class GPT(nn.Module):
         self._check_device(device)
         c = self.config
         decode = self.plan.attention["decode"].backend
-        dtype = self.lm_head.weight.dtype
+        # The plan's compute dtype: the parameters' in inference, the autocast dtype in a training process
+        # (whose fp32 parameters make bf16 keys under autocast); the decode kernel was chosen for it.
+        dtype = getattr(torch, self.plan.dtype)
         return KVCache(c.n_layer, c.n_kv_head, c.head_dim, batch_size, max_len, device, decode, dtype)
 
     def forward_with_cache(
