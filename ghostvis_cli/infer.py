@@ -67,7 +67,8 @@ def infer(
         prompts = read_prompts(batch_file)  # before loading the model: a bad file fails fast
     resolve_backend(backend)
     sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=tuple(stop or ()))
-    loaded = load_for_inference(model or model_path, dtype=dtype)
+    # A one-shot prompt runs the decode step uncompiled: compiling takes longer than a short answer saves.
+    loaded = load_for_inference(model or model_path, dtype=dtype, compile=False if prompt is not None else None)
     console.print(f"model: {loaded.checkpoint} ({loaded.recipe})", highlight=False, markup=False, soft_wrap=True)
     if chat:
         from ghostvis_cli.infer_chat import chat_loop

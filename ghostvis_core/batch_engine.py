@@ -9,7 +9,19 @@ and replayed: at batch 1 the step is launch-bound in eager mode (about 200 kerne
 and a replay issues them with no Python in between. Sampling parameters live in per-row device tensors
 (sampling.RowSampling), so requests with different temperatures, top-k/top-p and seeds share one step.
 
-Prefill runs eagerly, one request at a time (prompt lengths differ).
+The host reads the sampled tokens every `sync_every` steps (one copy for the whole chunk, never a sync per
+step); a chunk is cut short so no row runs past its token budget, so only rows that stop early (EOS, a stop
+string) run a few wasted steps.
+
+When the plan is compiled (backends.inference_run_facts: the default on CUDA), the step is torch.compile'd
+before capture: inductor fuses each layer's norms, RoPE, residuals and sampling into a few kernels, and at
+batch 1 the kernel count (not the weights' bytes) is what bounds a replayed eager step.
+
+Prefill is batched: the requests admitted together (all rows free at the start, or several finishing in one
+chunk) are right-padded to one length and prefilled in one forward per group of at most `prefill_tokens`
+padded tokens, written straight into their rows (KVCache.rows). A padded row's slots past its prompt hold
+garbage that no query ever attends (every row attends only to its own length) and decode overwrites.
+Embedding prompts (VLM) are prefilled one by one.
 """
 
 from __future__ import annotations
@@ -66,8 +78,9 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer=None, *, stop_token_ids: Sequence[int] = (), cuda_graphs: bool | None = None,
-                 banned_token_ids: Sequence[int] = ()):  # fmt: skip
+                 prefill_tokens: int = 8192, banned_token_ids: Sequence[int] = ()):  # fmt: skip
         self.model = model
+        self.prefill_tokens = prefill_tokens
         self.tokenizer = tokenizer
         self.stop_token_ids = frozenset(stop_token_ids)
         self.device = model.lm_head.weight.device
@@ -77,6 +90,14 @@ class Engine:
         self.cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
         self._batches: dict[tuple[int, int], _Batch] = {}
         self._banned = torch.tensor(sorted(set(banned_token_ids)), dtype=torch.long, device=self.device)
+        # The plan decides (backends.inference_run_facts); dynamic=False: one specialisation per batch shape,
+        # which is what a captured graph needs anyway; fullgraph: a graph break would split the step per layer
+        # (flash-attn's kvcache call is a custom op for that reason, attention._flash_attn_kvcache).
+        plan = getattr(model, "plan", None)
+        compiled = plan is not None and plan.compiled
+        self._step_impl = (
+            torch.compile(self._decode_step, dynamic=False, fullgraph=True) if compiled else self._decode_step
+        )
 
     @property
     def context_len(self) -> int:
@@ -101,12 +122,12 @@ class Engine:
     def step_fn(self, batch: _Batch, mode: str) -> Callable[[], None]:
         """One decode step of `batch` in sampling mode `mode` (a CUDA-graph replay on CUDA)."""
         if not self.cuda_graphs:
-            return lambda: self._decode_step(batch, mode)
+            return lambda: self._step_impl(batch, mode)
         if mode not in batch.graphs:
             # Warm-up and capture run real steps: put each row's length and next token back afterwards (the
             # K/V they wrote sit past each row's length, where the row's next step writes before reading).
             saved = batch.tokens.clone(), batch.cache.cache_seqlens.clone()
-            batch.graphs[mode] = _DecodeGraph(lambda: self._decode_step(batch, mode))
+            batch.graphs[mode] = _DecodeGraph(lambda: self._step_impl(batch, mode))
             batch.tokens.copy_(saved[0])
             batch.cache.cache_seqlens.copy_(saved[1])
         return batch.graphs[mode].replay
@@ -130,6 +151,42 @@ class Engine:
             ids = torch.tensor([list(prompt)], dtype=torch.long, device=self.device)
             logits = self.model.forward_with_cache(ids, cache, last_only=True)
         return logits[:, -1]
+
+    def prefill_rows(self, batch: _Batch, rows_idx: list[int], prompts: list[Sequence[int]]) -> torch.Tensor:
+        """Prefill token prompts into rows rows_idx of batch at once (right-padded to the longest); sets those
+        rows' lengths; returns each prompt's last-position logits (n, V)."""
+        lens = [len(p) for p in prompts]
+        T = max(lens)
+        ids = torch.zeros(len(prompts), T, dtype=torch.long)
+        for j, p in enumerate(prompts):
+            ids[j, : lens[j]] = torch.as_tensor(list(p), dtype=torch.long)
+        idx = torch.tensor(rows_idx, dtype=torch.int32, device=self.device)
+        lens_t = torch.tensor(lens, dtype=torch.int32, device=self.device)
+        view = batch.cache.rows(idx)
+        logits = self.model.forward_with_cache(ids.to(self.device), view, last_index=lens_t - 1)[:, -1]
+        batch.cache.cache_seqlens[idx.long()] = lens_t
+        return logits
+
+    def _prefill_admitted(self, batch: _Batch, admitted: list[tuple[int, Prompt]]) -> torch.Tensor:
+        """Prefill every (row, prompt) admitted together; returns their first-token logits (n, V) in order."""
+        out: list[torch.Tensor | None] = [None] * len(admitted)
+        token_jobs = sorted(
+            (j for j, (_, p) in enumerate(admitted) if not isinstance(p, torch.Tensor)),
+            key=lambda j: len(admitted[j][1]),
+        )
+        group: list[int] = []
+        for j in token_jobs + [None]:  # groups of similar lengths, at most prefill_tokens padded tokens each
+            if group and (j is None or (len(group) + 1) * len(admitted[j][1]) > self.prefill_tokens):
+                logits = self.prefill_rows(batch, [admitted[g][0] for g in group], [admitted[g][1] for g in group])
+                for g, row_logits in zip(group, logits, strict=True):
+                    out[g] = row_logits
+                group = []
+            if j is not None:
+                group.append(j)
+        for j, (b, p) in enumerate(admitted):
+            if isinstance(p, torch.Tensor):
+                out[j] = self.prefill(batch.cache.row(b), p)[0]
+        return torch.stack(out)
 
     # -- the scheduler --------------------------------------------------------------------------------------
 

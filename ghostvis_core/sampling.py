@@ -149,8 +149,8 @@ class RowSampling:
         self.top_p[b] = sampling.top_p
         self.seeds[b] = sampling.seed
 
-    def rows(self, index: slice) -> RowSampling:
-        """A view of some rows (sharing storage)."""
+    def rows(self, index: slice | torch.Tensor) -> RowSampling:
+        """Some rows: a view for a slice, a copy for an index tensor."""
         return RowSampling(self.temperature[index], self.top_k[index], self.top_p[index], self.seeds[index])
 
 

@@ -183,9 +183,10 @@ class Scheduler:
                 self._queue = deque(q for q in self._queue if not q.cancelled)
             for q in gone:
                 self._drop(q)
-        for b in range(self.batch_size):
-            while self._rows[b] is None and self._queue:  # a request can end at its first token: admit the next
-                self._admit(b, self._queue.popleft())
+        free = [b for b, r in enumerate(self._rows) if r is None]
+        while free and self._queue:  # a request can end at its first token: admit again until full
+            self._admit([(b, self._queue.popleft()) for b in free[: len(self._queue)]])
+            free = [b for b, r in enumerate(self._rows) if r is None]
         busy = [(b, r) for b, r in enumerate(self._rows) if r is not None]
         if not busy:
             return
@@ -216,26 +217,37 @@ class Scheduler:
             request.on_finish(Completion(request.index, request.prompt_len, [], "" if self._text() else None,
                                          "cancelled", 0.0, 0.0, queued))  # fmt: skip
 
-    def _admit(self, b: int, request: Request) -> None:
-        if request.cancelled:
-            self._drop(request)
-            return
+    def _admit(self, admitted: list[tuple[int, Request]]) -> None:
+        """Prefill requests into free rows, together (Engine._prefill_admitted), and take their first tokens."""
         engine, batch = self.engine, self._batch
-        stream = TextStream(engine.tokenizer, request.sampling.stop) if self._text() else None
-        row = _Row(request, time.perf_counter(), stream, sampling_mode(request.sampling))
-        self._rows[b] = row
-        try:
-            batch.sampling.set_row(b, request.sampling, engine.model.config.vocab_size)
-            view = batch.cache.row(b)
-            prompt = request.prompt() if callable(request.prompt) else request.prompt
-            logits = engine.prefill(view, prompt)
-            first = engine.sample(logits, batch.sampling.rows(slice(b, b + 1)), view.cache_seqlens, row.mode)
-            batch.tokens[b : b + 1].copy_(first)
-            token = int(first.item())
-        except Exception as exc:
-            self._fail(b, exc)
+        for _, req in admitted:
+            if req.cancelled:
+                self._drop(req)  # its row stays free for the next one
+        admitted = [(b, req) for b, req in admitted if not req.cancelled]
+        if not admitted:
             return
-        self._accept(b, [token])
+        now = time.perf_counter()
+        for b, req in admitted:
+            stream = TextStream(engine.tokenizer, req.sampling.stop) if self._text() else None
+            self._rows[b] = _Row(req, now, stream, sampling_mode(req.sampling))
+        try:
+            vocab = engine.model.config.vocab_size
+            for b, req in admitted:
+                batch.sampling.set_row(b, req.sampling, vocab)
+            # An embedding factory (a VLM prompt) runs here, in this thread, on the model's device.
+            prompts = [(b, req.prompt() if callable(req.prompt) else req.prompt) for b, req in admitted]
+            logits = engine._prefill_admitted(batch, prompts)
+            idx = torch.tensor([b for b, _ in admitted], device=batch.tokens.device)
+            first = engine.sample(logits, batch.sampling.rows(idx), batch.cache.cache_seqlens[idx],
+                                  batch_mode(self._rows[b].mode for b, _ in admitted))  # fmt: skip
+            batch.tokens[idx] = first
+            tokens = first.tolist()  # one host read per admission
+        except Exception as exc:  # a failed prefill leaves these rows' caches unknown: fail their requests
+            for b, _ in admitted:
+                self._fail(b, exc)
+            return
+        for (b, _), token in zip(admitted, tokens, strict=True):
+            self._accept(b, [token])
 
     def _text(self) -> bool:
         return self.engine.tokenizer is not None
