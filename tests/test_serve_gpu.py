@@ -10,11 +10,11 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]  # fmt: skip
 
 
-def _run(engine, prompts, settings, budgets):
+def _run(engine, prompts, settings, budgets, rows: int = 2):
     from ghostvis_core.scheduler import Request, Scheduler
 
     done = {}
-    scheduler = Scheduler(engine, 2, 96, sync_every=4)  # 2 rows: later requests join busy batches
+    scheduler = Scheduler(engine, rows, 96, sync_every=4)  # few rows: later requests join busy batches
     for i, (p, s, n) in enumerate(zip(prompts, settings, budgets, strict=True)):
         scheduler.submit(Request(p, len(p), n, s, index=i, on_finish=lambda c: done.__setitem__(c.index, c)))
     scheduler.run_until_idle()
@@ -72,5 +72,5 @@ def test_the_scheduler_thread_runs_the_compiled_graphed_step_as_the_eager_engine
         assert all_done.wait(timeout=600)
     finally:
         scheduler.stop()
-    want = _run(Engine(slow.model, cuda_graphs=False), prompts, sampling, [32] * len(prompts))
+    want = _run(Engine(slow.model, cuda_graphs=False), prompts, sampling, [32] * len(prompts), rows=4)
     assert [done[i].token_ids for i in range(len(prompts))] == want
