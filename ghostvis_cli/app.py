@@ -6,7 +6,7 @@ import sys
 import typer
 from rich.console import Console
 
-from ghostvis_cli import bench, doctor, eval_cmd, infer, install, tokenizer_cmd, train
+from ghostvis_cli import bench, doctor, eval_cmd, export_cmd, infer, install, tokenizer_cmd, train
 from ghostvis_core import __version__
 from ghostvis_core.errors import GhostVisError
 
@@ -48,7 +48,7 @@ def _root(
         os.environ[DEBUG_ENV_VAR] = "1"
 
 
-for _module in (doctor, install, train, infer, eval_cmd, bench, tokenizer_cmd):
+for _module in (doctor, install, train, infer, export_cmd, eval_cmd, bench, tokenizer_cmd):
     _module.register(app)
 
 

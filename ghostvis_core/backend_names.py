@@ -29,9 +29,9 @@ NormBackend = Literal["triton", "apex", "torch"]
 SwigluBackend = Literal["triton", "torch"]
 OptimizerRequest = Literal["auto", "muon", "adamw", "apex_adam"]
 OptimizerBackend = Literal["muon", "adamw", "apex_adam"]
-# Only the native engine serves `ghostvis infer` today; vLLM is reported by the doctor as a package only.
-InferenceRequest = Literal["auto", "native"]
-InferenceBackend = Literal["native"]
+# `ghostvis infer/bench --backend`: the native engine or vLLM (backends.choose_inference decides auto).
+InferenceRequest = Literal["native", "vllm", "auto"]
+InferenceBackend = Literal["native", "vllm"]
 Dtype = Literal["bfloat16", "float16", "float32"]
 DeviceType = Literal["cuda", "cpu"]
 
