@@ -520,7 +520,8 @@ def choose_inference(request: str, env: EnvFacts, device_type: str, *, venv=None
     why = vllm_unavailable(env, device_type, venv)
     model_why = vllm_model_unavailable(*model, device_type) if model is not None and why is None else None
     if request == "vllm" and why is not None:
-        raise BackendUnavailableError(f"--backend vllm: {why.message}. Fix: {why.fix}")
+        fix = "" if why.fix in why.message else f". Fix: {why.fix}"
+        raise BackendUnavailableError(f"--backend vllm: {why.message}{fix}")
     if request == "vllm" and model_why is not None:
         raise BackendUnavailableError(f"--backend vllm: {model_why}; use --backend native")
     if why is None and model_why is None:
