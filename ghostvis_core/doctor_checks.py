@@ -276,7 +276,7 @@ def _vllm_check(env: EnvFacts, plan: BackendPlan, venv) -> Check:
         return Check("Backends", "vllm", "fail", f"vllm environment {venv.venv} is not usable", venv.error or "",
                      requirement="vllm")
     where = f"; looked in {venv.venv}" if venv is not None else ""
-    return Check("Backends", "vllm", "ok", f"vllm not installed (optional: `ghostvis infer --backend vllm`{where})",
+    return Check("Backends", "vllm", "ok", f"vllm not installed (optional, for `ghostvis infer --backend vllm`: `ghostvis install vllm`{where})",
                  "", requirement="vllm")
 
 

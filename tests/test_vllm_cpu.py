@@ -124,3 +124,16 @@ def test_infer_and_bench_backend_vllm_through_the_cli(installed, tmp_path, capsy
     r = json.loads(bench.stdout)
     assert r["backend"] == "vllm" and r["num_prompts"] == 8 and r["output_tokens"] == 8 * 16
     assert r["output_tokens_per_s"] > 0 and r["ttft_ms"] is None
+
+
+def test_inside_the_environment_auto_serves_with_vllm_in_process(installed, capsys):
+    home = Path(os.environ["GHOSTVIS_HOME"])
+    save_text_run("chat-z", seed=5)
+    args = ["infer", "--model", "chat-z", "--prompt", "what colour is the circle?", "--max-tokens", "12"]
+    code, native, err = run_cli(args, capsys)
+    assert code == 0, err
+    inside = _cli([*args, "--backend", "auto"], home, python=str(VENV / "bin" / "python"))
+    assert inside.returncode == 0, inside.stderr[-3000:]
+    assert "--backend auto: vLLM 0.32.0 (in this environment; auto: vLLM is usable" in inside.stderr
+    reply = lambda out: out.split("> what colour is the circle?\n", 1)[1]  # noqa: E731  (after the prompt line)
+    assert reply(inside.stdout) == reply(native)
