@@ -155,7 +155,7 @@ def _infer_vllm(path, prompt, prompts, output, resume, sampling, max_tokens, dty
         try:
             outs = engine.generate_ids([engine.encode(prompts[i]) for i in todo], sampling, max_tokens,
                                        seeds=[sampling.seed + i for i in todo])
-            for i, o in zip(todo, outs):
+            for i, o in zip(todo, outs, strict=True):
                 results.append({"index": i, "prompt": prompts[i], "text": engine.decode(o),
                                 "num_tokens": len(o["token_ids"]), "finish_reason": o["finish_reason"]})
         finally:

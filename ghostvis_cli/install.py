@@ -12,8 +12,8 @@ from rich.console import Console
 from rich.text import Text
 
 from ghostvis_core.env import probe_env
-from ghostvis_core.vllm_env import venv_child_env
 from ghostvis_core.install_plan import EXTRAS, VLLM_VENV, InstallPlan, plan_install, resolve_extra
+from ghostvis_core.vllm_env import venv_child_env
 
 # Runs in the target environment (a fresh process: imports cached in this one would lie).
 _PROBE_CODE = (

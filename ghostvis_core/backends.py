@@ -28,7 +28,12 @@ from ghostvis_core.backend_names import (
 )
 from ghostvis_core.env import EnvFacts
 from ghostvis_core.errors import BackendUnavailableError, ConfigError
-from ghostvis_core.hardware_limits import VLLM_CPU_HEAD_DIMS, Unavailable, gpu_unavailable, package_unavailable
+from ghostvis_core.hardware_limits import (
+    VLLM_CPU_HEAD_DIMS,
+    Unavailable,
+    gpu_unavailable,
+    package_unavailable,
+)
 from ghostvis_core.hardware_limits import arch_unavailable as _arch_unavailable
 from ghostvis_core.log import first_time, get_logger
 

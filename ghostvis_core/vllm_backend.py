@@ -72,13 +72,12 @@ def model_facts(folder: Path) -> tuple[str, int]:
 def inference_choice(request: str, model: str | os.PathLike | None):
     """backends.choose_inference with this machine's facts for `ghostvis infer/bench --backend`, logged with
     its reason; returns (Choice, the model path: an HF folder or a step_NNNNNN, None for native)."""
+    from ghostvis_core.backend_names import INFERENCE_REQUESTS
     from ghostvis_core.backends import choose_inference, default_device_type, vllm_unavailable
     from ghostvis_core.engine import resolve_step_dir
     from ghostvis_core.env import probe_env
     from ghostvis_core.export_checkpoint import is_hf_folder
     from ghostvis_core.vllm_env import probe_vllm_env
-
-    from ghostvis_core.backend_names import INFERENCE_REQUESTS
 
     if request not in INFERENCE_REQUESTS:  # before any probing
         raise ConfigError(f"--backend {request!r} is not one of {', '.join(INFERENCE_REQUESTS)}")

@@ -79,12 +79,12 @@ def generate(llm, request: dict[str, Any]) -> dict[str, Any]:
     if token_idx:
         outs = llm.generate([TokensPrompt(prompt_token_ids=list(prompts[i])) for i in token_idx],
                             [params[i] for i in token_idx], use_tqdm=False)
-        for i, out in zip(token_idx, outs):
+        for i, out in zip(token_idx, outs, strict=True):
             results[i] = out
     if chat_idx:
         outs = llm.chat([prompts[i]["messages"] for i in chat_idx], [params[i] for i in chat_idx],
                         use_tqdm=False, add_generation_prompt=True)
-        for i, out in zip(chat_idx, outs):
+        for i, out in zip(chat_idx, outs, strict=True):
             results[i] = out
     outputs = []
     for out in results:

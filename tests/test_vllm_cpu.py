@@ -94,7 +94,7 @@ def test_create_vllm_engine_gives_the_native_greedy_tokens(vllm_here):
         raw = engine.generate_ids(ids, SamplingParams(), 24)
         out = engine.generate(PROMPTS, max_tokens=24)
     assert [o["prompt_token_ids"] for o in raw] == ids  # token ids in: one BOS, the chat template's
-    same = sum(o["token_ids"] == c.token_ids for o, c in zip(out, native))
+    same = sum(o["token_ids"] == c.token_ids for o, c in zip(out, native, strict=True))
     print(f"vLLM vs native greedy tokens (float32): {same}/{len(PROMPTS)} identical")
     assert same == len(PROMPTS)
     assert [o["finish_reason"] for o in out] == [c.finish_reason for c in native]
