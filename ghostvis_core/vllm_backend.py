@@ -120,7 +120,7 @@ class _Worker:
         from ghostvis_core.paths import cache_dir
         from ghostvis_core.vllm_env import venv_child_env
 
-        self.log_path = cache_dir() / "vllm_worker.log"
+        self.log_path = cache_dir() / f"vllm_worker-{os.getpid()}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "w", encoding="utf-8")
         cmd = [python, "-m", "ghostvis_core.vllm_worker", "--model", str(folder),
@@ -157,6 +157,8 @@ class _Worker:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+        if self.proc.returncode == 0:  # a worker that failed keeps its log for the message that named it
+            self.log_path.unlink(missing_ok=True)
 
 
 class VLLMEngine:
@@ -239,11 +241,13 @@ class VLLMEngine:
                  "finish_reason": o["finish_reason"], "token_ids": o["token_ids"]} for o in outs]
 
     def decode(self, output: dict) -> str:
-        """An output's text: our tokenizer's decode (as the native engine's) for a GhostVis export."""
+        """An output's text: our tokenizer's decode (as the native engine's) for a GhostVis export, cut before
+        the stop string that ended it (the native engine's text never holds it either)."""
         if self.prompt_format is None:
             return output["text"]
         text = self.prompt_format.tokenizer.decode(output["token_ids"], skip_special=True)
-        return text
+        stop = output.get("stop_reason")
+        return text[: text.find(stop)] if stop and stop in text else text
 
     def close(self) -> None:
         """Stop the engine (the worker process, when there is one)."""

@@ -13,7 +13,8 @@ vllm_backend.py calls `generate` below directly. Either way the same function tu
 
 Requests: {"op": "generate", "prompts": [[ids...] | {"messages": [...]}, ...], "sampling": [{...}, ...]}: token
 ids go in as `TokensPrompt` (never a rendered string: the template and the tokenizer would both add BOS), chat
-messages through `llm.chat()`. Responses: {"outputs": [{"token_ids", "text", "finish_reason"}, ...]} or
+messages through `llm.chat()`. Responses: {"outputs": [{"token_ids", "text", "finish_reason", "stop_reason" (the
+stop string that ended it, else null)}, ...]} or
 {"error": "..."}. The protocol has its own file descriptor: whatever vLLM prints goes to stderr.
 """
 
@@ -90,7 +91,8 @@ def generate(llm, request: dict[str, Any]) -> dict[str, Any]:
     for out in results:
         best = out.outputs[0]
         outputs.append({"prompt_token_ids": list(out.prompt_token_ids or []), "token_ids": list(best.token_ids),
-                        "text": best.text, "finish_reason": best.finish_reason})
+                        "text": best.text, "finish_reason": best.finish_reason,
+                        "stop_reason": best.stop_reason if isinstance(best.stop_reason, str) else None})
     return {"outputs": outputs}
 
 

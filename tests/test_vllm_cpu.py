@@ -93,6 +93,12 @@ def test_create_vllm_engine_gives_the_native_greedy_tokens(vllm_here):
         assert engine.folder.parent == run / "hf_export" and engine.stop_token_ids == loaded.stop_token_ids
         raw = engine.generate_ids(ids, SamplingParams(), 24)
         out = engine.generate(PROMPTS, max_tokens=24)
+        # a stop string taken from the middle of a reply ends both engines' text at the same place
+        stop = next(c.text[len(c.text) // 2:][:2] for c in native if len(c.text.strip()) > 6)
+        stopped = engine.generate(PROMPTS, max_tokens=24, stop=[stop])
+    native_stopped = loaded.engine.generate_many(ids, SamplingParams(stop=(stop,)), 24, 4)
+    assert [o["generated_text"] for o in stopped] == [c.text for c in native_stopped]
+    assert any(o["finish_reason"] == "stop" for o in stopped) and all(stop not in o["generated_text"] for o in stopped)
     assert [o["prompt_token_ids"] for o in raw] == ids  # token ids in: one BOS, the chat template's
     same = sum(o["token_ids"] == c.token_ids for o, c in zip(out, native, strict=True))
     print(f"vLLM vs native greedy tokens (float32): {same}/{len(PROMPTS)} identical")
