@@ -108,7 +108,7 @@ def export_checkpoint(step_dir: Path, out_dir: Path, *, overwrite: bool = False)
 def cached_export(step_dir: Path) -> Path:
     """The HF export of checkpoint `step_dir` under RUN/hf_export/, written on first use and whenever the
     checkpoint's content changed (older exports of the same step are removed)."""
-    step_dir = Path(step_dir)
+    step_dir = Path(step_dir).resolve()
     key = export_key(step_dir)
     cache = step_dir.parent / CACHE_DIR_NAME
     folder = cache / f"{step_dir.name}-{key}"

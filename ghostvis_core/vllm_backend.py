@@ -41,7 +41,7 @@ def resolve_vllm_model(path: str | os.PathLike) -> tuple[Path, Path | None]:
 
     p = Path(path).expanduser()
     if is_hf_folder(p):
-        return p, None
+        return p.resolve(), None
     step_dir = resolve_checkpoint_spec(str(path), runs_dir(), "--model")
     return cached_export(step_dir), step_dir
 
@@ -125,8 +125,9 @@ class _Worker:
         self._log = open(self.log_path, "w", encoding="utf-8")
         cmd = [python, "-m", "ghostvis_core.vllm_worker", "--model", str(folder),
                "--engine-kwargs", json.dumps(engine_kwargs)]
+        # cwd: the environment's folder, not ours, where `-m` would import whatever checkout it found
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
-                                     text=True, env=venv_child_env())
+                                     text=True, env=venv_child_env(), cwd=Path(python).parent.parent)
         ready = self._read()
         if "error" in ready:
             self.close()

@@ -118,7 +118,8 @@ def _probe(venv: Path, source: str) -> VllmEnvStatus:
     status.found = True
     try:
         out = subprocess.run([status.python, "-m", "ghostvis_core.vllm_worker", "--probe"], capture_output=True,
-                             text=True, timeout=_PROBE_TIMEOUT_S, env=venv_child_env())
+                             text=True, timeout=_PROBE_TIMEOUT_S, env=venv_child_env(),
+                             cwd=venv)  # not the caller's folder: `-m` would import a checkout found there
     except subprocess.TimeoutExpired:
         status.error = f"probing vLLM in {venv} took over {_PROBE_TIMEOUT_S} s"
         return status
