@@ -31,16 +31,17 @@ def render(report: DoctorReport, console: Console) -> None:
             console.print(line, soft_wrap=True)
             if c.fix:
                 console.print(Text(f"       {' ' * width}  -> {c.fix}", style="dim"), soft_wrap=True)
-    _render_plan(console, f"Backend choices: training ({_run_line(report.plan)})", report.plan, training=True)
-    _render_plan(console, f"Backend choices: ghostvis infer ({_run_line(report.inference_plan)})",
+    _render_plan(console, f"Backend choices: training ({_run_line(report.plan, 'torch.compile per block')})",
+                 report.plan, training=True)
+    _render_plan(console, f"Backend choices: ghostvis infer ({_run_line(report.inference_plan, 'compiled decode step')})",
                  report.inference_plan, training=False)
     style = "bold red" if report.blocking else "bold green"
     console.print(Text(report.verdict, style=style), soft_wrap=True)
 
 
-def _run_line(plan) -> str:
+def _run_line(plan, compiled: str) -> str:
     f = plan.facts
-    return f"{f.device_type}, {f.dtype}, {'torch.compile per block' if f.compiled else 'eager'}"
+    return f"{f.device_type}, {f.dtype}, {compiled if f.compiled else 'eager'}"
 
 
 def _render_plan(console: Console, title: str, plan, *, training: bool) -> None:

@@ -79,7 +79,8 @@ def infer(
                                   "drop --backend vllm (or use --backend native)")
             _infer_vllm(path, prompt, prompts, output, resume, sampling, max_tokens, dtype, limit)
             return
-    loaded = load_for_inference(model or model_path, dtype=dtype)
+    # A one-shot prompt runs the decode step uncompiled: compiling takes longer than a short answer saves.
+    loaded = load_for_inference(model or model_path, dtype=dtype, compile=False if prompt is not None else None)
     console.print(f"model: {loaded.checkpoint} ({loaded.recipe})", highlight=False, markup=False, soft_wrap=True)
     if chat:
         from ghostvis_cli.infer_chat import chat_loop

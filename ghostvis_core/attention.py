@@ -216,6 +216,26 @@ def attention(q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Tensor, 
     return _sdpa(q_BTHD, k_BTKD, v_BTKD, backend, is_causal=causal)
 
 
+@torch.library.custom_op("ghostvis::flash_attn_kvcache", mutates_args=("k_cache", "v_cache"))
+def _flash_attn_kvcache(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    cache_seqlens: torch.Tensor, cache_batch_idx: torch.Tensor | None,
+) -> torch.Tensor:  # fmt: skip
+    """flash_attn_with_kvcache as an op torch.compile can keep in its graph (declared as writing the caches in
+    place): without it the call is a graph break in every layer, and the compiled decode step falls apart
+    into per-layer pieces that recompile for each layer index."""
+    from flash_attn import flash_attn_with_kvcache
+
+    return flash_attn_with_kvcache(
+        q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx, causal=True
+    )
+
+
+@_flash_attn_kvcache.register_fake
+def _(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx):
+    return q.new_empty(q.shape)
+
+
 def attention_with_kvcache(
     q_BTHD: torch.Tensor,
     k_BTKD: torch.Tensor,
@@ -224,8 +244,12 @@ def attention_with_kvcache(
     v_cache_BSKD: torch.Tensor,
     cache_seqlens: torch.Tensor | int,
     backend: str,
+    cache_batch_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Append k/v of each row b at its slots [len_b, len_b + T) and attend causally to slots [0, len_b + T).
+
+    cache_batch_idx: int32 (B,), the cache row of each query row (None: row b is cache row b); a batched
+    prefill into some rows of a running batch passes them.
 
     cache_seqlens: int32 (B,) per-row lengths on the device (an int means every row has that length). Shapes
     never depend on the lengths, so a decode step is capturable in a CUDA graph: flash_attn reads cache_seqlens
@@ -239,18 +263,21 @@ def attention_with_kvcache(
     if isinstance(cache_seqlens, int):
         cache_seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q_BTHD.device)
     if backend == "flash_attn":
-        from flash_attn import flash_attn_with_kvcache
-
         # Writes k/v into the cache in place at each row's length; causal aligns each row's new tokens last.
-        return flash_attn_with_kvcache(
-            q_BTHD, k_cache_BSKD, v_cache_BSKD, k=k_BTKD, v=v_BTKD, cache_seqlens=cache_seqlens, causal=True
+        return _flash_attn_kvcache(
+            q_BTHD, k_cache_BSKD, v_cache_BSKD, k_BTKD, v_BTKD, cache_seqlens, cache_batch_idx
         )
     lens = cache_seqlens.to(torch.long)
     q_pos = lens[:, None] + torch.arange(T, device=q_BTHD.device)  # (B, T) slot of each new token
-    rows = torch.arange(B, device=q_BTHD.device)[:, None].expand(B, T)
+    if cache_batch_idx is None:
+        rows = torch.arange(B, device=q_BTHD.device)[:, None].expand(B, T)
+    else:
+        rows = cache_batch_idx.to(torch.long)[:, None].expand(B, T)
     slots = q_pos.clamp(max=S - 1)
     k_cache_BSKD[rows, slots] = k_BTKD
     v_cache_BSKD[rows, slots] = v_BTKD
+    if cache_batch_idx is not None:  # attend to those rows only (a gather: prefill, not the decode loop)
+        k_cache_BSKD, v_cache_BSKD = k_cache_BSKD[rows[:, 0]], v_cache_BSKD[rows[:, 0]]
     H, D = q_BTHD.shape[2:]
     K = k_cache_BSKD.shape[2]
     G = H // K

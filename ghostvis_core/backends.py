@@ -121,9 +121,9 @@ class RunFacts:
         )
 
     @classmethod
-    def for_inference(cls, model_config, device_type: str, dtype: str) -> RunFacts:
-        """Facts of an inference run: eager, one process."""
-        return cls(device_type, dtype, **_model_requests(model_config))
+    def for_inference(cls, model_config, device_type: str, dtype: str, compiled: bool = False) -> RunFacts:
+        """Facts of an inference run, one process; compiled: the decode step runs under torch.compile."""
+        return cls(device_type, dtype, bool(compiled), **_model_requests(model_config))
 
 
 def _model_requests(config) -> dict:
@@ -172,10 +172,13 @@ def training_run_facts(
 
 
 def inference_run_facts(env: EnvFacts, model_config=None, *, device_type: str | None = None,
-                        dtype: str = "auto") -> RunFacts:
-    """Facts of `ghostvis infer`: eager, parameters in `dtype` (auto = bfloat16 on CUDA, float32 on CPU)."""
+                        dtype: str = "auto", compile: bool | None = None) -> RunFacts:
+    """Facts of an inference run: parameters in `dtype` (auto = bfloat16 on CUDA, float32 on CPU); compile
+    None = the decode step is compiled on CUDA (fused kernels inside its CUDA graph: at batch 1 a step is a
+    few hundred tiny kernels whose count, not the weights' bytes, bounds eager speed), eager on CPU."""
     device = device_type or default_device_type(env)
-    return RunFacts.for_inference(model_config, device, resolve_dtype(dtype, device))
+    compiled = compile if compile is not None else device == "cuda"
+    return RunFacts.for_inference(model_config, device, resolve_dtype(dtype, device), compiled)
 
 
 @dataclass(frozen=True)
@@ -598,7 +601,7 @@ def format_banner(plan: BackendPlan) -> str:
     lines.append(f"Optimizer: {plan.optimizer.label} ({plan.optimizer.reason})")
     lines.append(f"Inference: {plan.inference.label} ({plan.inference.reason})")
     f = plan.facts
-    compiled = "torch.compile per block" if f.compiled else "eager"
+    compiled = "torch.compile" if f.compiled else "eager"
     lines.append(f"Run: {f.device_type}, {f.dtype}, {compiled}, {f.world_size} process(es)")
     return "\n".join(lines)
 

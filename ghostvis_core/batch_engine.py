@@ -9,7 +9,17 @@ sampling) in a `torch.cuda.CUDAGraph` and replayed: at batch 1 the step is launc
 
 The host reads the sampled tokens every `sync_every` steps (one copy for the whole chunk, never a sync per
 step); a chunk is cut short so no row runs past its token budget, so only rows that stop early (EOS, a stop
-string) run a few wasted steps. Prefill runs eagerly, one request at a time (prompt lengths differ).
+string) run a few wasted steps.
+
+When the plan is compiled (backends.inference_run_facts: the default on CUDA), the step is torch.compile'd
+before capture: inductor fuses each layer's norms, RoPE, residuals and sampling into a few kernels, and at
+batch 1 the kernel count (not the weights' bytes) is what bounds a replayed eager step.
+
+Prefill is batched: the requests admitted together (all rows free at the start, or several finishing in one
+chunk) are right-padded to one length and prefilled in one forward per group of at most `prefill_tokens`
+padded tokens, written straight into their rows (KVCache.rows). A padded row's slots past its prompt hold
+garbage that no query ever attends (every row attends only to its own length) and decode overwrites.
+Embedding prompts (VLM) are prefilled one by one.
 
 Timing per request (Completion.ttft_s / latency_s) starts when the request enters a row.
 """
@@ -97,8 +107,10 @@ class Engine:
     when the model is on CUDA (eager on CPU); True on CPU is an error.
     """
 
-    def __init__(self, model, tokenizer=None, *, stop_token_ids: Sequence[int] = (), cuda_graphs: bool | None = None):
+    def __init__(self, model, tokenizer=None, *, stop_token_ids: Sequence[int] = (), cuda_graphs: bool | None = None,
+                 prefill_tokens: int = 8192):
         self.model = model
+        self.prefill_tokens = prefill_tokens
         self.tokenizer = tokenizer
         self.stop_token_ids = frozenset(stop_token_ids)
         self.device = model.lm_head.weight.device
@@ -107,6 +119,14 @@ class Engine:
             raise ConfigError(f"CUDA-graph decode needs the model on CUDA; it is on {self.device.type}")
         self.cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
         self._batches: dict[tuple[int, int], _Batch] = {}
+        # The plan decides (backends.inference_run_facts); dynamic=False: one specialisation per batch shape,
+        # which is what a captured graph needs anyway; fullgraph: a graph break would split the step per layer
+        # (flash-attn's kvcache call is a custom op for that reason, attention._flash_attn_kvcache).
+        plan = getattr(model, "plan", None)
+        compiled = plan is not None and plan.compiled
+        self._step_impl = (
+            torch.compile(self._decode_step, dynamic=False, fullgraph=True) if compiled else self._decode_step
+        )
 
     @property
     def context_len(self) -> int:
@@ -124,10 +144,10 @@ class Engine:
 
     def _step_fn(self, batch: _Batch, sampling: SamplingParams) -> Callable[[], None]:
         if not self.cuda_graphs:
-            return lambda: self._decode_step(batch, sampling)
+            return lambda: self._step_impl(batch, sampling)
         key = (sampling.temperature, sampling.top_k, sampling.top_p)
         if key not in batch.graphs:
-            batch.graphs[key] = _DecodeGraph(lambda: self._decode_step(batch, sampling))
+            batch.graphs[key] = _DecodeGraph(lambda: self._step_impl(batch, sampling))
             batch.cache.reset()
         return batch.graphs[key].replay
 
@@ -143,6 +163,42 @@ class Engine:
             ids = torch.tensor([list(prompt)], dtype=torch.long, device=self.device)
             logits = self.model.forward_with_cache(ids, cache, last_only=True)
         return logits[:, -1]
+
+    def prefill_rows(self, batch: _Batch, rows_idx: list[int], prompts: list[Sequence[int]]) -> torch.Tensor:
+        """Prefill token prompts into rows rows_idx of batch at once (right-padded to the longest); sets those
+        rows' lengths; returns each prompt's last-position logits (n, V)."""
+        lens = [len(p) for p in prompts]
+        T = max(lens)
+        ids = torch.zeros(len(prompts), T, dtype=torch.long)
+        for j, p in enumerate(prompts):
+            ids[j, : lens[j]] = torch.as_tensor(list(p), dtype=torch.long)
+        idx = torch.tensor(rows_idx, dtype=torch.int32, device=self.device)
+        lens_t = torch.tensor(lens, dtype=torch.int32, device=self.device)
+        view = batch.cache.rows(idx)
+        logits = self.model.forward_with_cache(ids.to(self.device), view, last_index=lens_t - 1)[:, -1]
+        batch.cache.cache_seqlens[idx.long()] = lens_t
+        return logits
+
+    def _prefill_admitted(self, batch: _Batch, admitted: list[tuple[int, Prompt]]) -> torch.Tensor:
+        """Prefill every (row, prompt) admitted together; returns their first-token logits (n, V) in order."""
+        out: list[torch.Tensor | None] = [None] * len(admitted)
+        token_jobs = sorted(
+            (j for j, (_, p) in enumerate(admitted) if not isinstance(p, torch.Tensor)),
+            key=lambda j: len(admitted[j][1]),
+        )
+        group: list[int] = []
+        for j in token_jobs + [None]:  # groups of similar lengths, at most prefill_tokens padded tokens each
+            if group and (j is None or (len(group) + 1) * len(admitted[j][1]) > self.prefill_tokens):
+                logits = self.prefill_rows(batch, [admitted[g][0] for g in group], [admitted[g][1] for g in group])
+                for g, row_logits in zip(group, logits, strict=True):
+                    out[g] = row_logits
+                group = []
+            if j is not None:
+                group.append(j)
+        for j, (b, p) in enumerate(admitted):
+            if isinstance(p, torch.Tensor):
+                out[j] = self.prefill(batch.cache.row(b), p)[0]
+        return torch.stack(out)
 
     # -- the scheduler --------------------------------------------------------------------------------------
 
@@ -258,17 +314,21 @@ class Engine:
                 finish(b)
 
         while queue or any(rows):
-            for b in range(B):
-                while rows[b] is None and queue:  # a request can end at its first token: admit the next one
-                    i = queue.popleft()
+            free = [b for b in range(B) if rows[b] is None]
+            while free and queue:  # a request can end at its first token: admit again until full
+                admitted = [(b, queue.popleft()) for b in free[: len(queue)]]
+                now = time.perf_counter()
+                for b, i in admitted:
                     stream = TextStream(self.tokenizer, sampling.stop) if use_text else None
-                    rows[b] = _Row(i, lengths[i], budgets[i], time.perf_counter(), stream)
+                    rows[b] = _Row(i, lengths[i], budgets[i], now, stream)
                     batch.seeds[b] = seeds[i]
-                    view = batch.cache.row(b)
-                    logits = self.prefill(view, prompts[i])
-                    first = sample_next(logits, sampling, batch.seeds[b : b + 1], view.cache_seqlens)
-                    batch.tokens[b : b + 1].copy_(first)
-                    accept(b, [int(first.item())])
+                logits = self._prefill_admitted(batch, [(b, prompts[i]) for b, i in admitted])
+                idx = torch.tensor([b for b, _ in admitted], device=self.device)
+                first = sample_next(logits, sampling, batch.seeds[idx], batch.cache.cache_seqlens[idx])
+                batch.tokens[idx] = first
+                for (b, _), tok in zip(admitted, first.tolist(), strict=True):  # one host read per admission
+                    accept(b, [tok])
+                free = [b for b in range(B) if rows[b] is None]
             active = [r for r in rows if r is not None]
             if not active:
                 continue

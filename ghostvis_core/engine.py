@@ -138,12 +138,15 @@ def latest_run(root: Path) -> Path:
     return max(candidates)[-1]
 
 
-def inference_plan(config, device_type: str | None = None, dtype: str = "auto") -> BackendPlan:
-    """The plan of an inference run of `config` on this machine (dtype auto: bf16 on CUDA, fp32 on CPU)."""
+def inference_plan(config, device_type: str | None = None, dtype: str = "auto",
+                   compile: bool | None = None) -> BackendPlan:
+    """The plan of an inference run of `config` on this machine (dtype auto: bf16 on CUDA, fp32 on CPU;
+    compile None: the decode step is compiled on CUDA, see backends.inference_run_facts)."""
     if dtype != "auto" and dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
     env = probe_env()
-    plan = plan_run(env, inference_run_facts(env, config, device_type=device_type, dtype=dtype))
+    facts = inference_run_facts(env, config, device_type=device_type, dtype=dtype, compile=compile)
+    plan = plan_run(env, facts)
     if plan.device_type == "cuda" and plan.dtype == "float32":
         get_logger().info(
             "inference in float32 on CUDA: slower than bfloat16 (no flash kernels run in fp32; attention "
@@ -171,10 +174,13 @@ def resolve_step_dir(spec: str | None) -> Path:
     return resolve_checkpoint_spec(str(latest_run(root)), root, "latest run")
 
 
-def load_for_inference(spec: str | None = None, device: str | None = None, dtype: str = "auto") -> LoadedModel:
+def load_for_inference(spec: str | None = None, device: str | None = None, dtype: str = "auto",
+                       compile: bool | None = None) -> LoadedModel:
     """Load a run name, run folder or step_NNNNNN folder (None: the newest run) for generation.
 
     dtype: auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16 or float32; the parameters are cast to it.
+    compile: whether the decode step is compiled (None: on CUDA; a one-shot prompt passes False, since
+    compiling takes longer than a short answer).
     """
     from ghostvis_core.checkpoint import TrainState
     from ghostvis_core.models import from_checkpoint, model_config_from_dict
@@ -186,7 +192,7 @@ def load_for_inference(spec: str | None = None, device: str | None = None, dtype
         raise CheckpointError(f"{run_dir} has no tokenizer/tokenizer.json: it is not a complete GhostVis run folder")
     state = TrainState.read(step_dir)
     config = model_config_from_dict(state.model_kind, state.require_model_config(state.model_kind, step_dir))
-    plan = inference_plan(text_config(config), device, dtype)
+    plan = inference_plan(text_config(config), device, dtype, compile)
     log_plan(plan)
     model = cast_parameters_(from_checkpoint(step_dir, plan, state), plan.dtype)
     return LoadedModel(model, Tokenizer.load(tokenizer_dir), step_dir, state.recipe or "unknown", state.data_format,

@@ -207,7 +207,11 @@ class Attention(nn.Module):
             y = attention(q, k, v, ctx)
         else:
             k_cache, v_cache = cache.layer(layer)
-            y = attention_with_kvcache(q, k, v, k_cache, v_cache, cache.cache_seqlens, cache.decode_backend)
+            dt = k_cache.dtype  # no-op casts unless the activations' dtype is not the plan's (no autocast)
+            y = attention_with_kvcache(
+                q.to(dt), k.to(dt), v.to(dt), k_cache, v_cache, cache.cache_seqlens, cache.decode_backend,
+                cache.batch_idx,
+            ).to(x_BTC.dtype)
         return self.o_proj(y.reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -421,7 +425,9 @@ class GPT(nn.Module):
         self._check_device(device)
         c = self.config
         decode = self.plan.attention["decode"].backend
-        dtype = self.lm_head.weight.dtype
+        # The plan's compute dtype: the parameters' in inference, the autocast dtype in a training process
+        # (whose fp32 parameters make bf16 keys under autocast); the decode kernel was chosen for it.
+        dtype = getattr(torch, self.plan.dtype)
         return KVCache(c.n_layer, c.n_kv_head, c.head_dim, batch_size, max_len, device, decode, dtype)
 
     def forward_with_cache(
@@ -431,6 +437,7 @@ class GPT(nn.Module):
         *,
         inputs_embeds: torch.Tensor | None = None,
         last_only: bool = False,
+        last_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, V) fp32 of T new tokens per row, attending to the cache; appends their K/V and advances
         each row's length by T.
@@ -439,7 +446,8 @@ class GPT(nn.Module):
         token embedding (a VLM prefill with image features spliced in). No host sync and no shape that depends
         on the lengths, so a one-token step is CUDA-graph capturable; the caller keeps lengths within max_len
         (the engine's scheduler does). last_only: logits (B, 1, V) of the last token only (a prefill needs no
-        more, and a 2k-token prompt's full fp32 logits would be 0.5 GB at V = 65536).
+        more, and a 2k-token prompt's full fp32 logits would be 0.5 GB at V = 65536). last_index (B,): logits
+        (B, 1, V) at position last_index[b] of row b instead (prompts right-padded to one length).
         """
         x = self.model.embed_tokens(input_ids_BT) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
@@ -449,7 +457,9 @@ class GPT(nn.Module):
         for i, block in enumerate(self.model.layers):
             x = block(x, cos, sin, None, cache, i)
         cache.cache_seqlens += T
-        if last_only:
+        if last_index is not None:
+            x = x[torch.arange(B, device=x.device), last_index.to(torch.long)][:, None]
+        elif last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x)).float()
 

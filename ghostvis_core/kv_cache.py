@@ -34,6 +34,9 @@ class KVCache:
     k: torch.Tensor = field(default=None, repr=False)  # type: ignore[assignment]
     v: torch.Tensor = field(default=None, repr=False)  # type: ignore[assignment]
     cache_seqlens: torch.Tensor = field(default=None, repr=False)  # type: ignore[assignment]
+    batch_idx: torch.Tensor | None = field(default=None, repr=False)
+    """int32 (n,): the rows of k/v this view writes and reads (a batched prefill into some rows of a running
+    batch, see `rows`); None: rows 0..batch_size-1."""
 
     def __post_init__(self) -> None:
         shape = (self.n_layer, self.batch_size, self.max_len, self.n_kv_head, self.head_dim)
@@ -57,6 +60,17 @@ class KVCache:
         return KVCache(
             self.n_layer, self.n_kv_head, self.head_dim, 1, self.max_len, self.device, self.decode_backend,
             self.dtype, self.k[:, b : b + 1], self.v[:, b : b + 1], self.cache_seqlens[b : b + 1],
+        )  # fmt: skip
+
+    def rows(self, idx: torch.Tensor) -> KVCache:
+        """A view of rows idx (int32 (n,), on the device) with lengths of its own, all 0: a prefill of n prompts
+        into those rows at once. The caller sets the batch's lengths of those rows afterwards (the prompts'
+        true lengths when they were padded to one length; slots past a row's length are never attended)."""
+        n = int(idx.numel())
+        lens = torch.zeros(n, dtype=torch.int32, device=self.device)
+        return KVCache(
+            self.n_layer, self.n_kv_head, self.head_dim, n, self.max_len, self.device, self.decode_backend,
+            self.dtype, self.k, self.v, lens, idx,
         )  # fmt: skip
 
     def reset(self) -> None:

@@ -6,12 +6,10 @@ visibly falling loss; under `torchrun --nproc_per_node=N -m recipes.base_train` 
 
 from __future__ import annotations
 
-import sys
-
 from ghostvis_core.config import OptimizerConfig
 from ghostvis_core.train.config import TrainConfig
 from ghostvis_core.train.recipe_spec import RecipeSpec
-from recipes._main import default_config_for, recipe_main
+from recipes._main import default_config_for, exit_process, recipe_main
 
 SPEC = RecipeSpec(name="base_train", data_format="text", model_kind="gpt")
 
@@ -27,4 +25,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

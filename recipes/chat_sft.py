@@ -8,12 +8,10 @@ questions by default, or LLaVA-style data=FILE), the LLM unfrozen.
 
 from __future__ import annotations
 
-import sys
-
 from ghostvis_core.config import OptimizerConfig
 from ghostvis_core.train.config import TrainConfig
 from ghostvis_core.train.recipe_spec import RecipeSpec
-from recipes._main import default_config_for, recipe_main
+from recipes._main import default_config_for, exit_process, recipe_main
 
 # Started from a VLM (init_from=<a vision_pretrain run>), chat_sft trains that VLM on image chats: the data
 # format follows the start checkpoint's model kind (RecipeSpec.vlm_variant). The tower stays frozen, the
@@ -35,4 +33,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

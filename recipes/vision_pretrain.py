@@ -12,12 +12,10 @@ teach it little language). The tower is the vision=PRESET preset (tiny by defaul
 
 from __future__ import annotations
 
-import sys
-
 from ghostvis_core.config import OptimizerConfig
 from ghostvis_core.train.config import TrainConfig
 from ghostvis_core.train.recipe_spec import RecipeSpec
-from recipes._main import default_config_for, recipe_main
+from recipes._main import default_config_for, exit_process, recipe_main
 
 SPEC = RecipeSpec(name="vision_pretrain", data_format="image-chat", model_kind="vlm", starts_from="base_train",
                   init_from_allowed=True, scratch_allowed=True, freeze="vision,llm", image_builtin="shapes-caption")
@@ -34,4 +32,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

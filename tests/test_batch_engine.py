@@ -141,3 +141,30 @@ def test_text_stream_holds_back_a_possible_stop_prefix(tokenizer):
     stream = TextStream(tokenizer, stop=("ball",))
     shown = "".join(stream.push([t]) for t in ids)
     assert stream.stopped and stream.text == shown == tokenizer.decode(ids).split("ball")[0]
+
+
+def test_padded_group_prefill_into_busy_rows_equals_single_prefills(model):
+    """prefill_rows: prompts of lengths 3, 9 and 5 right-padded into rows 3, 0 and 2 of a batch whose row 1
+    is mid-request give each prompt's own last logits and cached keys (fp32, 1e-5) and leave row 1's cache and length alone."""
+    from ghostvis_core.batch_engine import _Batch
+
+    engine = Engine(model)
+    prompts = _prompts(8, seed=3)
+    group = [p[:n] + [1] * max(0, n - len(p)) for p, n in zip(prompts[:3], (3, 9, 5), strict=True)]
+    batch = _Batch(model, 4, 32)
+    with torch.no_grad():
+        busy = engine.prefill(batch.cache.row(1), prompts[5])
+        k1 = batch.cache.k[:, 1].clone()
+        got = engine.prefill_rows(batch, [3, 0, 2], group)
+        for row, p, logits in zip([3, 0, 2], group, got, strict=True):
+            alone = _Batch(model, 1, 32)
+            want = engine.prefill(alone.cache, p)[0]
+            diff = (logits - want).abs().max().item()
+            print(f"row {row} len {len(p)}: max |diff| {diff:.2e}")
+            assert diff < 1e-5
+            n = len(p)
+            kdiff = (batch.cache.k[:, row, :n] - alone.cache.k[:, 0, :n]).abs().max().item()
+            assert kdiff < 1e-5, f"row {row} cached keys differ by {kdiff:.2e}"
+    assert batch.cache.cache_seqlens.tolist() == [9, len(prompts[5]), 5, 3]
+    assert torch.equal(batch.cache.k[:, 1], k1)
+    assert busy.shape == got[:1].shape

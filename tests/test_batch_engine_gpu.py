@@ -17,14 +17,21 @@ pytestmark = [pytest.mark.gpu,
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _prompts():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 4096, (n,), generator=g).tolist() for n in (5, 17, 9, 30, 12, 3)]
+
+
 def test_cuda_graph_decode_equals_eager_greedy():
+    """bf16, the compiled step (the CUDA default): replayed in a CUDA graph, it gives the tokens it gives run
+    step by step, greedy and sampled."""
     from ghostvis_core.batch_engine import Engine
     from ghostvis_core.bench.infer_bench import random_model
     from ghostvis_core.sampling import SamplingParams
 
     loaded = random_model("tiny", "cuda", "bfloat16")
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 4096, (n,), generator=g).tolist() for n in (5, 17, 9, 30, 12, 3)]
+    assert loaded.plan.compiled
+    prompts = _prompts()
     for sampling in (SamplingParams(), SamplingParams(temperature=0.8, top_k=50, top_p=0.9, seed=1)):
         graphed_engine = Engine(loaded.model)
         assert graphed_engine.cuda_graphs
@@ -32,6 +39,23 @@ def test_cuda_graph_decode_equals_eager_greedy():
         eager = Engine(loaded.model, cuda_graphs=False).generate_many(prompts, sampling, 40, batch_size=4)
         assert [c.token_ids for c in graphed] == [c.token_ids for c in eager]
         assert all(len(c.token_ids) == 40 for c in graphed)
+
+
+def test_compiled_graph_decode_equals_uncompiled_eager_in_fp32():
+    """fp32 (where fusion's rounding cannot flip a greedy pick on random weights): the compiled step under a
+    CUDA graph against the uncompiled step run eagerly, same weights, mixed prompt lengths, batch 4 of 6."""
+    from ghostvis_core.batch_engine import Engine
+    from ghostvis_core.bench.infer_bench import random_model
+    from ghostvis_core.sampling import SamplingParams
+
+    fast = random_model("tiny", "cuda", "float32")
+    slow = random_model("tiny", "cuda", "float32", compile=False)
+    assert fast.plan.compiled and not slow.plan.compiled
+    slow.model.load_state_dict(fast.model.state_dict())
+    prompts = _prompts()
+    got = Engine(fast.model).generate_many(prompts, SamplingParams(), 40, batch_size=4)
+    want = Engine(slow.model, cuda_graphs=False).generate_many(prompts, SamplingParams(), 40, batch_size=4)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
 
 
 def test_bench_runs_on_cuda_with_bandwidth_and_hf_ratio():

@@ -200,6 +200,29 @@ def test_kv_cache_chunked_prefill_matches_full_forward():
     assert cache.pos == 15
 
 
+def test_kv_cache_of_a_bf16_training_model_under_autocast_and_without():
+    """A training process's model (fp32 parameters, a bf16 plan) decodes with a bf16 cache: under autocast
+    (bf16 keys) and without it (fp32 activations cast at the cache, the output cast back)."""
+    cfg = tiny_config()
+    model = GPT(cfg, cpu_plan(cfg, dtype="bfloat16")).eval()
+    ids = torch.randint(0, V, (2, 15), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            full = model(ids)
+            cache = model.new_kv_cache(2, 20)
+            steps = [model.forward_with_cache(ids[:, :9], cache)]
+            steps += [model.forward_with_cache(ids[:, i : i + 1], cache) for i in range(9, 15)]
+            out = model.generate(ids[:, :4], 6)
+        assert cache.k.dtype == torch.bfloat16 and out.shape == (2, 10)
+        diff = (torch.cat(steps, 1) - full).abs().max().item()
+        print(f"autocast bf16: cached vs full max |diff| {diff:.2e}")
+        assert diff < 5e-2
+        plain = model.new_kv_cache(2, 20)
+        y = model.forward_with_cache(ids, plain)
+    assert y.dtype == torch.float32 and plain.k.dtype == torch.bfloat16
+    assert (y - model(ids)).abs().max().item() < 5e-2
+
+
 def test_sampling_top_k_stays_in_top_k():
     logits = torch.tensor([[0.0, 5.0, 4.0, -1.0]]).repeat(200, 1)
     g = torch.Generator().manual_seed(0)

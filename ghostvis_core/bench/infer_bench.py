@@ -15,14 +15,15 @@ from ghostvis_core.errors import ConfigError, GhostVisError
 from ghostvis_core.log import get_logger
 
 
-def random_model(preset: str, device: str | None, dtype: str):
-    """A preset's GPT with random weights (every matrix N(0, 0.02): realistic activations, no zero blocks)."""
+def random_model(preset: str, device: str | None, dtype: str, compile: bool | None = None):
+    """A preset's GPT with random weights (every matrix N(0, 0.02): realistic activations, no zero blocks);
+    compile: whether the decode step is compiled (None: the plan's default, on for CUDA)."""
     from ghostvis_core.engine import LoadedModel, cast_parameters_, inference_plan
     from ghostvis_core.gpt import GPT
     from ghostvis_core.model_configs import get_preset
 
     config = get_preset(preset)
-    plan = inference_plan(config, device, dtype)
+    plan = inference_plan(config, device, dtype, compile)
     torch.manual_seed(0)
     with torch.device(plan.device_type):
         model = GPT(config, plan)
@@ -178,6 +179,7 @@ def run_infer_bench(
         "backend": backend, "model": str(loaded.checkpoint or loaded.recipe), "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "dtype": str(m.lm_head.weight.dtype).removeprefix("torch."), "cuda_graphs": engine.cuda_graphs,
+        "compiled": bool(loaded.plan is not None and loaded.plan.compiled),
         "num_prompts": num_prompts, "input_len": input_len, "output_len": output_len, "batch_size": batch_size,
         **summarize(done, elapsed, input_len), "batch1": None, "compare": None,
     }  # fmt: skip
@@ -230,9 +232,14 @@ def run_vllm_bench(path, num_prompts: int, input_len: int, output_len: int, *, d
     }  # fmt: skip
 
 
+def _step_kind(r: dict) -> str:
+    step = "compiled" if r.get("compiled") else "eager"
+    return f"CUDA graphs of the {step} decode step" if r["cuda_graphs"] else f"{step} decode step"
+
+
 def format_infer_bench(r: dict) -> str:
     """The seed's result block plus the per-request and bandwidth figures."""
-    engine = "vLLM" if r["backend"] == "vllm" else "CUDA graphs" if r["cuda_graphs"] else "eager"
+    engine = "vLLM" if r["backend"] == "vllm" else _step_kind(r)
     batch = f", batch {r['batch_size']}" if r["batch_size"] else " (vLLM schedules the batch)"
     lines = [
         "=== Benchmark Results ===",
