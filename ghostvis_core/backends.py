@@ -18,10 +18,12 @@ from dataclasses import dataclass
 
 from ghostvis_core.attention_preferences import CASES_SUPPORTED, PREFERENCES
 from ghostvis_core.backend_names import (
+    ACTIVATION_CHECKPOINTING,
     ATTENTION_CASES,
     ATTN_REQUEST_TO_BACKEND,
     ATTN_REQUESTS,
     DTYPES,
+    FP8_REQUESTS,
     INFERENCE_REQUESTS,
     NORM_REQUESTS,
     OPTIMIZER_REQUESTS,
@@ -30,6 +32,7 @@ from ghostvis_core.env import EnvFacts
 from ghostvis_core.errors import BackendUnavailableError, ConfigError
 from ghostvis_core.hardware_limits import Unavailable, gpu_unavailable, package_unavailable
 from ghostvis_core.hardware_limits import arch_unavailable as _arch_unavailable
+from ghostvis_core.hardware_limits import sm_name
 from ghostvis_core.log import first_time, get_logger
 
 __all__ = [
@@ -87,6 +90,12 @@ class RunFacts:
     """GPTConfig.use_fused_kernels: False keeps auto RMSNorm/SwiGLU in PyTorch."""
     head_dim: int = 128
     """Attention head dim (kernels have head-dim limits)."""
+    fp8: str = "none"
+    """fp8 training request (backend_names.Fp8Request): none, tensorwise or rowwise."""
+    activation_checkpointing: str = "none"
+    """Block recomputation request (backend_names.ActivationCheckpointing): none, full or selective."""
+    fsdp: bool = False
+    """Parameters are sharded with FSDP2 (fp8 then all-gathers the weights in float8 where the recipe allows)."""
 
     def __post_init__(self):
         if self.attn not in ATTN_REQUESTS:
@@ -103,14 +112,21 @@ class RunFacts:
             raise ConfigError(f"dtype={self.dtype!r} is not one of {list(DTYPES)}")
         if self.world_size < 1:
             raise ConfigError(f"world_size must be >= 1, got {self.world_size}")
+        if self.fp8 not in FP8_REQUESTS:
+            raise ConfigError(f"fp8={self.fp8!r} is not one of {list(FP8_REQUESTS)}")
+        if self.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+            raise ConfigError(f"activation_checkpointing={self.activation_checkpointing!r} is not one of "
+                              f"{list(ACTIVATION_CHECKPOINTING)}")
 
     @classmethod
     def for_training(
-        cls, model_config, optimizer_backend: str, device_type: str, dtype: str, compiled: bool, world_size: int
+        cls, model_config, optimizer_backend: str, device_type: str, dtype: str, compiled: bool, world_size: int,
+        *, fp8: str = "none", activation_checkpointing: str = "none", fsdp: bool = False,
     ) -> RunFacts:
         """Facts of a training run (model_config None: a default GPTConfig's requests)."""
         return cls(
             device_type, dtype, bool(compiled), int(world_size), optimizer=optimizer_backend,
+            fp8=fp8, activation_checkpointing=activation_checkpointing, fsdp=bool(fsdp),
             **_model_requests(model_config),
         )
 
@@ -155,6 +171,9 @@ def training_run_facts(
     dtype: str = "auto",
     optimizer: str = "auto",
     world_size: int = 1,
+    fp8: str = "none",
+    activation_checkpointing: str = "none",
+    fsdp: bool = False,
 ) -> RunFacts:
     """The one translation of a training run's settings into facts (the trainer and `ghostvis doctor` use it).
 
@@ -162,7 +181,8 @@ def training_run_facts(
     """
     device = device_type or default_device_type(env)
     compiled = compile if compile is not None else device == "cuda"
-    return RunFacts.for_training(model_config, optimizer, device, resolve_dtype(dtype, device), compiled, world_size)
+    return RunFacts.for_training(model_config, optimizer, device, resolve_dtype(dtype, device), compiled, world_size,
+                                 fp8=fp8, activation_checkpointing=activation_checkpointing, fsdp=fsdp)
 
 
 def inference_run_facts(env: EnvFacts, model_config=None, *, device_type: str | None = None,
@@ -183,6 +203,16 @@ class BackendPlan:
     swiglu: Choice
     optimizer: Choice
     inference: Choice
+    fp8: Choice = None  # type: ignore[assignment]  # plan_run always sets it; None only in hand-built plans
+    """Whether the block linears train in float8: backend none | tensorwise | rowwise."""
+    activation_checkpointing: Choice = None  # type: ignore[assignment]
+    """Which blocks recompute their activations in backward: backend none | full | selective."""
+
+    def __post_init__(self):
+        if self.fp8 is None:
+            object.__setattr__(self, "fp8", Choice("none", "off", "not requested"))
+        if self.activation_checkpointing is None:
+            object.__setattr__(self, "activation_checkpointing", Choice("none", "off", "not requested"))
 
     @property
     def device_type(self) -> str:
@@ -473,6 +503,68 @@ def _choose_optimizer(ctx: _Context, request: str) -> Choice:
     return Choice("adamw", adamw, f"this torch ({ctx.env.torch_version}) has no torch.optim.Muon")
 
 
+# ---------------------------------------------------------------------------------------------------------
+# fp8 training, activation checkpointing
+
+FP8_MIN_CC = {"tensorwise": (8, 9), "rowwise": (9, 0)}
+"""float8 tensor cores start at Ada (sm89); the row-wise scaled GEMM (CUTLASS) is built for Hopper (sm90) on."""
+FP8_LAYERS = ("the decoder blocks' attention projections and MLP linears with both dims divisible by 16; "
+              "embedding, lm_head, norms and small layers stay in the compute dtype")
+
+
+def fp8_unavailable(env: EnvFacts, facts: RunFacts) -> str | None:
+    """Why the requested fp8 recipe cannot train here (None if it can)."""
+    recipe = facts.fp8
+    if facts.device_type != "cuda":
+        return "fp8 training needs a CUDA GPU with float8 tensor cores (sm89+); this run is on the CPU"
+    cc = env.capability
+    if cc is None or cc < FP8_MIN_CC[recipe]:
+        need = "sm89 (Ada) or newer" if recipe == "tensorwise" else "sm90 (Hopper) or newer"
+        return f"fp8 {recipe} needs a GPU of {need}; this is {sm_name(cc)}"
+    if facts.dtype != "bfloat16":
+        return f"fp8 training runs under bf16 autocast, not {facts.dtype} (use dtype=bfloat16 or auto)"
+    why = package_unavailable(env, "torchao", "torchao")
+    if why is not None:
+        return f"fp8 training uses torchao's float8 linears: {why.message}"
+    return None
+
+
+def _choose_fp8(env: EnvFacts, facts: RunFacts) -> Choice:
+    if facts.fp8 == "none":
+        return Choice("none", "off", "not requested (--fp8 tensorwise|rowwise turns it on)")
+    why = fp8_unavailable(env, facts)
+    if why is not None:
+        raise BackendUnavailableError(
+            f"fp8={facts.fp8} was requested but cannot run here: {why}. Fix: train on an H100/H200 (or an sm89+ "
+            "GPU for tensorwise) with torchao installed (pip install torchao==0.18.0), or drop --fp8"
+        )
+    version = env.package("torchao").version or ""
+    label = f"torchao {version} float8 {facts.fp8}".replace("  ", " ")
+    reason = "requested; " + FP8_LAYERS
+    if facts.fsdp:
+        reason += ("; FSDP2 all-gathers the weights in float8" if facts.fp8 == "tensorwise"
+                   else "; FSDP2 all-gathers bf16 weights (float8 all-gather is tensorwise only)")
+    if not facts.compiled:
+        reason += "; eager: the scaling casts are not fused (compile for speed)"
+    return Choice(facts.fp8, label, reason)
+
+
+ACTIVATION_CHECKPOINTING_REASONS = {
+    "none": "every block keeps its activations for backward",
+    "full": "every block recomputes its forward in backward (torch.utils.checkpoint): block activations are "
+            "not kept, at about one more forward of the blocks",
+    "selective": "every other block recomputes its forward in backward: half the block activations for half "
+                 "the recompute of full",
+}
+
+
+def _choose_activation_checkpointing(facts: RunFacts) -> Choice:
+    mode = facts.activation_checkpointing
+    label = {"none": "off", "full": "every block", "selective": "every other block"}[mode]
+    reason = ACTIVATION_CHECKPOINTING_REASONS[mode] + ("" if mode == "none" else "; requested")
+    return Choice(mode, label, reason)
+
+
 def vllm_unavailable(env: EnvFacts, device_type: str) -> Unavailable | None:
     """Why vLLM could not run here, None if it could (the doctor reports it; no code path serves with it yet)."""
     if env.os_name != "Linux":
@@ -515,6 +607,8 @@ def plan_run(env: EnvFacts, facts: RunFacts) -> BackendPlan:
         swiglu=swiglu,
         optimizer=_choose_optimizer(ctx, facts.optimizer),
         inference=_choose_inference(ctx, facts.inference),
+        fp8=_choose_fp8(env, facts),
+        activation_checkpointing=_choose_activation_checkpointing(facts),
     )
 
 
@@ -542,6 +636,11 @@ def format_banner(plan: BackendPlan) -> str:
         )
     lines.append(f"Optimizer: {plan.optimizer.label} ({plan.optimizer.reason})")
     lines.append(f"Inference: {plan.inference.label} ({plan.inference.reason})")
+    if plan.fp8.backend != "none":
+        lines.append(f"fp8: {plan.fp8.label} ({plan.fp8.reason})")
+    if plan.activation_checkpointing.backend != "none":
+        ac = plan.activation_checkpointing
+        lines.append(f"Activation checkpointing: {ac.label} ({ac.reason})")
     f = plan.facts
     compiled = "torch.compile per block" if f.compiled else "eager"
     lines.append(f"Run: {f.device_type}, {f.dtype}, {compiled}, {f.world_size} process(es)")

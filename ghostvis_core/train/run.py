@@ -62,6 +62,11 @@ def build_model_and_optimizer(cfg: TrainConfig, model_config: ModelConfig, info:
     why = f"compile={str(cfg.compile).lower()}" if cfg.compile is not None else f"the default on {device.type}"
     get_logger().info(f"torch.compile: {'on' if plan.compiled else 'off'} ({why}; --compile / --no-compile to change)")
     log_plan(plan)  # the one banner, from the plan that already holds the compile decision and the dtype
+    if plan.fp8.backend != "none":
+        from ghostvis_core.fp8 import convert_to_fp8, describe_fp8
+
+        get_logger().info(describe_fp8(raw_model, plan.fp8))
+        convert_to_fp8(raw_model, plan.fp8, fsdp=cfg.fsdp)  # before compile and DDP/FSDP2 wrapping
     if plan.compiled:
         # regional compilation: the identical blocks share one graph (whole-model compile takes far longer,
         # and the attention setup and chunked loss are deliberate eager regions)
