@@ -33,6 +33,7 @@ from ghostvis_core.train.distributed import (
     wrap_model,
 )
 from ghostvis_core.train.freeze import FreezeSpec, apply_freeze, parse_freeze
+from ghostvis_core.train.prefetch import DevicePrefetcher
 from ghostvis_core.train.metrics import MetricsLog, ProgressPrinter, peak_flops
 from ghostvis_core.train.recipe_spec import RecipeSpec, spec_for
 from ghostvis_core.train.schedule import LRSchedule, apply_lr, group_lrs, resume_schedule
@@ -103,13 +104,15 @@ class StepStats:
     lrs: dict[str, float]
     """The learning rate of each optimizer group in this step, by group name."""
     dt: float
-    """Seconds, from setting the LR to the device being idle again."""
+    """Seconds per step, averaged over the steps since the previous read point (the device idle at both)."""
     stop_now: bool
     """A stop signal reached some rank: every rank saves and returns after this step."""
     images: int = 0
     """Images in the step over all ranks (image-chat runs)."""
     data_s: float = 0.0
     """Seconds this rank waited on its loader for the step's batches."""
+    steps: int = 1
+    """Steps read at this read point (dt is their average)."""
 
 
 @dataclass
@@ -126,12 +129,15 @@ class Progress:
     losses: list[tuple[int, float]] = field(default_factory=list)
     step_times: list[float] = field(default_factory=list)
 
-    def advance(self, loss: float, tokens: int) -> None:
-        """Count one finished optimizer step."""
+    def advance(self, tokens: int) -> None:
+        """Count one queued optimizer step (its loss is recorded when the host reads it: record_loss)."""
         self.step += 1
         self.tokens_seen += tokens
+
+    def record_loss(self, step: int, loss: float) -> None:
+        """The loss of `step`, read from the device."""
         self.last_loss = loss
-        self.losses.append((self.step, loss))
+        self.losses.append((step, loss))
 
     def result(self, run_dir: Path, stopped_by: str | None = None) -> TrainResult:
         """The TrainResult of this process."""
@@ -292,6 +298,7 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> TrainingRun:
              f"{grad_accum} accumulation step(s) = {tokens_per_step:,} tokens per step")
     vision = model_config.vision if spec.model_kind == "vlm" else None
     _, loader = setup.build_data(cfg, tokenizer, spec, info, vision)
+    loader = DevicePrefetcher(loader, info.device)  # batches arrive on the device, the next copy in flight
     return TrainingRun(
         cfg=cfg, info=info, spec=spec, start=start, tokenizer=tokenizer, model_config=model_config,
         plan=plan, raw_model=raw_model, model=model, optimizer=optimizer, loader=loader, grad_accum=grad_accum,
