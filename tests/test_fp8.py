@@ -143,3 +143,28 @@ def test_none_converts_nothing():
     model = _tiny()
     assert convert_to_fp8(model, cpu_plan(model.config).fp8) == []
     assert all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="torchrun with gloo")
+def test_fp8_under_fsdp2_trains_and_checkpoints_plain_weights(tmp_path):
+    """2 gloo ranks: fp8 linears with float8 all-gather under FSDP2 and the sharded Muon train, and the gathered
+    checkpoint is plain fp32 tensors that load into a model without fp8."""
+    pytest.importorskip("torchao.float8", reason="torchao is not installed (pip install torchao==0.18.0)")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    out = tmp_path / "fsdp_fp8.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{tests.parent}:{tests}"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(tests / "fp8_fsdp_ranks.py"), str(out)], env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = torch.load(out, weights_only=True)
+    assert "all-gathers the weights in float8" in got["all_gather"]
+    assert got["losses"][1] < got["losses"][0]
+    assert all(type(v) is torch.Tensor and v.dtype == torch.float32 for v in got["state"].values())
+    _tiny().load_state_dict(got["state"], strict=True)
