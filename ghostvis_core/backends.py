@@ -3,7 +3,8 @@
 `plan_run(env, facts)` turns `EnvFacts` (env.py: the machine) and `RunFacts` (the run: device, compute dtype,
 compiled or not, world size, and the user's requests) into one `BackendPlan`: the attention backend per case
 (dense causal, packed documents, decode with a KV cache, non-causal), RMSNorm, SwiGLU, the optimizer and the
-inference engine. Every pick is a `Choice` with a human label and a one-line reason. `auto` falls back and says
+inference engine, and for training fp8 and activation checkpointing (their rules: training_choices.py). Every
+pick is a `Choice` with a human label and a one-line reason. `auto` falls back and says
 why; an explicit request this machine cannot meet raises `BackendUnavailableError` with the reason and the fix.
 A process builds its plan once (`training_run_facts` / `inference_run_facts` give the facts) and passes it to
 the model, the optimizer, the engine and the benchmarks; `ghostvis doctor` calls the same functions.
@@ -32,7 +33,6 @@ from ghostvis_core.env import EnvFacts
 from ghostvis_core.errors import BackendUnavailableError, ConfigError
 from ghostvis_core.hardware_limits import Unavailable, gpu_unavailable, package_unavailable
 from ghostvis_core.hardware_limits import arch_unavailable as _arch_unavailable
-from ghostvis_core.hardware_limits import sm_name
 from ghostvis_core.log import first_time, get_logger
 
 __all__ = [
@@ -503,68 +503,6 @@ def _choose_optimizer(ctx: _Context, request: str) -> Choice:
     return Choice("adamw", adamw, f"this torch ({ctx.env.torch_version}) has no torch.optim.Muon")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# fp8 training, activation checkpointing
-
-FP8_MIN_CC = {"tensorwise": (8, 9), "rowwise": (9, 0)}
-"""float8 tensor cores start at Ada (sm89); the row-wise scaled GEMM (CUTLASS) is built for Hopper (sm90) on."""
-FP8_LAYERS = ("the decoder blocks' attention projections and MLP linears with both dims divisible by 16; "
-              "embedding, lm_head, norms and small layers stay in the compute dtype")
-
-
-def fp8_unavailable(env: EnvFacts, facts: RunFacts) -> str | None:
-    """Why the requested fp8 recipe cannot train here (None if it can)."""
-    recipe = facts.fp8
-    if facts.device_type != "cuda":
-        return "fp8 training needs a CUDA GPU with float8 tensor cores (sm89+); this run is on the CPU"
-    cc = env.capability
-    if cc is None or cc < FP8_MIN_CC[recipe]:
-        need = "sm89 (Ada) or newer" if recipe == "tensorwise" else "sm90 (Hopper) or newer"
-        return f"fp8 {recipe} needs a GPU of {need}; this is {sm_name(cc)}"
-    if facts.dtype != "bfloat16":
-        return f"fp8 training runs under bf16 autocast, not {facts.dtype} (use dtype=bfloat16 or auto)"
-    why = package_unavailable(env, "torchao", "torchao")
-    if why is not None:
-        return f"fp8 training uses torchao's float8 linears: {why.message}"
-    return None
-
-
-def _choose_fp8(env: EnvFacts, facts: RunFacts) -> Choice:
-    if facts.fp8 == "none":
-        return Choice("none", "off", "not requested (--fp8 tensorwise|rowwise turns it on)")
-    why = fp8_unavailable(env, facts)
-    if why is not None:
-        raise BackendUnavailableError(
-            f"fp8={facts.fp8} was requested but cannot run here: {why}. Fix: train on an H100/H200 (or an sm89+ "
-            "GPU for tensorwise) with torchao installed (pip install torchao==0.18.0), or drop --fp8"
-        )
-    version = env.package("torchao").version or ""
-    label = f"torchao {version} float8 {facts.fp8}".replace("  ", " ")
-    reason = "requested; " + FP8_LAYERS
-    if facts.fsdp:
-        reason += ("; FSDP2 all-gathers the weights in float8" if facts.fp8 == "tensorwise"
-                   else "; FSDP2 all-gathers bf16 weights (float8 all-gather is tensorwise only)")
-    if not facts.compiled:
-        reason += "; eager: the scaling casts are not fused (compile for speed)"
-    return Choice(facts.fp8, label, reason)
-
-
-ACTIVATION_CHECKPOINTING_REASONS = {
-    "none": "every block keeps its activations for backward",
-    "full": "every block recomputes its forward in backward (torch.utils.checkpoint): block activations are "
-            "not kept, at about one more forward of the blocks",
-    "selective": "every other block recomputes its forward in backward: half the block activations for half "
-                 "the recompute of full",
-}
-
-
-def _choose_activation_checkpointing(facts: RunFacts) -> Choice:
-    mode = facts.activation_checkpointing
-    label = {"none": "off", "full": "every block", "selective": "every other block"}[mode]
-    reason = ACTIVATION_CHECKPOINTING_REASONS[mode] + ("" if mode == "none" else "; requested")
-    return Choice(mode, label, reason)
-
-
 def vllm_unavailable(env: EnvFacts, device_type: str) -> Unavailable | None:
     """Why vLLM could not run here, None if it could (the doctor reports it; no code path serves with it yet)."""
     if env.os_name != "Linux":
@@ -593,6 +531,8 @@ def plan_run(env: EnvFacts, facts: RunFacts) -> BackendPlan:
             f"(torch {env.torch_version}, CUDA build {env.torch_cuda or 'none'}). "
             "Fix: install a CUDA build of torch on a GPU machine, or use the CPU"
         )
+    from ghostvis_core.training_choices import choose_activation_checkpointing, choose_fp8
+
     ctx = attention_context(env, facts)
     requested = ATTN_REQUEST_TO_BACKEND[facts.attn]
     attention = {}
@@ -607,8 +547,8 @@ def plan_run(env: EnvFacts, facts: RunFacts) -> BackendPlan:
         swiglu=swiglu,
         optimizer=_choose_optimizer(ctx, facts.optimizer),
         inference=_choose_inference(ctx, facts.inference),
-        fp8=_choose_fp8(env, facts),
-        activation_checkpointing=_choose_activation_checkpointing(facts),
+        fp8=choose_fp8(env, facts),
+        activation_checkpointing=choose_activation_checkpointing(facts),
     )
 
 
