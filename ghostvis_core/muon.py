@@ -109,6 +109,17 @@ def adjust_ratio(adjust_lr_fn: str | None, shape: tuple[int, ...]) -> float:
     raise ValueError(f"adjust_lr_fn={adjust_lr_fn!r}: expected original or match_rms_adamw")
 
 
+def momentum_buffers(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> list[torch.Tensor]:
+    """Each parameter's "momentum_buffer" state (zeros, shaped and sharded like its gradient, on first use)."""
+    bufs = []
+    for p in params:
+        state = optimizer.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+        bufs.append(state["momentum_buffer"])
+    return bufs
+
+
 def _is_dtensor(t: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
@@ -159,19 +170,10 @@ class BatchedMuon(torch.optim.Optimizer):
                 self._step_bucket(group, shape, params)
         return None
 
-    def _buffers(self, params: list[nn.Parameter]) -> list[torch.Tensor]:
-        bufs = []
-        for p in params:
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
-            bufs.append(state["momentum_buffer"])
-        return bufs
-
     def _step_bucket(self, group: dict, shape: tuple[int, ...], params: list[nn.Parameter]) -> None:
         mu, nesterov = group["momentum"], group["nesterov"]
         coeffs, safety, eps = group["ns_coefficients"], group["safety"], group["eps"]
-        bufs = self._buffers(params)
+        bufs = momentum_buffers(self, params)
         grads = [_local(p.grad) for p in params]
         local_bufs = [_local(b) for b in bufs]
         K = len(params)
@@ -271,12 +273,7 @@ class ReferenceMuon(torch.optim.Muon):
                     buckets.setdefault((tuple(p.shape), p.dtype, p.device), []).append(p)
             for (shape, _, _), params in buckets.items():
                 grads = [p.grad for p in params]
-                bufs = []
-                for p in params:
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
-                    bufs.append(state["momentum_buffer"])
+                bufs = momentum_buffers(self, params)
                 torch._foreach_lerp_(bufs, grads, 1 - mu)
                 updates = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
                 X = orthogonalize(torch.stack(updates).bfloat16(), (group["ns_coefficients"],) * group["ns_steps"],

@@ -80,15 +80,9 @@ def test_loop_reads_the_device_only_at_read_points_with_the_same_losses(tmp_path
     assert reads == [[1, 2, 3, 4], [5, 6], [7, 8], [9, 10, 11, 12]]
     assert lagged.losses == every.losses and len(lagged.losses) == 12
 
-    calls = {"n": 0}
-    real_sum = loop.forward_sum
+    from helpers import poison_loss_at
 
-    def poisoned(model, batch):
-        calls["n"] += 1
-        loss = real_sum(model, batch)
-        return loss * float("nan") if calls["n"] == 7 else loss
-
-    monkeypatch.setattr(loop, "forward_sum", poisoned)
+    poison_loss_at(monkeypatch, loop, 7)
     cfg = tiny_config(tmp_path, run="nan", log_every=4, save_every=6)
     with pytest.raises(TrainingAborted) as err:
         loop.train(cfg)

@@ -109,14 +109,7 @@ def nanochat_row(modules, shape: dict, device: torch.device, fp8: bool, compile:
     optimizer = model.setup_optimizer()
     step_model = torch.compile(model, dynamic=False) if compile else model
     x, y = _tokens(shape, device)
-
-    def step():
-        loss = step_model(x, y)
-        loss.backward()
-        optimizer.step()
-        model.zero_grad(set_to_none=True)
-        return loss
-
+    step = _train_step(lambda: step_model(x, y), optimizer, model.zero_grad)
     out = time_steps(step, device, x.numel(), warmup, steps)
     out.update(flops_per_token=flops, what=f"nanochat GPT + MuonAdamW{f', fp8 on {converted} linears' if fp8 else ''}")
     del model, step_model, optimizer
@@ -157,23 +150,31 @@ def ghostvis_row(shape: dict, device: torch.device, optimizer: str, fp8: str, co
         model.compile_blocks(dynamic=False)
     opt, description = build_optimizer(model, OptimizerConfig(backend=optimizer), plan)
     x, y = _tokens({**shape, "B": batch or shape["B"]}, device)
-    autocast = device.type == "cuda"
 
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss = model(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+    def loss():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            return model(x, y)
 
-    out = time_steps(step, device, x.numel(), warmup, steps)
+    out = time_steps(_train_step(loss, opt, opt.zero_grad), device, x.numel(), warmup, steps)
     out.update(flops_per_token=model.flops_per_token(shape["T"]), what=description
                + (f"; fp8 {plan.fp8.label} on {len(converted)} linears" if converted else "")
                + (f"; activation checkpointing {plan.activation_checkpointing.label}"
                   if activation_checkpointing != "none" else ""))
     del model, opt
     return out
+
+
+def _train_step(loss_fn: Callable[[], torch.Tensor], optimizer, zero_grad: Callable) -> Callable[[], torch.Tensor]:
+    """One training step: forward, backward, optimizer step, gradients to None; returns the loss."""
+
+    def step():
+        loss = loss_fn()
+        loss.backward()
+        optimizer.step()
+        zero_grad(set_to_none=True)
+        return loss
+
+    return step
 
 
 def _tokens(shape: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
