@@ -218,7 +218,7 @@ def run_compare(args) -> dict:
                                                 custom)),
     ]
     for row, measure in plans:
-        if args.only and row not in args.only:
+        if args.only is not None and row not in args.only:
             continue
         if row.endswith("_fp8") and not cuda:  # nanochat's base_train also turns --fp8 off without CUDA
             result["skipped"][row] = "fp8 needs a CUDA GPU (the plan refuses it on the CPU)"
@@ -305,7 +305,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--no-compile", action="store_true")
-    p.add_argument("--only", nargs="*", default=None, help="rows to run (default: all)")
+    p.add_argument("--only", nargs="*", default=None, help="rows to run (default: all; none with --fit alone)")
     p.add_argument("--fit", action="append", default=[], help="PRESET:B1,B2,... activation-checkpointing sweep")
     p.add_argument("--tiny", action="store_true", help="tiny shapes, 1 warm-up + 2 steps, no compile (CPU smoke)")
     p.add_argument("--out", default=None, help="JSON file (default: $OUT/nanochat_compare.json when OUT is set)")
