@@ -112,8 +112,7 @@ def nanochat_row(modules, shape: dict, device: torch.device, fp8: bool, compile:
     step = _train_step(lambda: step_model(x, y), optimizer, model.zero_grad)
     out = time_steps(step, device, x.numel(), warmup, steps)
     out.update(flops_per_token=flops, what=f"nanochat GPT + MuonAdamW{f', fp8 on {converted} linears' if fp8 else ''}")
-    del model, step_model, optimizer
-    return out
+    return out  # the model, its compiled wrapper and the optimizer go with this frame
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -160,7 +159,6 @@ def ghostvis_row(shape: dict, device: torch.device, optimizer: str, fp8: str, co
                + (f"; fp8 {plan.fp8.label} on {len(converted)} linears" if converted else "")
                + (f"; activation checkpointing {plan.activation_checkpointing.label}"
                   if activation_checkpointing != "none" else ""))
-    del model, opt
     return out
 
 

@@ -231,7 +231,7 @@ def read_steps(run: TrainingRun, progress: Progress, pending: list[PendingStep],
     cfg = run.cfg
     rows = torch.stack([p.stats for p in pending]).tolist()
     dt = (time.perf_counter() - since) / len(pending)  # the device is idle again: the steps' average time
-    for p, (loss_sum, count, stop_flag, images, norm) in zip(pending, rows, strict=True):
+    for p, (loss_sum, count, _stop, _images, norm) in zip(pending, rows, strict=True):
         loss = loss_sum / max(int(count), 1)
         if not math.isfinite(loss) or not math.isfinite(norm):
             what = "loss" if not math.isfinite(loss) else "gradient norm"

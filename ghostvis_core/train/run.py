@@ -33,8 +33,8 @@ from ghostvis_core.train.distributed import (
     wrap_model,
 )
 from ghostvis_core.train.freeze import FreezeSpec, apply_freeze, parse_freeze
-from ghostvis_core.train.prefetch import DevicePrefetcher
 from ghostvis_core.train.metrics import MetricsLog, ProgressPrinter, peak_flops
+from ghostvis_core.train.prefetch import DevicePrefetcher
 from ghostvis_core.train.recipe_spec import RecipeSpec, spec_for
 from ghostvis_core.train.schedule import LRSchedule, apply_lr, group_lrs, resume_schedule
 
