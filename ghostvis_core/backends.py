@@ -3,7 +3,8 @@
 `plan_run(env, facts)` turns `EnvFacts` (env.py: the machine) and `RunFacts` (the run: device, compute dtype,
 compiled or not, world size, and the user's requests) into one `BackendPlan`: the attention backend per case
 (dense causal, packed documents, decode with a KV cache, non-causal), RMSNorm, SwiGLU, the optimizer and the
-inference engine. Every pick is a `Choice` with a human label and a one-line reason. `auto` falls back and says
+inference engine, and for training fp8 and activation checkpointing (their rules: training_choices.py). Every
+pick is a `Choice` with a human label and a one-line reason. `auto` falls back and says
 why; an explicit request this machine cannot meet raises `BackendUnavailableError` with the reason and the fix.
 A process builds its plan once (`training_run_facts` / `inference_run_facts` give the facts) and passes it to
 the model, the optimizer, the engine and the benchmarks; `ghostvis doctor` calls the same functions.
@@ -18,10 +19,12 @@ from dataclasses import dataclass
 
 from ghostvis_core.attention_preferences import CASES_SUPPORTED, PREFERENCES
 from ghostvis_core.backend_names import (
+    ACTIVATION_CHECKPOINTING,
     ATTENTION_CASES,
     ATTN_REQUEST_TO_BACKEND,
     ATTN_REQUESTS,
     DTYPES,
+    FP8_REQUESTS,
     INFERENCE_REQUESTS,
     NORM_REQUESTS,
     OPTIMIZER_REQUESTS,
@@ -93,6 +96,12 @@ class RunFacts:
     """GPTConfig.use_fused_kernels: False keeps auto RMSNorm/SwiGLU in PyTorch."""
     head_dim: int = 128
     """Attention head dim (kernels have head-dim limits)."""
+    fp8: str = "none"
+    """fp8 training request (backend_names.Fp8Request): none, tensorwise or rowwise."""
+    activation_checkpointing: str = "none"
+    """Block recomputation request (backend_names.ActivationCheckpointing): none, full or selective."""
+    fsdp: bool = False
+    """Parameters are sharded with FSDP2 (fp8 then all-gathers the weights in float8 where the recipe allows)."""
 
     def __post_init__(self):
         if self.attn not in ATTN_REQUESTS:
@@ -109,14 +118,21 @@ class RunFacts:
             raise ConfigError(f"dtype={self.dtype!r} is not one of {list(DTYPES)}")
         if self.world_size < 1:
             raise ConfigError(f"world_size must be >= 1, got {self.world_size}")
+        if self.fp8 not in FP8_REQUESTS:
+            raise ConfigError(f"fp8={self.fp8!r} is not one of {list(FP8_REQUESTS)}")
+        if self.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+            raise ConfigError(f"activation_checkpointing={self.activation_checkpointing!r} is not one of "
+                              f"{list(ACTIVATION_CHECKPOINTING)}")
 
     @classmethod
     def for_training(
-        cls, model_config, optimizer_backend: str, device_type: str, dtype: str, compiled: bool, world_size: int
+        cls, model_config, optimizer_backend: str, device_type: str, dtype: str, compiled: bool, world_size: int,
+        *, fp8: str = "none", activation_checkpointing: str = "none", fsdp: bool = False,
     ) -> RunFacts:
         """Facts of a training run (model_config None: a default GPTConfig's requests)."""
         return cls(
             device_type, dtype, bool(compiled), int(world_size), optimizer=optimizer_backend,
+            fp8=fp8, activation_checkpointing=activation_checkpointing, fsdp=bool(fsdp),
             **_model_requests(model_config),
         )
 
@@ -161,6 +177,9 @@ def training_run_facts(
     dtype: str = "auto",
     optimizer: str = "auto",
     world_size: int = 1,
+    fp8: str = "none",
+    activation_checkpointing: str = "none",
+    fsdp: bool = False,
 ) -> RunFacts:
     """The one translation of a training run's settings into facts (the trainer and `ghostvis doctor` use it).
 
@@ -168,7 +187,8 @@ def training_run_facts(
     """
     device = device_type or default_device_type(env)
     compiled = compile if compile is not None else device == "cuda"
-    return RunFacts.for_training(model_config, optimizer, device, resolve_dtype(dtype, device), compiled, world_size)
+    return RunFacts.for_training(model_config, optimizer, device, resolve_dtype(dtype, device), compiled, world_size,
+                                 fp8=fp8, activation_checkpointing=activation_checkpointing, fsdp=fsdp)
 
 
 def inference_run_facts(env: EnvFacts, model_config=None, *, device_type: str | None = None,
@@ -192,6 +212,16 @@ class BackendPlan:
     swiglu: Choice
     optimizer: Choice
     inference: Choice
+    fp8: Choice = None  # type: ignore[assignment]  # plan_run always sets it; None only in hand-built plans
+    """Whether the block linears train in float8: backend none | tensorwise | rowwise."""
+    activation_checkpointing: Choice = None  # type: ignore[assignment]
+    """Which blocks recompute their activations in backward: backend none | full | selective."""
+
+    def __post_init__(self):
+        if self.fp8 is None:
+            object.__setattr__(self, "fp8", Choice("none", "off", "not requested"))
+        if self.activation_checkpointing is None:
+            object.__setattr__(self, "activation_checkpointing", Choice("none", "off", "not requested"))
 
     @property
     def device_type(self) -> str:
@@ -559,6 +589,8 @@ def plan_run(env: EnvFacts, facts: RunFacts) -> BackendPlan:
             f"(torch {env.torch_version}, CUDA build {env.torch_cuda or 'none'}). "
             "Fix: install a CUDA build of torch on a GPU machine, or use the CPU"
         )
+    from ghostvis_core.training_choices import choose_activation_checkpointing, choose_fp8
+
     ctx = attention_context(env, facts)
     requested = ATTN_REQUEST_TO_BACKEND[facts.attn]
     attention = {}
@@ -573,6 +605,8 @@ def plan_run(env: EnvFacts, facts: RunFacts) -> BackendPlan:
         swiglu=swiglu,
         optimizer=_choose_optimizer(ctx, facts.optimizer),
         inference=_choose_inference(ctx, facts.inference),
+        fp8=choose_fp8(env, facts),
+        activation_checkpointing=choose_activation_checkpointing(facts),
     )
 
 
@@ -600,6 +634,11 @@ def format_banner(plan: BackendPlan) -> str:
         )
     lines.append(f"Optimizer: {plan.optimizer.label} ({plan.optimizer.reason})")
     lines.append(f"Inference: {plan.inference.label} ({plan.inference.reason})")
+    if plan.fp8.backend != "none":
+        lines.append(f"fp8: {plan.fp8.label} ({plan.fp8.reason})")
+    if plan.activation_checkpointing.backend != "none":
+        ac = plan.activation_checkpointing
+        lines.append(f"Activation checkpointing: {ac.label} ({ac.reason})")
     f = plan.facts
     compiled = "torch.compile" if f.compiled else "eager"
     lines.append(f"Run: {f.device_type}, {f.dtype}, {compiled}, {f.world_size} process(es)")

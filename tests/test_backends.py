@@ -247,7 +247,8 @@ def test_log_plan_logs_the_banner_once_per_process(caplog, monkeypatch):
 def test_plan_to_dict_roundtrip_keys():
     d = plan_backends(make_env("t4")).to_dict()
     assert set(d) == {
-        "device_type", "dtype", "compiled", "world_size", "attention", "rms_norm", "swiglu", "optimizer", "inference"
+        "device_type", "dtype", "compiled", "world_size", "attention", "rms_norm", "swiglu", "optimizer", "inference",
+        "fp8", "activation_checkpointing",
     }
     assert set(d["attention"]) == set(ATTENTION_CASES)
     assert d["attention"]["dense"]["label"] == "SDPA/efficient"
