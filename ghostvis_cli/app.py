@@ -7,7 +7,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ghostvis_cli import bench, doctor, eval_cmd, infer, install, serve, tokenizer_cmd, train
+from ghostvis_cli import bench, doctor, eval_cmd, export_cmd, infer, install, serve, tokenizer_cmd, train
 from ghostvis_core import __version__
 from ghostvis_core.errors import GhostVisError
 
@@ -49,7 +49,7 @@ def _root(
         os.environ[DEBUG_ENV_VAR] = "1"
 
 
-for _module in (doctor, install, train, infer, serve, eval_cmd, bench, tokenizer_cmd):
+for _module in (doctor, install, train, infer, export_cmd, serve, eval_cmd, bench, tokenizer_cmd):
     _module.register(app)
 
 

@@ -171,9 +171,18 @@ def train(
     batch_size: int = typer.Option(16, "--batch-size", help="Sequences per step."),
     steps: int = typer.Option(10, "--steps", help="Timed training steps (after warm-up)."),
     compile: bool = typer.Option(True, "--compile/--no-compile", help="torch.compile both models."),
-    optimizer: str = typer.Option("adamw", "--optimizer", help="Our optimizer: adamw or muon."),
+    optimizer: str = typer.Option(
+        "auto", "--optimizer", help="Our optimizer: auto (the trainer's default: Muon + AdamW), muon or adamw."
+    ),
     norm_backend: str = typer.Option(
         "auto", "--norm-backend", help="Our RMSNorm/SwiGLU backend: auto, triton or torch."
+    ),
+    packed: int = typer.Option(
+        0, "--packed", min=0, help="Documents per row (packed rows, document-masked attention); 0 = one per row."
+    ),
+    fp8: str = typer.Option("none", "--fp8", help="none | tensorwise | rowwise: our block linears in float8."),
+    activation_checkpointing: str = typer.Option(
+        "none", "--activation-checkpointing", help="none | full | selective: recompute block activations."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
 ) -> None:
@@ -188,6 +197,9 @@ def train(
         compile=compile,
         optimizer=optimizer,
         norm_backend=norm_backend,
+        packed=packed,
+        fp8=fp8,
+        activation_checkpointing=activation_checkpointing,
     )
     if as_json:
         typer.echo(json.dumps(result, indent=2, default=str))

@@ -68,9 +68,18 @@ def doctor(
     ),
 ) -> None:
     """Check this machine: GPU, CUDA stack, optional backends, paths, and which implementation runs where."""
+    import os
+
+    from ghostvis_core.env import PROFILE_ENV_VAR
+
     required = parse_requirements(require)
     env = probe_env()
-    report = run_checks(env, required)
+    venv = None
+    if not os.environ.get(PROFILE_ENV_VAR) and not env.package("vllm").installed:
+        from ghostvis_core.vllm_env import probe_vllm_env
+
+        venv = probe_vllm_env()  # the separate environment of `ghostvis install vllm` (replayed facts: not this machine's)
+    report = run_checks(env, required, venv)
     if json_out:
         typer.echo(json.dumps(report.to_dict(env), indent=2))
     else:

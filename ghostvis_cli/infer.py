@@ -1,4 +1,5 @@
-"""`ghostvis infer`: one prompt, a batch file, or an interactive chat with a trained run (native engine)."""
+"""`ghostvis infer`: one prompt, a batch file, or an interactive chat with a trained run (native engine, or vLLM
+for prompts and batch files with --backend vllm|auto)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ def infer(
     output: str = typer.Option(None, "--output", "-o", help="Results file (JSON lines) for --batch-file."),
     resume: bool = typer.Option(False, "--resume", help="Skip prompts whose results --output already holds."),
     chat: bool = typer.Option(False, "--chat", help="Interactive chat: streaming, history, /reset, /exit."),
-    backend: str = typer.Option("native", "--backend", help="native | vllm | auto."),
+    backend: str = typer.Option(
+        "native", "--backend", help="native | vllm | auto (vLLM when it is usable here and serves the model)."
+    ),
     max_tokens: int = typer.Option(256, "--max-tokens", help="Most tokens to generate per reply."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling: keep the smallest set with this mass."),
@@ -40,7 +43,7 @@ def infer(
     limit: int = typer.Option(None, "--limit", hidden=True, help="Stop after this many new results (tests)."),
 ) -> None:
     """Answer a prompt, a batch file of prompts, or chat, with a trained run's latest checkpoint."""
-    from ghostvis_core.engine import load_for_inference, resolve_backend
+    from ghostvis_core.engine import load_for_inference
     from ghostvis_core.errors import ConfigError
     from ghostvis_core.log import setup_logging
     from ghostvis_core.sampling import SamplingParams
@@ -65,8 +68,17 @@ def infer(
         from ghostvis_core.batch_io import read_prompts
 
         prompts = read_prompts(batch_file)  # before loading the model: a bad file fails fast
-    resolve_backend(backend)
     sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=tuple(stop or ()))
+    if backend != "native":
+        from ghostvis_core.vllm_backend import inference_choice
+
+        choice, path = inference_choice(backend, model or model_path)
+        if choice.backend == "vllm":
+            if chat or image is not None:
+                raise ConfigError(f"{'--chat' if chat else '--image'} is served by the native engine only; "
+                                  "drop --backend vllm (or use --backend native)")
+            _infer_vllm(path, prompt, prompts, output, resume, sampling, max_tokens, dtype, limit)
+            return
     # A one-shot prompt runs the decode step uncompiled: compiling takes longer than a short answer saves.
     loaded = load_for_inference(model or model_path, dtype=dtype, compile=False if prompt is not None else None)
     console.print(f"model: {loaded.checkpoint} ({loaded.recipe})", highlight=False, markup=False, soft_wrap=True)
@@ -120,6 +132,38 @@ def _run_batch(loaded, prompts, output, resume, sampling, max_tokens, batch_size
     finally:
         results.close()
     err_console.print(f"{len(todo)} result(s) written to {output}", highlight=False)
+
+
+def _infer_vllm(path, prompt, prompts, output, resume, sampling, max_tokens, dtype, limit) -> None:
+    """--prompt or --batch-file through vLLM (vllm_backend), same output as the native engine's."""
+    from ghostvis_core.batch_io import ResultsFile
+    from ghostvis_core.vllm_backend import create_vllm_engine
+
+    with create_vllm_engine(path, dtype=dtype) as engine:
+        console.print(f"model: {engine.source or engine.folder} (vLLM, serving {engine.folder})", highlight=False,
+                      markup=False, soft_wrap=True)
+        if prompts is None:
+            out = engine.generate_ids([engine.encode(prompt)], sampling, max_tokens)[0]
+            console.print(f"[bold]>[/] {prompt}", highlight=False, markup=True)
+            console.print(engine.decode(out), highlight=False, markup=False)
+            return
+        results = ResultsFile(output, resume)
+        todo = [i for i in range(len(prompts)) if i not in results.done]
+        todo = todo[:limit] if limit is not None else todo
+        if resume and results.done:
+            err_console.print(f"resuming {output}: {len(results.done)} done, {len(todo)} to go", highlight=False)
+        t0 = time.perf_counter()
+        try:
+            outs = engine.generate_ids([engine.encode(prompts[i]) for i in todo], sampling, max_tokens,
+                                       seeds=[sampling.seed + i for i in todo])
+            for i, o in zip(todo, outs, strict=True):
+                results.append({"index": i, "prompt": prompts[i], "text": engine.decode(o),
+                                "num_tokens": len(o["token_ids"]), "finish_reason": o["finish_reason"]})
+        finally:
+            results.close()
+        tokens = sum(len(o["token_ids"]) for o in outs)
+        err_console.print(f"{len(todo)} result(s) written to {output} ({tokens / max(time.perf_counter() - t0, 1e-9):,.0f}"
+                          " tok/s)", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -65,11 +65,7 @@ def serve(
     limits = ServeLimits(max_body_bytes=max_body_bytes, max_image_bytes=max_image_bytes,
                          max_image_pixels=max_image_pixels, max_prompt_tokens=max_prompt_tokens,
                          max_tokens=max_tokens, max_concurrent=max_concurrent, image_root=image_root)  # fmt: skip
-    if resolve_backend(backend) != "native":
-        from ghostvis_core.errors import BackendUnavailableError
-
-        raise BackendUnavailableError(f"--backend {backend}: ghostvis serve runs the native engine; for vLLM, "
-                                      "export the run (`ghostvis export`) and use vLLM's own `vllm serve DIR`")
+    resolve_backend(backend)  # the native engine (auto says so); vllm is refused with where it is served
     if not api_key and not _is_loopback(host):
         err_console.print(f"[yellow]warning:[/] serving on {host} with no API key: anyone who can reach this "
                           f"address can use the model; pass --api-key KEY (or set {API_KEY_ENV})", highlight=False)

@@ -65,6 +65,13 @@ def train(
         None, "--compile/--no-compile", help="torch.compile the model."
     ),
     fsdp: bool | None = typer.Option(None, "--fsdp/--no-fsdp", help="Shard with FSDP2 instead of DDP (GPU)."),
+    fp8: str | None = typer.Option(
+        None, "--fp8", help="none | tensorwise | rowwise: the block linears in float8 (torchao; sm89+ GPU)."
+    ),
+    activation_checkpointing: str | None = typer.Option(
+        None, "--activation-checkpointing", help="none | full | selective (every other block): recompute "
+        "block activations in backward to fit bigger models or batches."
+    ),
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Print the resolved config and command; run nothing."
     ),
@@ -91,6 +98,8 @@ def train(
         "--num-steps": num_steps,
         "--compile/--no-compile": compile_model,
         "--fsdp/--no-fsdp": fsdp,
+        "--fp8": fp8,
+        "--activation-checkpointing": activation_checkpointing,
     }
     job = launch.prepare_launch(
         RECIPES,

@@ -29,9 +29,13 @@ NormBackend = Literal["triton", "apex", "torch"]
 SwigluBackend = Literal["triton", "torch"]
 OptimizerRequest = Literal["auto", "muon", "adamw", "apex_adam"]
 OptimizerBackend = Literal["muon", "adamw", "apex_adam"]
-# Only the native engine serves `ghostvis infer` today; vLLM is reported by the doctor as a package only.
-InferenceRequest = Literal["auto", "native"]
-InferenceBackend = Literal["native"]
+# `ghostvis infer/bench --backend`: the native engine or vLLM (backends.choose_inference decides auto).
+InferenceRequest = Literal["native", "vllm", "auto"]
+InferenceBackend = Literal["native", "vllm"]
+Fp8Request = Literal["none", "tensorwise", "rowwise"]
+"""fp8 training of the block linears (torchao float8 recipes); none keeps every GEMM in the compute dtype."""
+ActivationCheckpointing = Literal["none", "full", "selective"]
+"""Recompute block activations in backward: none, every block, or every other block (gpt.py)."""
 Dtype = Literal["bfloat16", "float16", "float32"]
 DeviceType = Literal["cuda", "cpu"]
 
@@ -44,6 +48,8 @@ SWIGLU_BACKENDS: tuple[str, ...] = get_args(SwigluBackend)
 OPTIMIZER_REQUESTS: tuple[str, ...] = get_args(OptimizerRequest)
 INFERENCE_REQUESTS: tuple[str, ...] = get_args(InferenceRequest)
 DTYPES: tuple[str, ...] = get_args(Dtype)
+FP8_REQUESTS: tuple[str, ...] = get_args(Fp8Request)
+ACTIVATION_CHECKPOINTING: tuple[str, ...] = get_args(ActivationCheckpointing)
 HALF_DTYPES: tuple[str, ...] = ("bfloat16", "float16")
 
 # User spelling -> concrete attention backend (None = let the plan choose).

@@ -3,7 +3,8 @@
 `plan_run(env, facts)` turns `EnvFacts` (env.py: the machine) and `RunFacts` (the run: device, compute dtype,
 compiled or not, world size, and the user's requests) into one `BackendPlan`: the attention backend per case
 (dense causal, packed documents, decode with a KV cache, non-causal), RMSNorm, SwiGLU, the optimizer and the
-inference engine. Every pick is a `Choice` with a human label and a one-line reason. `auto` falls back and says
+inference engine, and for training fp8 and activation checkpointing (their rules: training_choices.py). Every
+pick is a `Choice` with a human label and a one-line reason. `auto` falls back and says
 why; an explicit request this machine cannot meet raises `BackendUnavailableError` with the reason and the fix.
 A process builds its plan once (`training_run_facts` / `inference_run_facts` give the facts) and passes it to
 the model, the optimizer, the engine and the benchmarks; `ghostvis doctor` calls the same functions.
@@ -18,17 +19,24 @@ from dataclasses import dataclass
 
 from ghostvis_core.attention_preferences import CASES_SUPPORTED, PREFERENCES
 from ghostvis_core.backend_names import (
+    ACTIVATION_CHECKPOINTING,
     ATTENTION_CASES,
     ATTN_REQUEST_TO_BACKEND,
     ATTN_REQUESTS,
     DTYPES,
+    FP8_REQUESTS,
     INFERENCE_REQUESTS,
     NORM_REQUESTS,
     OPTIMIZER_REQUESTS,
 )
 from ghostvis_core.env import EnvFacts
 from ghostvis_core.errors import BackendUnavailableError, ConfigError
-from ghostvis_core.hardware_limits import Unavailable, gpu_unavailable, package_unavailable
+from ghostvis_core.hardware_limits import (
+    VLLM_CPU_HEAD_DIMS,
+    Unavailable,
+    gpu_unavailable,
+    package_unavailable,
+)
 from ghostvis_core.hardware_limits import arch_unavailable as _arch_unavailable
 from ghostvis_core.log import first_time, get_logger
 
@@ -38,6 +46,7 @@ __all__ = [
     "Choice",
     "RunFacts",
     "attention_unavailable",
+    "choose_inference",
     "format_banner",
     "inference_run_facts",
     "log_plan",
@@ -87,6 +96,12 @@ class RunFacts:
     """GPTConfig.use_fused_kernels: False keeps auto RMSNorm/SwiGLU in PyTorch."""
     head_dim: int = 128
     """Attention head dim (kernels have head-dim limits)."""
+    fp8: str = "none"
+    """fp8 training request (backend_names.Fp8Request): none, tensorwise or rowwise."""
+    activation_checkpointing: str = "none"
+    """Block recomputation request (backend_names.ActivationCheckpointing): none, full or selective."""
+    fsdp: bool = False
+    """Parameters are sharded with FSDP2 (fp8 then all-gathers the weights in float8 where the recipe allows)."""
 
     def __post_init__(self):
         if self.attn not in ATTN_REQUESTS:
@@ -103,14 +118,21 @@ class RunFacts:
             raise ConfigError(f"dtype={self.dtype!r} is not one of {list(DTYPES)}")
         if self.world_size < 1:
             raise ConfigError(f"world_size must be >= 1, got {self.world_size}")
+        if self.fp8 not in FP8_REQUESTS:
+            raise ConfigError(f"fp8={self.fp8!r} is not one of {list(FP8_REQUESTS)}")
+        if self.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+            raise ConfigError(f"activation_checkpointing={self.activation_checkpointing!r} is not one of "
+                              f"{list(ACTIVATION_CHECKPOINTING)}")
 
     @classmethod
     def for_training(
-        cls, model_config, optimizer_backend: str, device_type: str, dtype: str, compiled: bool, world_size: int
+        cls, model_config, optimizer_backend: str, device_type: str, dtype: str, compiled: bool, world_size: int,
+        *, fp8: str = "none", activation_checkpointing: str = "none", fsdp: bool = False,
     ) -> RunFacts:
         """Facts of a training run (model_config None: a default GPTConfig's requests)."""
         return cls(
             device_type, dtype, bool(compiled), int(world_size), optimizer=optimizer_backend,
+            fp8=fp8, activation_checkpointing=activation_checkpointing, fsdp=bool(fsdp),
             **_model_requests(model_config),
         )
 
@@ -155,6 +177,9 @@ def training_run_facts(
     dtype: str = "auto",
     optimizer: str = "auto",
     world_size: int = 1,
+    fp8: str = "none",
+    activation_checkpointing: str = "none",
+    fsdp: bool = False,
 ) -> RunFacts:
     """The one translation of a training run's settings into facts (the trainer and `ghostvis doctor` use it).
 
@@ -162,7 +187,8 @@ def training_run_facts(
     """
     device = device_type or default_device_type(env)
     compiled = compile if compile is not None else device == "cuda"
-    return RunFacts.for_training(model_config, optimizer, device, resolve_dtype(dtype, device), compiled, world_size)
+    return RunFacts.for_training(model_config, optimizer, device, resolve_dtype(dtype, device), compiled, world_size,
+                                 fp8=fp8, activation_checkpointing=activation_checkpointing, fsdp=fsdp)
 
 
 def inference_run_facts(env: EnvFacts, model_config=None, *, device_type: str | None = None,
@@ -186,6 +212,16 @@ class BackendPlan:
     swiglu: Choice
     optimizer: Choice
     inference: Choice
+    fp8: Choice = None  # type: ignore[assignment]  # plan_run always sets it; None only in hand-built plans
+    """Whether the block linears train in float8: backend none | tensorwise | rowwise."""
+    activation_checkpointing: Choice = None  # type: ignore[assignment]
+    """Which blocks recompute their activations in backward: backend none | full | selective."""
+
+    def __post_init__(self):
+        if self.fp8 is None:
+            object.__setattr__(self, "fp8", Choice("none", "off", "not requested"))
+        if self.activation_checkpointing is None:
+            object.__setattr__(self, "activation_checkpointing", Choice("none", "off", "not requested"))
 
     @property
     def device_type(self) -> str:
@@ -476,19 +512,68 @@ def _choose_optimizer(ctx: _Context, request: str) -> Choice:
     return Choice("adamw", adamw, f"this torch ({ctx.env.torch_version}) has no torch.optim.Muon")
 
 
-def vllm_unavailable(env: EnvFacts, device_type: str) -> Unavailable | None:
-    """Why vLLM could not run here, None if it could (the doctor reports it; no code path serves with it yet)."""
+def vllm_unavailable(env: EnvFacts, device_type: str, venv=None) -> Unavailable | None:
+    """Why vLLM could not serve here, None if it could: the platform, the GPU, then the package, in this
+    environment or in the separate one `ghostvis install vllm` made (venv: vllm_env.VllmEnvStatus)."""
     if env.os_name != "Linux":
-        return Unavailable("platform", f"vLLM runs only on Linux, not {env.os_name}", "use Linux")
+        name = {"Darwin": "macOS"}.get(env.os_name, env.os_name)
+        return Unavailable("platform", f"vLLM runs only on Linux, not {name}",
+                           "use Linux (or WSL2); `--backend native` works here")
     if device_type == "cuda" and env.capability is not None:
         why = _arch_unavailable("vllm", env.capability)
         if why is not None:
             return why
-    return package_unavailable(env, "vllm", "vllm")
+    if device_type == "cpu" and env.machine not in ("x86_64", "AMD64"):
+        return Unavailable("platform", f"vLLM's CPU build is for x86_64, not {env.machine}",
+                           "use a CUDA GPU, or `--backend native`")
+    here = package_unavailable(env, "vllm", "vllm")
+    if here is None or (venv is not None and venv.usable):
+        return None
+    if venv is not None and (venv.found or not env.package("vllm").installed):
+        return Unavailable("package", venv.error or f"vLLM is not usable in {venv.venv}", "`ghostvis install vllm`")
+    return here
+
+
+def vllm_model_unavailable(kind: str, head_dim: int, device_type: str) -> str | None:
+    """Why vLLM cannot serve this model here (kind "gpt" or "vlm"), None if it can."""
+    if device_type == "cpu" and head_dim not in VLLM_CPU_HEAD_DIMS:
+        return (f"vLLM's CPU attention takes head_dim in {list(VLLM_CPU_HEAD_DIMS)}, and this model's is {head_dim} "
+                "(change n_embd / n_head)")
+    if device_type == "cpu" and kind == "vlm":
+        return ("vLLM's LLaVA needs torchvision, and the CPU build has none that loads against its torch "
+                "(text models only on CPU)")
+    return None
+
+
+def choose_inference(request: str, env: EnvFacts, device_type: str, *, venv=None,
+                     model: tuple[str, int] | None = None) -> Choice:
+    """The engine `ghostvis infer` / `bench` run: native, vLLM, or (auto) vLLM when it is usable here and can
+    serve the model (model: (kind, head_dim)), else native with the reason. An explicit vllm that cannot run
+    raises BackendUnavailableError with the fix."""
+    if request not in INFERENCE_REQUESTS:
+        raise ConfigError(f"--backend {request!r} is not one of {', '.join(INFERENCE_REQUESTS)}")
+    native = Choice("native", "GhostVis engine", "preallocated KV cache, continuous batching")
+    if request == "native":
+        return dataclasses.replace(native, reason=native.reason + "; requested")
+    why = vllm_unavailable(env, device_type, venv)
+    model_why = vllm_model_unavailable(*model, device_type) if model is not None and why is None else None
+    if request == "vllm" and why is not None:
+        fix = "" if why.fix in why.message else f". Fix: {why.fix}"
+        raise BackendUnavailableError(f"--backend vllm: {why.message}{fix}")
+    if request == "vllm" and model_why is not None:
+        raise BackendUnavailableError(f"--backend vllm: {model_why}; use --backend native")
+    if why is None and model_why is None:
+        usable_here = env.package("vllm").usable
+        version = env.package("vllm").version if usable_here else getattr(venv, "vllm_version", None)
+        where = "this environment" if usable_here else venv.venv
+        return Choice("vllm", f"vLLM {version or ''}".strip(), f"in {where}" + ("; requested" if request == "vllm"
+                      else "; auto: vLLM is usable and the model exports to Hugging Face"))
+    return dataclasses.replace(native, reason=f"auto: not vLLM, {why.message if why else model_why}")
 
 
 def _choose_inference(ctx: _Context, request: str) -> Choice:
-    # `ghostvis infer` runs the native engine only; an installed vLLM is reported by the doctor as a package.
+    # The plan's engine for this process's model code: the native one (`choose_inference` picks between it and
+    # vLLM for `ghostvis infer --backend`, with facts about the vLLM environment the plan does not hold).
     return Choice("native", "GhostVis engine", "preallocated KV cache" + ("; requested" if request == "native" else ""))
 
 
@@ -504,6 +589,8 @@ def plan_run(env: EnvFacts, facts: RunFacts) -> BackendPlan:
             f"(torch {env.torch_version}, CUDA build {env.torch_cuda or 'none'}). "
             "Fix: install a CUDA build of torch on a GPU machine, or use the CPU"
         )
+    from ghostvis_core.training_choices import choose_activation_checkpointing, choose_fp8
+
     ctx = attention_context(env, facts)
     requested = ATTN_REQUEST_TO_BACKEND[facts.attn]
     attention = {}
@@ -518,6 +605,8 @@ def plan_run(env: EnvFacts, facts: RunFacts) -> BackendPlan:
         swiglu=swiglu,
         optimizer=_choose_optimizer(ctx, facts.optimizer),
         inference=_choose_inference(ctx, facts.inference),
+        fp8=choose_fp8(env, facts),
+        activation_checkpointing=choose_activation_checkpointing(facts),
     )
 
 
@@ -545,6 +634,11 @@ def format_banner(plan: BackendPlan) -> str:
         )
     lines.append(f"Optimizer: {plan.optimizer.label} ({plan.optimizer.reason})")
     lines.append(f"Inference: {plan.inference.label} ({plan.inference.reason})")
+    if plan.fp8.backend != "none":
+        lines.append(f"fp8: {plan.fp8.label} ({plan.fp8.reason})")
+    if plan.activation_checkpointing.backend != "none":
+        ac = plan.activation_checkpointing
+        lines.append(f"Activation checkpointing: {ac.label} ({ac.reason})")
     f = plan.facts
     compiled = "torch.compile" if f.compiled else "eager"
     lines.append(f"Run: {f.device_type}, {f.dtype}, {compiled}, {f.world_size} process(es)")

@@ -173,6 +173,10 @@ class OptimizerConfig:
     """AdamW epsilon."""
     momentum: float = 0.95
     """Muon momentum (Nesterov)."""
+    muon_impl: str = "fused"
+    """fused: Polar Express over stacked same-shape matrices, compiled with the blocks, each rank
+    orthogonalising its share (ghostvis_core/muon.py). reference: the previous eager Newton-Schulz version, kept
+    to compare losses against."""
     vision_lr: float | None = None
     """Learning rate of every vision-tower parameter of a VLM (Muon matrices included); None = lr / matrix_lr."""
     projector_lr: float | None = None
@@ -202,6 +206,7 @@ class OptimizerConfig:
             or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas)
         ):
             raise ConfigError(f"OptimizerConfig.betas must be two numbers in [0, 1), got {self.betas!r}")
+        _check_choice("OptimizerConfig", "muon_impl", self.muon_impl, ("fused", "reference"))
         if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
             raise ConfigError(f"OptimizerConfig.momentum must be in [0, 1), got {self.momentum!r}")
 

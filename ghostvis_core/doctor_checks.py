@@ -259,10 +259,28 @@ def _package_check(
     return Check("Backends", req, "warn", f"{name} not installed{note}", fix_cmd, req)
 
 
-_VLLM_UNUSED = "not yet used by ghostvis infer, which runs the native engine"
+_VLLM_USE = "serves `ghostvis infer/bench --backend vllm` (and auto)"
 
 
-def _backend_checks(env: EnvFacts, plan: BackendPlan) -> list[Check]:
+def _vllm_check(env: EnvFacts, plan: BackendPlan, venv) -> Check:
+    """vLLM here, or in the separate environment `ghostvis install vllm` made (venv: VllmEnvStatus or None
+    when not looked for)."""
+    why = vllm_unavailable(env, plan.device_type)
+    platform_why = None if why is None or why.kind == "package" else why.message
+    if env.package("vllm").installed or platform_why:
+        return _package_check(env, "vllm", "vllm", platform_why, "", usable_note=f"; {_VLLM_USE}")
+    if venv is not None and venv.usable:
+        return Check("Backends", "vllm", "ok", f"vllm {venv.vllm_version} in its own environment {venv.venv} "
+                     f"({_VLLM_USE})", requirement="vllm", satisfied=True)
+    if venv is not None and venv.found:
+        return Check("Backends", "vllm", "fail", f"vllm environment {venv.venv} is not usable", venv.error or "",
+                     requirement="vllm")
+    where = f"; looked in {venv.venv}" if venv is not None else ""
+    return Check("Backends", "vllm", "ok", f"vllm not installed (optional, for `ghostvis infer --backend vllm`: `ghostvis install vllm`{where})",
+                 "", requirement="vllm")
+
+
+def _backend_checks(env: EnvFacts, plan: BackendPlan, vllm_venv=None) -> list[Check]:
     fa = attention_unavailable("flash_attn", attention_context(env, plan.facts))
     # only "not installed"/"broken" (kind package) is left to _package_check: installing fixes it
     fa_why = None if fa is None or fa.kind == "package" else fa.message
@@ -279,14 +297,7 @@ def _backend_checks(env: EnvFacts, plan: BackendPlan) -> list[Check]:
             env, "flash_attn", "flash-attn", fa_why, " (packed-document training and decode use it)"
         ),
     ]
-    vllm = vllm_unavailable(env, plan.device_type)
-    vllm_why = None if vllm is None or vllm.kind == "package" else vllm.message
-    if env.package("vllm").installed or vllm_why:
-        checks.append(_package_check(env, "vllm", "vllm", vllm_why, "", usable_note=f"; {_VLLM_UNUSED}"))
-    else:
-        checks.append(
-            Check("Backends", "vllm", "ok", f"vllm not installed (optional: {_VLLM_UNUSED})", requirement="vllm")
-        )
+    checks.append(_vllm_check(env, plan, vllm_venv))
     gpu_why = None if env.has_gpu and env.os_name == "Linux" else "needs a CUDA GPU on Linux"
     for name, req, note, used in (
         ("apex", "apex", "optional: torch's fused AdamW and F.rms_norm match or beat it", ""),
@@ -373,13 +384,13 @@ def _verdict(env: EnvFacts, plan: BackendPlan, blocking: list[Check], checks: li
     return f"Ready on {where}: attention {dense}, norm {plan.rms_norm.label}, {plan.optimizer.label}{tail}"
 
 
-def run_checks(env: EnvFacts, require: list[str] | None = None) -> DoctorReport:
+def run_checks(env: EnvFacts, require: list[str] | None = None, vllm_venv=None) -> DoctorReport:
     """Every doctor check for `env`, the plans a default training run and `ghostvis infer` get, and which
-    required items block."""
+    required items block. vllm_venv: vllm_env.probe_vllm_env() of this machine (None: not looked for)."""
     required = list(require or [])
     plan = default_training_plan(env)
     inference_plan = plan_run(env, inference_run_facts(env, default_model_config(TrainConfig())))
-    checks = _system_checks(env) + _gpu_checks(env) + _cuda_checks(env) + _backend_checks(env, plan)
+    checks = _system_checks(env) + _gpu_checks(env) + _cuda_checks(env) + _backend_checks(env, plan, vllm_venv)
     checks += _path_checks(env)
     blocking = []
     for req in required:

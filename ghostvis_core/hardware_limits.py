@@ -124,6 +124,11 @@ LIMITS: dict[str, Limit] = {
 }
 
 
+# vLLM's CPU attention (vllm/v1/attention/backends/cpu_attn.py, get_supported_head_sizes in 0.32): any other
+# head_dim loads, then fails at the first generate ("Unsupported CPU attention configuration").
+VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
 def sm_name(cc: tuple[int, int] | None) -> str:
     """"sm90" for (9, 0); "CPU" for None."""
     return f"sm{cc[0]}{cc[1]}" if cc else "CPU"

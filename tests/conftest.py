@@ -32,8 +32,10 @@ def use_profile(tmp_path, monkeypatch):
 
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path, monkeypatch):
-    """Runs and caches of every test go to a temporary GHOSTVIS_HOME."""
+    """Runs and caches of every test go to a temporary GHOSTVIS_HOME; no test finds a vLLM environment this
+    machine may have (tests that want the real one set GHOSTVIS_VLLM_VENV or record it)."""
     monkeypatch.setenv("GHOSTVIS_HOME", str(tmp_path / "ghostvis_home"))
+    monkeypatch.setenv("GHOSTVIS_VLLM_VENV", str(tmp_path / "no_vllm_venv"))
 
 
 # Module-level memos whose contents depend on the machine profile, the environment or what an earlier test

@@ -125,6 +125,19 @@ def make_env(
     )
 
 
+def poison_loss_at(monkeypatch, loop_module, call: int) -> None:
+    """Make the loop's forward_sum return NaN on its `call`-th call (1-based), the real loss otherwise."""
+    calls = {"n": 0}
+    real = loop_module.forward_sum
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        loss = real(model, batch)
+        return loss * float("nan") if calls["n"] == call else loss
+
+    monkeypatch.setattr(loop_module, "forward_sum", poisoned)
+
+
 def write_profile(env: EnvFacts, path: Path) -> Path:
     """Write EnvFacts as the JSON that GHOSTVIS_ENV_PROFILE reads."""
     path.write_text(json.dumps(env.to_dict()))

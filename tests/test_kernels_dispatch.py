@@ -99,9 +99,13 @@ def test_bench_train_passes_its_flags(monkeypatch):
     result = CliRunner().invoke(_bench_app(), args + ["--json", "--no-compile"])
     assert result.exit_code == 0, result.output
     assert '"tok_per_s": 1234.5' in result.output
-    assert calls == [dict(preset="tiny", seq_len=64, batch_size=2, steps=3, compile=False, optimizer="adamw",
-                          norm_backend="auto")]
-    result = CliRunner().invoke(_bench_app(), args + ["--optimizer", "muon", "--norm-backend", "torch"])
+    assert calls == [dict(preset="tiny", seq_len=64, batch_size=2, steps=3, compile=False, optimizer="auto",
+                          norm_backend="auto", packed=0, fp8="none", activation_checkpointing="none")]
+    result = CliRunner().invoke(_bench_app(), args + ["--optimizer", "muon", "--norm-backend", "torch", "--packed",
+                                                      "8", "--fp8", "tensorwise", "--activation-checkpointing",
+                                                      "selective"])
     assert result.exit_code == 0, result.output
     assert "speedup: 0.50x" in result.output
     assert calls[-1]["compile"] is True and calls[-1]["optimizer"] == "muon" and calls[-1]["norm_backend"] == "torch"
+    assert (calls[-1]["packed"], calls[-1]["fp8"], calls[-1]["activation_checkpointing"]) == (8, "tensorwise",
+                                                                                               "selective")

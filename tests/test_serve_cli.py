@@ -30,7 +30,7 @@ def test_missing_extra_is_one_message_with_the_install_command(monkeypatch, caps
 
 
 @pytest.mark.parametrize("args, match", [
-    (["--backend", "vllm"], "--backend vllm is not available"),
+    (["--backend", "vllm"], "--backend vllm: this command serves with the native engine only"),
     (["--model", "no_such_run"], "no_such_run"),
     (["--model", "x", "--preset", "tiny"], "not both"),
     (["--max-concurrent", "0"], "--max-concurrent must be >= 1"),

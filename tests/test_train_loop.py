@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from helpers import poison_loss_at
 from helpers import tree_hashes as _hashes
 from test_train_config import tiny_config
 
@@ -47,15 +48,7 @@ def test_run_writes_checkpoints_metrics_plot_and_resumes_bitwise_from_a_path(tmp
 
 def test_nan_loss_aborts_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path, num_steps=8)
-    calls = {"n": 0}
-    real = loop.forward_sum
-
-    def poisoned(model, batch):
-        calls["n"] += 1
-        loss = real(model, batch)
-        return loss * float("nan") if calls["n"] == 6 else loss
-
-    monkeypatch.setattr(loop, "forward_sum", poisoned)
+    poison_loss_at(monkeypatch, loop, 6)
     with pytest.raises(TrainingAborted) as err:
         train(cfg)
     assert "loss is nan at step 6" in str(err.value) and "step_000004" in str(err.value)

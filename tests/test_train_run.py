@@ -1,45 +1,13 @@
-"""The loop's pieces: batches to the device through pinned memory, one restore path for weights and optimizer."""
+"""The loop's pieces: one restore path for weights and optimizer, step and loss accounting."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 from plans import cpu_gpt, cpu_optimizer
 from test_checkpoint import _save, _tied_model_and_optimizer
 
 from ghostvis_core.config import OptimizerConfig
-from ghostvis_core.train.loop import _to_device
 from ghostvis_core.train.run import Progress, restore_model_and_optimizer
-
-
-def _batch() -> dict[str, torch.Tensor]:
-    ids = torch.arange(24).reshape(2, 12)
-    return {"input_ids": ids, "targets": ids + 1, "position_ids": ids % 12}
-
-
-def test_cpu_batches_are_used_as_they_are():
-    batch = _batch()
-    moved = _to_device(batch, torch.device("cpu"))
-    assert all(moved[k] is batch[k] for k in batch)
-
-
-@pytest.mark.gpu
-def test_cuda_batches_are_copied_from_pinned_memory(monkeypatch):
-    pinned = []
-    real_pin = torch.Tensor.pin_memory
-
-    def pin(self, *args, **kwargs):
-        out = real_pin(self, *args, **kwargs)
-        pinned.append(out.is_pinned())
-        return out
-
-    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
-    batch = _batch()
-    moved = _to_device(batch, torch.device("cuda"))
-    torch.cuda.synchronize()
-    assert pinned == [True, True, True]
-    for k, v in batch.items():
-        assert moved[k].is_cuda and torch.equal(moved[k].cpu(), v)
 
 
 def test_restore_loads_weights_and_optimizer_state_exactly(tmp_path):
@@ -63,8 +31,11 @@ def test_restore_loads_weights_and_optimizer_state_exactly(tmp_path):
 
 def test_progress_counts_steps_and_tokens():
     progress = Progress(step=4, tokens_seen=400, start_step=4)
-    progress.advance(2.5, 100)
-    progress.advance(2.25, 100)
+    progress.advance(100)
+    progress.advance(100)
+    assert (progress.step, progress.tokens_seen, progress.last_loss) == (6, 600, None)  # queued, not read yet
+    progress.record_loss(5, 2.5)
+    progress.record_loss(6, 2.25)
     assert (progress.step, progress.tokens_seen, progress.last_loss) == (6, 600, 2.25)
     assert progress.losses == [(5, 2.5), (6, 2.25)]
     result = progress.result(None)

@@ -11,8 +11,8 @@ import time
 
 import torch
 
-from ghostvis_core.engine import resolve_backend
 from ghostvis_core.errors import ConfigError, GhostVisError
+from ghostvis_core.log import get_logger
 
 
 def random_model(preset: str, device: str | None, dtype: str, compile: bool | None = None):
@@ -152,7 +152,18 @@ def run_infer_bench(
         raise ConfigError(f"--compare {compare!r}: the only comparison is hf (transformers, static cache)")
     if model and preset:
         raise ConfigError("pass --model RUN or --preset NAME, not both")
-    backend = resolve_backend(backend)
+    from ghostvis_core.vllm_backend import inference_choice
+
+    if backend == "vllm" and not model:
+        raise ConfigError("--backend vllm benchmarks an exported model: pass --model RUN (random --preset "
+                          "weights run on the native engine)")
+    if model or backend != "auto":
+        choice, path = inference_choice(backend, model)  # validates the name; auto: vLLM or native, and why
+        if choice.backend == "vllm":
+            return run_vllm_bench(path, num_prompts, input_len, output_len, dtype=dtype, seed=seed)
+    else:
+        get_logger().info("--backend auto: the native engine (random --preset weights are not exported for vLLM)")
+    backend = "native"
     loaded = load_for_inference(model, device, dtype) if model else random_model(preset or "d20", device, dtype)
     m = loaded.model
     cache_len = input_len + output_len
@@ -181,6 +192,46 @@ def run_infer_bench(
     return result
 
 
+def run_vllm_bench(path, num_prompts: int, input_len: int, output_len: int, *, dtype: str = "auto",
+                   seed: int = 0) -> dict:
+    """The same benchmark through vLLM (vllm_backend): every request submitted at once, EOS ignored.
+
+    vLLM's offline API hands back all requests together, so per-request TTFT and latency are not measured
+    (None); throughput and the mean latency per prompt are.
+    """
+    from ghostvis_core.sampling import SamplingParams
+    from ghostvis_core.vllm_backend import create_vllm_engine
+
+    with create_vllm_engine(path, dtype=dtype) as engine:
+        if input_len + output_len > engine.max_model_len:
+            raise ConfigError(f"--input-len + --output-len = {input_len + output_len} exceeds the model's context "
+                              f"{engine.max_model_len}")
+        import json
+
+        vocab = json.loads((engine.folder / "config.json").read_text("utf-8"))
+        vocab = vocab.get("text_config", vocab)["vocab_size"]
+        g = torch.Generator().manual_seed(seed)
+        prompts = torch.randint(0, vocab, (num_prompts, input_len), generator=g).tolist()
+        sampling = SamplingParams(ignore_eos=True)
+        engine.generate_ids(prompts[:1], sampling, 2)  # warm-up
+        t0 = time.perf_counter()
+        outs = engine.generate_ids(prompts, sampling, output_len)
+        elapsed = time.perf_counter() - t0
+        config = json.loads((engine.folder / "config.json").read_text("utf-8"))
+    out_tokens = sum(len(o["token_ids"]) for o in outs)
+    return {
+        "backend": "vllm", "model": str(engine.source or engine.folder), "device": "cpu" if not
+        torch.cuda.is_available() else "cuda", "device_name": "cpu" if not torch.cuda.is_available() else
+        torch.cuda.get_device_name(), "dtype": config.get("dtype", dtype), "cuda_graphs": False,
+        "num_prompts": num_prompts, "input_len": input_len, "output_len": output_len, "batch_size": None,
+        "elapsed_s": elapsed, "requests_per_s": num_prompts / elapsed, "output_tokens": out_tokens,
+        "output_tokens_per_s": out_tokens / elapsed,
+        "total_tokens_per_s": (out_tokens + num_prompts * input_len) / elapsed,
+        "latency_ms_per_prompt": 1e3 * elapsed / num_prompts, "ttft_ms": None, "latency_ms": None,
+        "batch1": None, "compare": None,
+    }  # fmt: skip
+
+
 def _step_kind(r: dict) -> str:
     step = "compiled" if r.get("compiled") else "eager"
     return f"CUDA graphs of the {step} decode step" if r["cuda_graphs"] else f"{step} decode step"
@@ -188,17 +239,23 @@ def _step_kind(r: dict) -> str:
 
 def format_infer_bench(r: dict) -> str:
     """The seed's result block plus the per-request and bandwidth figures."""
+    engine = "vLLM" if r["backend"] == "vllm" else _step_kind(r)
+    batch = f", batch {r['batch_size']}" if r["batch_size"] else " (vLLM schedules the batch)"
     lines = [
         "=== Benchmark Results ===",
-        f"Backend: {r['backend']} ({_step_kind(r)}), {r['device_name']}, "
-        f"{r['dtype']}, model {r['model']}",
-        f"Prompts: {r['num_prompts']} x {r['input_len']} tokens in, {r['output_len']} out, batch {r['batch_size']}",
+        f"Backend: {r['backend']} ({engine}), {r['device_name']}, {r['dtype']}, model {r['model']}",
+        f"Prompts: {r['num_prompts']} x {r['input_len']} tokens in, {r['output_len']} out{batch}",
         f"Throughput: {r['output_tokens_per_s']:,.1f} tokens/sec (output)",
         f"Latency: {r['latency_ms_per_prompt']:,.2f} ms/prompt",
         f"Requests/s: {r['requests_per_s']:,.2f}   total tokens/s: {r['total_tokens_per_s']:,.1f}",
-        "TTFT ms: mean {mean:,.1f}  p50 {p50:,.1f}  p99 {p99:,.1f}".format(**r["ttft_ms"]),
-        "Request latency ms: p50 {p50:,.1f}  p90 {p90:,.1f}  p99 {p99:,.1f}".format(**r["latency_ms"]),
     ]
+    if r["ttft_ms"] is None:
+        lines.append("TTFT and request latency: not measured (vLLM's offline API returns every request at once)")
+    else:
+        lines += [
+            "TTFT ms: mean {mean:,.1f}  p50 {p50:,.1f}  p99 {p99:,.1f}".format(**r["ttft_ms"]),
+            "Request latency ms: p50 {p50:,.1f}  p90 {p90:,.1f}  p99 {p99:,.1f}".format(**r["latency_ms"]),
+        ]
     if r["batch1"]:
         b = r["batch1"]
         lines.append(f"Batch-1 decode: {b['decode_tokens_per_s']:,.0f} tok/s x {b['weight_bytes_per_token'] / 1e9:.2f}"

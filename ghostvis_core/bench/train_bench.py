@@ -1,6 +1,9 @@
 """Training-step benchmark: our stack against the plain PyTorch model a user would write, same card.
 
-Ours: `GPT` with the backends the plan picks, bf16 autocast, `build_optimizer`, blocks compiled.
+Ours: what the trainer runs: `GPT` with the backends the plan picks, bf16 autocast, `build_optimizer` with the
+trainer's default optimizer (Muon + AdamW; --optimizer adamw for AdamW only), blocks compiled; optionally packed
+rows (--packed N documents per row, the packed-attention backend), fp8 block linears (--fp8) and activation
+checkpointing (--activation-checkpointing), each through the same plan and functions the trainer uses.
 Reference: the same Llama architecture written plainly below (nn.RMSNorm, SDPA is_causal with PyTorch's
 default kernel choice, silu(gate) * up, full-logit fp32 cross-entropy), `torch.compile(model)`, fused AdamW.
 
@@ -117,12 +120,13 @@ def _free() -> None:
     torch.cuda.empty_cache()
 
 
-def _run_steps(model, optimizer, x, y, steps: int, warmup: int) -> dict:
+def _run_steps(model, optimizer, x, y, steps: int, warmup: int, position_ids=None) -> dict:
     """Time `steps` training steps after `warmup` (compile happens there); optimizer ms from inner events."""
+    extra = () if position_ids is None else (position_ids,)
 
     def one_step(opt_span: CudaSpan | None = None):
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(x, y)
+            loss = model(x, y, *extra)
         loss.backward()
         if opt_span is not None:
             opt_span.start()
@@ -154,34 +158,53 @@ def _run_steps(model, optimizer, x, y, steps: int, warmup: int) -> dict:
     }
 
 
-def bench_plan(config: GPTConfig, compile: bool, optimizer: str) -> BackendPlan:
+def bench_plan(config: GPTConfig, compile: bool, optimizer: str, fp8: str = "none",
+               activation_checkpointing: str = "none") -> BackendPlan:
     """The plan a bf16 training run of `config` gets on this GPU (the trainer's facts function)."""
     from ghostvis_core.backends import plan_run, training_run_facts
     from ghostvis_core.env import probe_env
 
     env = probe_env()
-    facts = training_run_facts(env, config, device_type="cuda", compile=compile, dtype="bfloat16", optimizer=optimizer)
+    facts = training_run_facts(env, config, device_type="cuda", compile=compile, dtype="bfloat16", optimizer=optimizer,
+                               fp8=fp8, activation_checkpointing=activation_checkpointing)
     return plan_run(env, facts)
 
 
-def measure_ours(config: GPTConfig, plan: BackendPlan, batch_size: int, steps: int, warmup: int) -> dict:
+def packed_positions(batch_size: int, seq_len: int, docs_per_row: int, device) -> torch.Tensor | None:
+    """position_ids (B, T) of rows holding `docs_per_row` equal documents (positions restart at each one);
+    None for one document per row (dense causal)."""
+    if docs_per_row <= 1:
+        return None
+    if seq_len % docs_per_row:
+        raise ConfigError(f"--packed {docs_per_row} must divide --seq-len {seq_len}")
+    pos = torch.arange(seq_len, device=device) % (seq_len // docs_per_row)
+    return pos[None].expand(batch_size, seq_len).contiguous()
+
+
+def measure_ours(config: GPTConfig, plan: BackendPlan, batch_size: int, steps: int, warmup: int,
+                 packed: int = 0) -> dict:
     """One configuration of our stack: tok/s, step ms, optimizer ms, peak memory, backends in use."""
+    from ghostvis_core.fp8 import convert_to_fp8
     from ghostvis_core.gpt import GPT
     from ghostvis_core.optim import build_optimizer
 
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = GPT(config, plan)
+    fp8_linears = convert_to_fp8(model, plan.fp8)  # before compile, as the trainer does
     if plan.compiled:
         model.compile_blocks(dynamic=False)
     opt, description = build_optimizer(model, OptimizerConfig(backend=plan.facts.optimizer, lr=1e-4), plan)
     x = torch.randint(0, config.vocab_size, (batch_size, config.sequence_len), device="cuda")
     y = torch.roll(x, -1, dims=1)
+    position_ids = packed_positions(batch_size, config.sequence_len, packed, x.device)
     graph_breaks_before = _graph_breaks()
-    result = _run_steps(model, opt, x, y, steps, warmup)
+    result = _run_steps(model, opt, x, y, steps, warmup, position_ids)
     result.update(
         {
-            "attention": plan.attention["dense"].label,
+            "attention": plan.attention["packed" if position_ids is not None else "dense"].label,
+            "fp8": f"{plan.fp8.label} on {len(fp8_linears)} linears" if fp8_linears else "off",
+            "activation_checkpointing": plan.activation_checkpointing.label,
             "rms_norm": plan.rms_norm.label,
             "swiglu": plan.swiglu.label,
             "optimizer": description,
@@ -384,9 +407,12 @@ def run_train_bench(
     steps: int = 10,
     compile: bool = True,
     warmup: int = 3,
-    optimizer: str = "adamw",
+    optimizer: str = "auto",
     components: bool = True,
     norm_backend: str = "auto",
+    packed: int = 0,
+    fp8: str = "none",
+    activation_checkpointing: str = "none",
 ) -> dict:
     """Train-step throughput, MFU and peak memory of our stack vs the plain PyTorch reference, same card."""
     # the flags first: a typo is reported as such on any machine, not hidden behind "needs a GPU"
@@ -394,8 +420,17 @@ def run_train_bench(
         raise ConfigError(
             f"need --steps >= 1, warmup >= 0, --batch-size >= 1 (got {steps}, {warmup}, {batch_size})"
         )
-    if optimizer not in ("adamw", "muon"):
-        raise ConfigError(f"--optimizer {optimizer!r}: expected adamw or muon")
+    if optimizer not in ("auto", "adamw", "muon"):
+        raise ConfigError(f"--optimizer {optimizer!r}: expected auto, adamw or muon")
+    from ghostvis_core.backend_names import ACTIVATION_CHECKPOINTING, FP8_REQUESTS
+
+    if fp8 not in FP8_REQUESTS:
+        raise ConfigError(f"--fp8 {fp8!r}: expected one of {', '.join(FP8_REQUESTS)}")
+    if activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+        raise ConfigError(f"--activation-checkpointing {activation_checkpointing!r}: expected one of "
+                          f"{', '.join(ACTIVATION_CHECKPOINTING)}")
+    if packed < 0 or (packed > 1 and seq_len % packed):
+        raise ConfigError(f"--packed {packed}: expected 0 or a number of documents that divides --seq-len {seq_len}")
     config = get_preset(preset, sequence_len=seq_len, norm_backend=norm_backend)
     if not torch.cuda.is_available():
         raise GhostVisError(
@@ -404,8 +439,8 @@ def run_train_bench(
         )
     device_name = torch.cuda.get_device_name()
     peak = peak_bf16_flops(device_name)
-    plan = bench_plan(config, compile, optimizer)
-    ours = measure_ours(config, plan, batch_size, steps, warmup)
+    plan = bench_plan(config, compile, optimizer, fp8, activation_checkpointing)
+    ours = measure_ours(config, plan, batch_size, steps, warmup, packed)
     reference = measure_reference(config, batch_size, steps, warmup, compile)
     fpt = ours["flops_per_token"]
     for r in (ours, reference):
@@ -418,8 +453,11 @@ def run_train_bench(
         "batch_size": batch_size,
         "steps": steps,
         "compile": compile,
-        "optimizer": optimizer,
+        "optimizer": plan.optimizer.backend,
         "norm_backend": norm_backend,
+        "packed": packed,
+        "fp8": plan.fp8.backend,
+        "activation_checkpointing": plan.activation_checkpointing.backend,
         "peak_flops": peak,
         "flops_per_token": fpt,
         "ours": ours,
@@ -453,7 +491,10 @@ def format_train_bench(result: dict) -> str:
     lines = [
         f"{result['preset']} B={result['batch_size']} T={result['seq_len']} on {result['device']} "
         f"(torch {result['torch']}, compile={result['compile']}, "
-        f"optimizer={result['optimizer']}, norm={result['norm_backend']})",
+        f"optimizer={result['optimizer']}, norm={result['norm_backend']}, packed={result['packed']}, "
+        f"fp8={result['fp8']}, activation checkpointing={result['activation_checkpointing']})",
+        f"ours: {o['optimizer']}; attention {o['attention']}; fp8 {o['fp8']}",
+        "reference: plain compiled PyTorch, one document per row, fused AdamW",
         f"{'':12}{'tok/s':>10}{'MFU':>8}{'step ms':>9}{'peak GiB':>10}",
         f"{'GhostVis':12}{o['tok_per_s']:>10.0f}{mfu(o):>8}{o['step_ms']:>9.1f}{o['peak_mem_gib']:>10.1f}",
         f"{'reference':12}{r['tok_per_s']:>10.0f}{mfu(r):>8}{r['step_ms']:>9.1f}{r['peak_mem_gib']:>10.1f}",

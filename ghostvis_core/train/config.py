@@ -108,6 +108,13 @@ class TrainConfig:
     """auto = bf16 autocast on CUDA, fp32 on CPU; or bfloat16 | float32 explicitly."""
     fsdp: bool = False
     """Shard parameters with FSDP2 (fully_shard per block + root) instead of DDP; GPU only."""
+    fp8: str = "none"
+    """none | tensorwise | rowwise: train the decoder blocks' linears in float8 (torchao; e4m3 forward, e5m2
+    gradients for tensorwise, dynamic scales). Needs an sm89+ GPU (rowwise sm90+), bf16 and torchao; refused
+    elsewhere. Checkpoints keep the parameters' dtype, so a run without fp8 loads them."""
+    activation_checkpointing: str = "none"
+    """none | full | selective: recompute each block's (full) or every other block's (selective) activations
+    in backward instead of keeping them; fits larger models or batches at the cost of extra forward work."""
     log_every: int = 10
     """Log loss, dt, tok/s, MFU, memory and ETA (and append to metrics.jsonl) every this many steps."""
     save_every: int = 100
@@ -158,6 +165,13 @@ class TrainConfig:
             raise ConfigError(f"warmdown_frac={self.warmdown_frac}: must be between 0 and 1")
         if not 0 <= self.grad_clip < math.inf:  # also rejects NaN, which `< 0` lets through
             raise ConfigError(f"grad_clip={self.grad_clip}: must be >= 0 (0 disables clipping)")
+        from ghostvis_core.backend_names import ACTIVATION_CHECKPOINTING, FP8_REQUESTS
+
+        if self.fp8 not in FP8_REQUESTS:
+            raise ConfigError(f"fp8={self.fp8!r}: expected one of {', '.join(FP8_REQUESTS)}")
+        if self.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+            raise ConfigError(f"activation_checkpointing={self.activation_checkpointing!r}: expected one of "
+                              f"{', '.join(ACTIVATION_CHECKPOINTING)}")
         if self.dtype not in _DTYPES:
             raise ConfigError(f"dtype={self.dtype!r}: expected one of {', '.join(_DTYPES)}")
         if not self.resume:

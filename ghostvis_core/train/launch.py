@@ -53,6 +53,8 @@ FLAG_FIELDS = {
     "--num-steps": "num_steps",
     "--compile/--no-compile": "compile",
     "--fsdp/--no-fsdp": "fsdp",
+    "--fp8": "fp8",
+    "--activation-checkpointing": "activation_checkpointing",
 }
 
 # Config fields that name files or folders which must exist before anything is launched.

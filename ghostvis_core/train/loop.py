@@ -15,6 +15,7 @@ import math
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -95,7 +96,8 @@ def forward_backward(
     loss_fn = loss_fn or forward_sum
     local_count = sum((mb["targets"] != IGNORE_INDEX).sum() for mb in micro_batches)
     global_count = all_reduce_sum(torch.as_tensor(local_count, dtype=torch.int64).clone())
-    scale = world_size / max(int(global_count.item()), 1)
+    # a device tensor, not a Python number: reading the count would make the host wait for the device
+    scale = world_size / global_count.clamp(min=1).double()
     loss_sum = torch.zeros((), dtype=torch.float32, device=micro_batches[0]["input_ids"].device)
     for i, mb in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
@@ -106,7 +108,7 @@ def forward_backward(
         with sync:
             with autocast():
                 micro_loss = loss_fn(model, mb)
-            (micro_loss * scale).backward()
+            (micro_loss * scale.to(micro_loss.dtype)).backward()
         loss_sum += micro_loss.detach().float()
     return loss_sum, global_count
 
@@ -137,7 +139,14 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 
 def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
-    """Build (restoring a checkpoint if there is one), then step, log and save until num_steps or a signal."""
+    """Build (restoring a checkpoint if there is one), then step, log and save until num_steps or a signal.
+
+    Steps are queued without waiting for the device: each leaves its loss, token count, gradient norm and the
+    stop flag on the device (`PendingStep`), and the host reads them in one transfer only at a read point (a
+    log step, a save step, the last step). There every pending step is checked (a non-finite loss or gradient
+    norm aborts before anything is saved), counted and logged; a stop signal takes effect at the next read
+    point (at most log_every steps later), where every rank sees the same all-reduced flag.
+    """
     run = build_run(cfg, info)
     progress = run.restore()
     if progress.step >= cfg.num_steps:
@@ -147,13 +156,21 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
     run.prepare_run_dir(progress.step)
     stop = _StopFlag()
     stop.install()
+    pending: list[PendingStep] = []
+    since = time.perf_counter()
     try:
         while progress.step < cfg.num_steps:
-            stats = train_step(run, progress, stop)
+            pending.append(train_step(run, progress, stop))
+            step = progress.step
+            at_save = cfg.save_every > 0 and step % cfg.save_every == 0
+            if not (step % cfg.log_every == 0 or at_save or step == cfg.num_steps):
+                continue
+            stats = read_steps(run, progress, pending, since)  # the one host sync of these steps
+            pending.clear()
             log_step(run, progress, stats)
-            at_save = cfg.save_every > 0 and progress.step % cfg.save_every == 0
-            if at_save or progress.step == cfg.num_steps or stats.stop_now:
+            if at_save or step == cfg.num_steps or stats.stop_now:
                 progress.last_saved = run.save(progress) or progress.last_saved
+            since = time.perf_counter()
             if stats.stop_now:
                 # The user-facing "stopped by ...; resume with the same command" line is printed once, on
                 # rank 0, by the recipe entry point (recipes/_main.py), which owns "the command".
@@ -164,21 +181,27 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
     return progress.result(cfg.run_dir)
 
 
-def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """A loader batch on `device`; to CUDA through pinned host memory, so non_blocking copies really overlap."""
-    if device.type != "cuda":
-        return batch
-    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+@dataclass
+class PendingStep:
+    """What a queued step leaves on the device for the next read point."""
+
+    step: int
+    stats: torch.Tensor
+    """(loss sum over ranks, target count over ranks, stop flag over ranks, images over ranks, grad norm)."""
+    lr_mult: float
+    lrs: dict[str, float]
+    data_s: float
 
 
-def train_step(run: TrainingRun, progress: Progress, stop: _StopFlag) -> StepStats:
-    """One optimizer step (all micro-batches); raises TrainingAborted on OOM or a non-finite loss/grad norm."""
+def train_step(run: TrainingRun, progress: Progress, stop: _StopFlag) -> PendingStep:
+    """Queue one optimizer step (all micro-batches) without waiting for the device; raises TrainingAborted on
+    OOM. Its numbers stay on the device until read_steps."""
     cfg, device = run.cfg, run.info.device
-    t0 = time.perf_counter()
     mult = run.schedule.multiplier(progress.step)
     apply_lr(run.optimizer, mult)
+    lrs = group_lrs(run.optimizer)
     t_data = time.perf_counter()
-    micro = [_to_device(next(run.loader), device) for _ in range(run.grad_accum)]
+    micro = [next(run.loader) for _ in range(run.grad_accum)]  # on the device (train/prefetch.py)
     data_s = time.perf_counter() - t_data  # the step's wait on the loader (decoding it could not hide)
     images = sum(mb["pixel_values"].shape[0] for mb in micro if "pixel_values" in mb)
     try:
@@ -188,41 +211,50 @@ def train_step(run: TrainingRun, progress: Progress, stop: _StopFlag) -> StepSta
                      if cfg.grad_clip > 0 else torch.zeros((), device=device))
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor norm
             grad_norm = grad_norm.full_tensor()
-    except torch.cuda.OutOfMemoryError:
-        raise TrainingAborted(_oom_message(cfg, progress.step + 1)) from None
-    # one collective for the logged loss, and the stop flag so every rank stops at the same step
-    stats = torch.stack([loss_sum.float(), torch.tensor(float(stop.signal_name is not None), device=device),
-                         torch.tensor(float(images), device=device), grad_norm.detach().float().to(device)])
-    stats[:3] = all_reduce_sum(stats[:3].clone())
-    loss = stats[0].item() / max(int(count.item()), 1)
-    stop_now = stats[1].item() > 0
-    images = int(stats[2].item())
-    norm = stats[3].item()
-    if not math.isfinite(loss) or not math.isfinite(norm):
-        what = "loss" if not math.isfinite(loss) else "gradient norm"
-        kept = ckpt.latest_checkpoint(cfg.run_dir)
-        raise TrainingAborted(
-            f"{what} is {loss if what == 'loss' else norm} at step {progress.step + 1}: training stopped before "
-            f"applying it. The last good checkpoint is {kept or 'none (nothing saved yet)'}; lower "
-            f"optim.lr / optim.matrix_lr (or warm up longer), then resume with the same command"
-        )
-    try:
+        # one collective for the logged loss, the images and the stop flag (every rank stops at the same step);
+        # the host values travel through pinned memory, so queuing them does not wait for the device
+        host = torch.tensor([float(stop.signal_name is not None), float(images)], pin_memory=device.type == "cuda")
+        summed = all_reduce_sum(torch.cat([loss_sum.float().reshape(1), host.to(device, non_blocking=True)]))
+        stats = torch.cat([summed[:1].double(), count.double().reshape(1), summed[1:].double(),
+                           grad_norm.detach().double().reshape(1).to(device)])
         run.optimizer.step()
     except torch.cuda.OutOfMemoryError:
         raise TrainingAborted(_oom_message(cfg, progress.step + 1)) from None
     run.optimizer.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    progress.advance(loss, run.tokens_per_step)
-    return StepStats(loss=loss, grad_norm=norm, lr_mult=mult, lrs=group_lrs(run.optimizer),
-                     dt=time.perf_counter() - t0, stop_now=stop_now, images=images, data_s=data_s)
+    progress.advance(run.tokens_per_step)
+    return PendingStep(step=progress.step, stats=stats, lr_mult=mult, lrs=lrs, data_s=data_s)
+
+
+def read_steps(run: TrainingRun, progress: Progress, pending: list[PendingStep], since: float) -> StepStats:
+    """Read the pending steps' numbers (one device-to-host transfer, which waits for them), abort on the first
+    non-finite loss or gradient norm, record each step's loss; the last step's StepStats."""
+    cfg = run.cfg
+    rows = torch.stack([p.stats for p in pending]).tolist()
+    dt = (time.perf_counter() - since) / len(pending)  # the device is idle again: the steps' average time
+    for p, (loss_sum, count, _stop, _images, norm) in zip(pending, rows, strict=True):
+        loss = loss_sum / max(int(count), 1)
+        if not math.isfinite(loss) or not math.isfinite(norm):
+            what = "loss" if not math.isfinite(loss) else "gradient norm"
+            kept = ckpt.latest_checkpoint(cfg.run_dir)
+            raise TrainingAborted(
+                f"{what} is {loss if what == 'loss' else norm} at step {p.step}: training stopped at step "
+                f"{pending[-1].step} without saving. The last good checkpoint is "
+                f"{kept or 'none (nothing saved yet)'}; lower optim.lr / optim.matrix_lr (or warm up longer), "
+                "then resume with the same command"
+            )
+        progress.record_loss(p.step, loss)
+    last = pending[-1]
+    _, _, stop_flag, images, norm = rows[-1]
+    return StepStats(loss=progress.last_loss, grad_norm=norm, lr_mult=last.lr_mult, lrs=last.lrs, dt=dt,
+                     stop_now=stop_flag > 0, images=int(images), data_s=last.data_s, steps=len(pending))
 
 
 def log_step(run: TrainingRun, progress: Progress, stats: StepStats) -> None:
-    """Record the step time; every log_every steps (and the last / a stopping one) a metrics line."""
+    """Record the steps' time; at a log step (and the last / a stopping one) a metrics line."""
     cfg, info, step = run.cfg, run.info, progress.step
-    if step > progress.start_step + 1:  # the first step pays for warmup/compilation
-        progress.step_times.append(stats.dt)
+    first_of_process = step - stats.steps <= progress.start_step  # that interval paid for warmup/compilation
+    if not first_of_process:
+        progress.step_times.extend([stats.dt] * stats.steps)
     if not (step % cfg.log_every == 0 or step == cfg.num_steps or stats.stop_now):
         return
     avg = sum(progress.step_times) / len(progress.step_times) if progress.step_times else stats.dt

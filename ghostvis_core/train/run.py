@@ -34,6 +34,7 @@ from ghostvis_core.train.distributed import (
 )
 from ghostvis_core.train.freeze import FreezeSpec, apply_freeze, parse_freeze
 from ghostvis_core.train.metrics import MetricsLog, ProgressPrinter, peak_flops
+from ghostvis_core.train.prefetch import DevicePrefetcher
 from ghostvis_core.train.recipe_spec import RecipeSpec, spec_for
 from ghostvis_core.train.schedule import LRSchedule, apply_lr, group_lrs, resume_schedule
 
@@ -62,6 +63,11 @@ def build_model_and_optimizer(cfg: TrainConfig, model_config: ModelConfig, info:
     why = f"compile={str(cfg.compile).lower()}" if cfg.compile is not None else f"the default on {device.type}"
     get_logger().info(f"torch.compile: {'on' if plan.compiled else 'off'} ({why}; --compile / --no-compile to change)")
     log_plan(plan)  # the one banner, from the plan that already holds the compile decision and the dtype
+    if plan.fp8.backend != "none":
+        from ghostvis_core.fp8 import convert_to_fp8, describe_fp8
+
+        get_logger().info(describe_fp8(raw_model, plan.fp8))
+        convert_to_fp8(raw_model, plan.fp8, fsdp=cfg.fsdp)  # before compile and DDP/FSDP2 wrapping
     if plan.compiled:
         # regional compilation: the identical blocks share one graph (whole-model compile takes far longer,
         # and the attention setup and chunked loss are deliberate eager regions)
@@ -98,13 +104,15 @@ class StepStats:
     lrs: dict[str, float]
     """The learning rate of each optimizer group in this step, by group name."""
     dt: float
-    """Seconds, from setting the LR to the device being idle again."""
+    """Seconds per step, averaged over the steps since the previous read point (the device idle at both)."""
     stop_now: bool
     """A stop signal reached some rank: every rank saves and returns after this step."""
     images: int = 0
     """Images in the step over all ranks (image-chat runs)."""
     data_s: float = 0.0
     """Seconds this rank waited on its loader for the step's batches."""
+    steps: int = 1
+    """Steps read at this read point (dt is their average)."""
 
 
 @dataclass
@@ -121,12 +129,15 @@ class Progress:
     losses: list[tuple[int, float]] = field(default_factory=list)
     step_times: list[float] = field(default_factory=list)
 
-    def advance(self, loss: float, tokens: int) -> None:
-        """Count one finished optimizer step."""
+    def advance(self, tokens: int) -> None:
+        """Count one queued optimizer step (its loss is recorded when the host reads it: record_loss)."""
         self.step += 1
         self.tokens_seen += tokens
+
+    def record_loss(self, step: int, loss: float) -> None:
+        """The loss of `step`, read from the device."""
         self.last_loss = loss
-        self.losses.append((self.step, loss))
+        self.losses.append((step, loss))
 
     def result(self, run_dir: Path, stopped_by: str | None = None) -> TrainResult:
         """The TrainResult of this process."""
@@ -287,6 +298,7 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> TrainingRun:
              f"{grad_accum} accumulation step(s) = {tokens_per_step:,} tokens per step")
     vision = model_config.vision if spec.model_kind == "vlm" else None
     _, loader = setup.build_data(cfg, tokenizer, spec, info, vision)
+    loader = DevicePrefetcher(loader, info.device)  # batches arrive on the device, the next copy in flight
     return TrainingRun(
         cfg=cfg, info=info, spec=spec, start=start, tokenizer=tokenizer, model_config=model_config,
         plan=plan, raw_model=raw_model, model=model, optimizer=optimizer, loader=loader, grad_accum=grad_accum,

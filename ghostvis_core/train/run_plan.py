@@ -25,6 +25,9 @@ def plan_for_training(
         dtype=cfg.dtype,
         optimizer=cfg.optim.backend,
         world_size=world_size,
+        fp8=cfg.fp8,
+        activation_checkpointing=cfg.activation_checkpointing,
+        fsdp=cfg.fsdp,
     )
     return plan_run(env, facts)
 
