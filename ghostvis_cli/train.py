@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ghostvis_core.errors import ConfigError, GhostVisError
-from ghostvis_core.train import launch, run_lock
+from ghostvis_core.train import launch, log_backends, run_lock
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -35,12 +35,12 @@ def train(
         None, help="Config overrides key=value, e.g. num_steps=500 model.n_layer=4 optim.lr=3e-4."
     ),
     gpus: int | None = typer.Option(
-        None, "--gpus", min=0, help="GPUs (processes) on this node; default all visible GPUs; 0 = CPU."
+        None, "--gpus", help="GPUs (processes) on this node; default all visible GPUs; 0 = CPU."
     ),
     nodes: int = typer.Option(
-        1, "--nodes", min=1, help="Number of nodes (multi-node needs --rdzv-endpoint)."
+        1, "--nodes", help="Number of nodes (multi-node needs --rdzv-endpoint)."
     ),
-    node_rank: int = typer.Option(0, "--node-rank", min=0, help="This node's rank, 0..nodes-1."),
+    node_rank: int = typer.Option(0, "--node-rank", help="This node's rank, 0..nodes-1."),
     rdzv_endpoint: str | None = typer.Option(
         None, "--rdzv-endpoint", help="HOST:PORT every node can reach (usually node 0), for --nodes > 1."
     ),
@@ -65,6 +65,10 @@ def train(
         None, "--compile/--no-compile", help="torch.compile the model."
     ),
     fsdp: bool | None = typer.Option(None, "--fsdp/--no-fsdp", help="Shard with FSDP2 instead of DDP (GPU)."),
+    log_to: list[str] | None = typer.Option(
+        None, "--log-to", help="Also log metrics to tensorboard and/or wandb (offline unless WANDB_MODE is set); "
+        "repeat or comma-separate."
+    ),
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Print the resolved config and command; run nothing."
     ),
@@ -91,6 +95,7 @@ def train(
         "--num-steps": num_steps,
         "--compile/--no-compile": compile_model,
         "--fsdp/--no-fsdp": fsdp,
+        "--log-to": log_backends.parse_log_to(log_to) if log_to else None,
     }
     job = launch.prepare_launch(
         RECIPES,
@@ -103,6 +108,8 @@ def train(
         rdzv_endpoint=rdzv_endpoint,
         parent_env=os.environ,
     )
+    # a backend whose package is missing is refused now, with the pip command, not after a run
+    log_backends.check_available(job.cfg.log_to)
     if dry_run:
         if json_out:
             typer.echo(json.dumps(launch.dry_run_dict(job), indent=2))

@@ -53,6 +53,7 @@ FLAG_FIELDS = {
     "--num-steps": "num_steps",
     "--compile/--no-compile": "compile",
     "--fsdp/--no-fsdp": "fsdp",
+    "--log-to": "log_to",
 }
 
 # Config fields that name files or folders which must exist before anything is launched.
