@@ -135,6 +135,8 @@ def _run(job: launch.Launch, recipe: str, nodes: int, node_rank: int) -> None:
     if nodes > 1:
         where += f" x {nodes} nodes (this is node {node_rank})"
     err_console.print(f"[bold]ghostvis train[/] {recipe}: run {cfg.run} on {where}")
+    if job.preset_note:
+        err_console.print(job.preset_note, soft_wrap=True, markup=False)
     line = launch.format_command(job.cmd, job.changes)
     err_console.print(f"$ {line}", style="dim", soft_wrap=True, markup=False)
     # The root callback exported --debug as GHOSTVIS_DEBUG=1, so the trainer shows its tracebacks too.
@@ -165,6 +167,8 @@ def _print_dry_run(job: launch.Launch) -> None:
     console.print(table)
     where = "CPU, one process" if plan.nproc == 0 else f"{plan.nproc} GPU process(es) per node"
     console.print(f"Launch: {where} x {plan.nodes} node(s) = world size {plan.world_size}")
+    if job.preset_note:
+        console.print(job.preset_note, soft_wrap=True, markup=False)
     console.print(f"Launch record: {plan.config_path} (written by the trainer once it accepts the launch; the "
                   "launch passes a temporary copy)", soft_wrap=True, markup=False)
     if job.changes:
