@@ -5,8 +5,8 @@ BIN := $(VENV)/bin
 # Extra pip arguments for torch, e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu".
 TORCH_PIP_ARGS ?=
 # Re-run an install only when the package metadata changes. `make install` (and test, lint, bench) installs
-# the test extra; `make demo` only what the demo runs: the runtime dependencies and the `demo` extra (Pillow
-# for the drawn images, matplotlib for the loss plots), no test tools, transformers or triton.
+# the test extra; `make demo` only what the demo runs: the runtime dependencies and the `demo` extra
+# (matplotlib, for the loss plots), no test tools, transformers or triton.
 STAMP := $(VENV)/.ghostvis-installed
 DEMO_STAMP := $(VENV)/.ghostvis-demo-installed
 

@@ -59,9 +59,9 @@ def test_plain_pip_install_trains_and_says_the_plot_was_skipped(tmp_path):
     env.update(GHOSTVIS_HOME=str(tmp_path / "home"), OMP_NUM_THREADS="1")
     # a real no-extras install: none of the optional packages, and the package from the venv, not this checkout
     probe = subprocess.run([python, "-c", "import importlib.util as u, ghostvis_core; print(ghostvis_core.__file__); "
-                            "print([m for m in ('matplotlib', 'pyarrow', 'PIL', 'pytest', 'transformers', "
-                            "'tensorboard') if u.find_spec(m)])"], cwd=tmp_path, env=env, capture_output=True,
-                           text=True, timeout=120)
+                            "print([m for m in ('matplotlib', 'pyarrow', 'pytest', 'transformers', 'triton', "
+                            "'tensorboard', 'wandb') if u.find_spec(m)])"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=120)
     location, optional = probe.stdout.splitlines()
     assert location.startswith(str(venv)) and optional == "[]", probe.stdout + probe.stderr
 
