@@ -193,9 +193,9 @@ def data_tokenizer(data: Path, vocab_size: int, *, kind: str, text_column: str, 
         check_round_trip(trained[0].stats.sample, tok.decode(tok.encode(trained[0].stats.sample)))
         return tok
 
-    tok, _ = cached_tokenizer(final, train, f"the tokenizer trained on {data}")
+    tok, fresh = cached_tokenizer(final, train, f"the tokenizer trained on {data}")
     how = "tokenizer=PATH uses another; `ghostvis tokenizer train` makes one with other settings"
-    if trained:
+    if fresh:
         stats = trained[0].stats
         get_logger().info(f"Tokenizer: trained on --data {data} ({stats.docs} documents, {stats.chars:,} characters): "
                           f"{tok.vocab_size} tokens -> {final}; reused while the data is unchanged ({how})")
