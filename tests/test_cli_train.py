@@ -1,8 +1,8 @@
 """`ghostvis train`: dry-run config/command, GPU and node checks, overrides, errors, --list, launching."""
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path

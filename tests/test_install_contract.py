@@ -7,12 +7,13 @@ import re
 import shlex
 import shutil
 import subprocess
-import tomllib
 from pathlib import Path
 
 import pytest
 
 from ghostvis_core.data.shapes import QUESTION_KINDS, main
+
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 REPO = Path(__file__).resolve().parents[1]
 # Packages only the test suite needs: a venv that `make demo` made must hold none of them.
