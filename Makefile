@@ -46,7 +46,7 @@ demo: $(DEMO_STAMP)
 	$(call STAGE,vision_pretrain,$(BIN)/ghostvis train vision_pretrain --run $(DEMO_RUN)-vision init_from=$(DEMO_RUN)-base)
 	$(call STAGE,image chat_sft,$(BIN)/ghostvis train chat_sft --run $(DEMO_RUN)-vlm init_from=$(DEMO_RUN)-vision --num-steps 600 freeze= save_every=200)
 	$(call STAGE,eval,$(BIN)/ghostvis eval $(DEMO_RUN)-vlm --baseline)
-	$(call STAGE,infer --image,img=$$($(BIN)/python -c 'from ghostvis_core.data.shapes import main; main()' --run $(DEMO_RUN)-vlm --ask count | tee /dev/stderr | tail -n 1) && $(BIN)/ghostvis infer --run $(DEMO_RUN)-vlm --image "$$img" --prompt "How many shapes are there?")
+	$(call STAGE,infer --image,img=$$($(BIN)/python -c 'from ghostvis_core.data.shapes import main; main()' --run $(DEMO_RUN)-vlm --ask count) && $(BIN)/ghostvis infer --run $(DEMO_RUN)-vlm --image "$$img" --prompt "How many shapes are there?")
 
 # pytest exits 5 when it collects no tests; make treats that as a failure, as it should.
 test: install
