@@ -5,6 +5,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ghostvis_cli import bench, doctor, eval_cmd, export_cmd, infer, install, tokenizer_cmd, train
 from ghostvis_core import __version__
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     except GhostVisError as err:
         if is_debug():
             raise
-        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        # escaped: a message may hold brackets (pip install 'ghostvis[plot]') that Rich would read as markup
+        err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         if is_debug():
