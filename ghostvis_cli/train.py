@@ -69,8 +69,8 @@ def train(
         None, "--fp8", help="none | tensorwise | rowwise: the block linears in float8 (torchao; sm89+ GPU)."
     ),
     activation_checkpointing: str | None = typer.Option(
-        None, "--activation-checkpointing", help="none | full | selective (every other block): recompute "
-        "block activations in backward to fit bigger models or batches."
+        None, "--recompute", help="Activation checkpointing: none | full | selective (every other block) "
+        "recompute block activations in backward, to fit bigger models or batches."
     ),
     log_to: list[str] | None = typer.Option(
         None, "--log-to", help="Also log metrics to tensorboard and/or wandb (offline unless WANDB_MODE is set); "
@@ -103,7 +103,7 @@ def train(
         "--compile/--no-compile": compile_model,
         "--fsdp/--no-fsdp": fsdp,
         "--fp8": fp8,
-        "--activation-checkpointing": activation_checkpointing,
+        "--recompute": activation_checkpointing,
         "--log-to": log_backends.parse_log_to(log_to) if log_to else None,
     }
     job = launch.prepare_launch(

@@ -359,7 +359,7 @@ TRAIN_OPTIONS = {
     "--gpus", "--nodes", "--node-rank", "--rdzv-endpoint", "--run", "--resume", "--preset", "--data",
     "--image-root", "--skip-bad-records",
     "--device-batch-size", "--pack-max-length", "--num-steps", "--compile", "--no-compile", "--fsdp",
-    "--no-fsdp", "--fp8", "--activation-checkpointing", "--log-to", "--dry-run", "--json", "--list",
+    "--no-fsdp", "--fp8", "--recompute", "--log-to", "--dry-run", "--json", "--list",
 }  # fmt: skip (-h/--help come from the app's context settings, checked in test_cli_basics)
 TRAIN_ARGUMENTS = ["recipe", "overrides"]
 

@@ -54,7 +54,7 @@ FLAG_FIELDS = {
     "--compile/--no-compile": "compile",
     "--fsdp/--no-fsdp": "fsdp",
     "--fp8": "fp8",
-    "--activation-checkpointing": "activation_checkpointing",
+    "--recompute": "activation_checkpointing",
     "--log-to": "log_to",
 }
 
