@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     except GhostVisError as err:
         if is_debug():
             raise
-        # escape: a message may hold brackets that are not markup (pip install 'ghostvis[serve]')
+        # escaped: a message may hold brackets (pip install 'ghostvis[plot]') that Rich would read as markup
         err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:

@@ -182,7 +182,7 @@ def train(
     ),
     fp8: str = typer.Option("none", "--fp8", help="none | tensorwise | rowwise: our block linears in float8."),
     activation_checkpointing: str = typer.Option(
-        "none", "--activation-checkpointing", help="none | full | selective: recompute block activations."
+        "none", "--recompute", help="none | full | selective: recompute block activations."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
 ) -> None:

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ghostvis_core.errors import ConfigError, GhostVisError
-from ghostvis_core.train import launch, run_lock
+from ghostvis_core.train import launch, log_backends, run_lock
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -35,12 +35,12 @@ def train(
         None, help="Config overrides key=value, e.g. num_steps=500 model.n_layer=4 optim.lr=3e-4."
     ),
     gpus: int | None = typer.Option(
-        None, "--gpus", min=0, help="GPUs (processes) on this node; default all visible GPUs; 0 = CPU."
+        None, "--gpus", help="GPUs (processes) on this node; default all visible GPUs; 0 = CPU."
     ),
     nodes: int = typer.Option(
-        1, "--nodes", min=1, help="Number of nodes (multi-node needs --rdzv-endpoint)."
+        1, "--nodes", help="Number of nodes (multi-node needs --rdzv-endpoint)."
     ),
-    node_rank: int = typer.Option(0, "--node-rank", min=0, help="This node's rank, 0..nodes-1."),
+    node_rank: int = typer.Option(0, "--node-rank", help="This node's rank, 0..nodes-1."),
     rdzv_endpoint: str | None = typer.Option(
         None, "--rdzv-endpoint", help="HOST:PORT every node can reach (usually node 0), for --nodes > 1."
     ),
@@ -69,8 +69,12 @@ def train(
         None, "--fp8", help="none | tensorwise | rowwise: the block linears in float8 (torchao; sm89+ GPU)."
     ),
     activation_checkpointing: str | None = typer.Option(
-        None, "--activation-checkpointing", help="none | full | selective (every other block): recompute "
-        "block activations in backward to fit bigger models or batches."
+        None, "--recompute", help="Activation checkpointing: none | full | selective (every other block) "
+        "recompute block activations in backward, to fit bigger models or batches."
+    ),
+    log_to: list[str] | None = typer.Option(
+        None, "--log-to", help="Also log metrics to tensorboard and/or wandb (offline unless WANDB_MODE is set); "
+        "repeat or comma-separate."
     ),
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Print the resolved config and command; run nothing."
@@ -99,7 +103,8 @@ def train(
         "--compile/--no-compile": compile_model,
         "--fsdp/--no-fsdp": fsdp,
         "--fp8": fp8,
-        "--activation-checkpointing": activation_checkpointing,
+        "--recompute": activation_checkpointing,
+        "--log-to": log_backends.parse_log_to(log_to) if log_to else None,
     }
     job = launch.prepare_launch(
         RECIPES,
@@ -112,6 +117,8 @@ def train(
         rdzv_endpoint=rdzv_endpoint,
         parent_env=os.environ,
     )
+    # a backend whose package is missing is refused now, with the pip command, not after a run
+    log_backends.check_available(job.cfg.log_to)
     if dry_run:
         if json_out:
             typer.echo(json.dumps(launch.dry_run_dict(job), indent=2))
@@ -137,6 +144,8 @@ def _run(job: launch.Launch, recipe: str, nodes: int, node_rank: int) -> None:
     if nodes > 1:
         where += f" x {nodes} nodes (this is node {node_rank})"
     err_console.print(f"[bold]ghostvis train[/] {recipe}: run {cfg.run} on {where}")
+    if job.preset_note:
+        err_console.print(job.preset_note, soft_wrap=True, markup=False)
     line = launch.format_command(job.cmd, job.changes)
     err_console.print(f"$ {line}", style="dim", soft_wrap=True, markup=False)
     # The root callback exported --debug as GHOSTVIS_DEBUG=1, so the trainer shows its tracebacks too.
@@ -167,6 +176,8 @@ def _print_dry_run(job: launch.Launch) -> None:
     console.print(table)
     where = "CPU, one process" if plan.nproc == 0 else f"{plan.nproc} GPU process(es) per node"
     console.print(f"Launch: {where} x {plan.nodes} node(s) = world size {plan.world_size}")
+    if job.preset_note:
+        console.print(job.preset_note, soft_wrap=True, markup=False)
     console.print(f"Launch record: {plan.config_path} (written by the trainer once it accepts the launch; the "
                   "launch passes a temporary copy)", soft_wrap=True, markup=False)
     if job.changes:

@@ -272,6 +272,19 @@ def probe_gpus(refresh: bool = False) -> GpuFacts:
     return _GPU_CACHE["gpus"]
 
 
+def probe_gpu_memory_gib() -> tuple[float, ...]:
+    """Total memory of each visible GPU in GiB, () without CUDA (the profile's GPUs when one is set)."""
+    profile = os.environ.get(PROFILE_ENV_VAR)
+    if profile or "facts" in _CACHE:
+        facts = _CACHE.get("facts") or load_profile(profile)
+        return tuple(gpu.memory_gib for gpu in facts.gpus)
+    import torch
+
+    if not torch.cuda.is_available():
+        return ()
+    return tuple(torch.cuda.get_device_properties(i).total_memory / 2**30 for i in range(torch.cuda.device_count()))
+
+
 def _gpu_facts(facts: EnvFacts) -> GpuFacts:
     return GpuFacts(facts.cuda_available, facts.gpu_count, facts.visible_devices, facts.cpu_count)
 

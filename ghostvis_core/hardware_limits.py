@@ -195,3 +195,19 @@ def peak_bf16_flops(gpu_name: str) -> float | None:
         if key in gpu_name:
             return flops
     return None
+
+
+# Model preset of a fresh pretraining run on GPUs when --preset is not given, by the smallest visible card's
+# memory in GiB (first row it reaches). Training holds ~16 bytes a parameter (fp32 weights and gradients,
+# two optimizer moments): d20's 564M parameters take ~9 GiB before activations, so it fits an 80 GiB card with
+# room for real batches, d12's 186M (~3 GiB) a 24 GiB one. Smaller cards get the 32M "small" decoder; the CPU
+# keeps the "tiny" demo preset (the recipes' default).
+GPU_DEFAULT_PRESETS: tuple[tuple[float, str], ...] = ((64.0, "d20"), (20.0, "d12"), (0.0, "small"))
+
+
+def default_gpu_preset(memory_gib: float) -> str:
+    """The GPU_DEFAULT_PRESETS preset for a card with `memory_gib` GiB."""
+    for floor, preset in GPU_DEFAULT_PRESETS:
+        if memory_gib >= floor:
+            return preset
+    return GPU_DEFAULT_PRESETS[-1][1]

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,6 +17,9 @@ from ghostvis_core.tokenizer import Tokenizer
 
 KINDS = ("auto", "txt", "jsonl", "parquet", "chat")
 SAMPLE_CHARS = 120
+DATA_TOKENIZER_VERSION = 1
+"""Part of the cache key of tokenizers trained for --data: bump when what they are trained on changes."""
+_HASH_CHUNK = 1 << 20
 
 
 @dataclass
@@ -75,10 +79,12 @@ def output_dir(
 
 
 def train_from_data(
-    data: Path, vocab_size: int, kind: str, text_column: str, skip_bad_records: bool
+    data: Path, vocab_size: int, kind: str, text_column: str, skip_bad_records: bool, chat: bool | None = None
 ) -> TrainedTokenizer:
-    """Train BPE on the documents of `data` (chats: their message texts), counting what was read."""
-    chat = kind == "chat" or (kind == "auto" and looks_like_chat(data, text_column))
+    """Train BPE on the documents of `data` (chats: their message texts), counting what was read; `chat` None
+    reads chats when kind is chat, or auto and the data looks like chats."""
+    if chat is None:
+        chat = kind == "chat" or (kind == "auto" and looks_like_chat(data, text_column))
     stats = TrainingStats()
     texts = _counted(_texts(data, chat, kind, text_column, skip_bad_records, stats), stats)
     return TrainedTokenizer(Tokenizer.train(texts, vocab_size), stats, chat)
@@ -150,3 +156,50 @@ def _save_atomically(tok: Tokenizer, out: Path) -> None:
         return
     with atomic_dir(out) as tmp:
         tok.save(tmp)
+
+
+def data_fingerprint(data: Path, vocab_size: int, kind: str, text_column: str) -> str:
+    """16 hex digits of SHA-256 over every file the run reads from `data` (its bytes, and in a folder its name,
+    which fixes the reading order) and the settings that change the tokenizer: the same corpus, wherever it lies
+    and whatever a single file is called, gives the same key."""
+    from ghostvis_core.data.sources import data_files
+
+    digest = hashlib.sha256(json.dumps({"version": DATA_TOKENIZER_VERSION, "vocab_size": vocab_size, "kind": kind,
+                                        "text_column": text_column}).encode())
+    for path, file_kind in data_files(data, kind):
+        digest.update(f"\0{path.name if Path(data).is_dir() else ''}\0{file_kind}\0".encode())
+        with path.open("rb") as f:
+            while block := f.read(_HASH_CHUNK):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def data_tokenizer(data: Path, vocab_size: int, *, kind: str, text_column: str, skip_bad_records: bool,
+                   cache_root: Path) -> Tokenizer:
+    """The tokenizer for a pretraining run on `data` without tokenizer=: trained on that data's documents once,
+    cached under `cache_root` by their content hash (data_fingerprint), reused while the content is unchanged.
+    (Chat and image runs start from a base model and take its tokenizer.)"""
+    from ghostvis_core.data.datasets import cached_tokenizer
+    from ghostvis_core.log import get_logger
+
+    key = data_fingerprint(data, vocab_size, kind, text_column)
+    final = cache_root / f"data-{key}-vocab{vocab_size}"
+    trained: list[TrainedTokenizer] = []
+
+    def train() -> Tokenizer:
+        # documents, as the run reads them (a chat-looking file is not read as chats here)
+        trained.append(train_from_data(data, vocab_size, kind, text_column, skip_bad_records, chat=False))
+        tok = trained[0].tokenizer
+        check_round_trip(trained[0].stats.sample, tok.decode(tok.encode(trained[0].stats.sample)))
+        return tok
+
+    tok, fresh = cached_tokenizer(final, train, f"the tokenizer trained on {data}")
+    how = "tokenizer=PATH uses another; `ghostvis tokenizer train` makes one with other settings"
+    if fresh:
+        stats = trained[0].stats
+        get_logger().info(f"Tokenizer: trained on --data {data} ({stats.docs} documents, {stats.chars:,} characters): "
+                          f"{tok.vocab_size} tokens -> {final}; reused while the data is unchanged ({how})")
+    else:
+        get_logger().info(f"Tokenizer: reusing the one trained on this data (content hash {key}, "
+                          f"{tok.vocab_size} tokens): {final} ({how})")
+    return tok

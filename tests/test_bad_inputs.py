@@ -10,6 +10,7 @@ is printed at the end (`bad-input cases: N`).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from collections.abc import Callable
@@ -112,6 +113,12 @@ simple("train-zero-batch", ["train", "base_train", "--device-batch-size", "0"], 
 simple("train-negative-steps", ["train", "base_train", "--num-steps", "-1"], "num_steps")
 simple("train-bad-resume-word", ["train", "base_train", "--resume", "sometimes", "--gpus", "0"], "sometimes")
 simple("train-gpus-negative", ["train", "base_train", "--gpus", "-1"], "--gpus")
+simple("train-log-to-unknown", ["train", "base_train", "--log-to", "tensorbord"], "--log-to tensorbord",
+       "did you mean 'tensorboard'")
+simple("train-log-to-override-unknown", ["train", "base_train", "log_to=mlflow"], "--log-to mlflow", "wandb")
+if importlib.util.find_spec("wandb") is None:  # the test extra leaves it out: the absent-package message
+    simple("train-log-to-missing-package", ["train", "base_train", "--gpus", "0", "--log-to", "wandb"],
+           "--log-to wandb", "pip install 'ghostvis[wandb]'")
 
 
 @case("train-missing-data")
@@ -189,6 +196,11 @@ data_case("data-jsonl-text-not-string", "num.jsonl", '{"text": "a"}\n{"text": "b
 data_case("data-parquet-garbage", "junk.parquet", b"PAR1 not really a parquet file")
 data_case("data-unknown-extension", "data.csv", "text\nhello\n", "data.csv")
 data_case("data-binary-txt", "bin.txt", b"\xff\xfe\x00bad utf8 \xc3\x28", "bin.txt")
+# chat records where pretraining wants documents: refused while the tokenizer for the data is trained, so no
+# tokenizer is cached for data the run cannot read
+data_case("data-chat-records-for-pretraining", "chats.jsonl",
+          '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n',
+          "chats.jsonl:1", "missing 'text' field")
 
 
 @case("data-parquet-no-text-column")

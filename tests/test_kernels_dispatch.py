@@ -102,7 +102,7 @@ def test_bench_train_passes_its_flags(monkeypatch):
     assert calls == [dict(preset="tiny", seq_len=64, batch_size=2, steps=3, compile=False, optimizer="auto",
                           norm_backend="auto", packed=0, fp8="none", activation_checkpointing="none")]
     result = CliRunner().invoke(_bench_app(), args + ["--optimizer", "muon", "--norm-backend", "torch", "--packed",
-                                                      "8", "--fp8", "tensorwise", "--activation-checkpointing",
+                                                      "8", "--fp8", "tensorwise", "--recompute",
                                                       "selective"])
     assert result.exit_code == 0, result.output
     assert "speedup: 0.50x" in result.output

@@ -3,7 +3,7 @@
 Ours: what the trainer runs: `GPT` with the backends the plan picks, bf16 autocast, `build_optimizer` with the
 trainer's default optimizer (Muon + AdamW; --optimizer adamw for AdamW only), blocks compiled; optionally packed
 rows (--packed N documents per row, the packed-attention backend), fp8 block linears (--fp8) and activation
-checkpointing (--activation-checkpointing), each through the same plan and functions the trainer uses.
+checkpointing (--recompute), each through the same plan and functions the trainer uses.
 Reference: the same Llama architecture written plainly below (nn.RMSNorm, SDPA is_causal with PyTorch's
 default kernel choice, silu(gate) * up, full-logit fp32 cross-entropy), `torch.compile(model)`, fused AdamW.
 
@@ -427,7 +427,7 @@ def run_train_bench(
     if fp8 not in FP8_REQUESTS:
         raise ConfigError(f"--fp8 {fp8!r}: expected one of {', '.join(FP8_REQUESTS)}")
     if activation_checkpointing not in ACTIVATION_CHECKPOINTING:
-        raise ConfigError(f"--activation-checkpointing {activation_checkpointing!r}: expected one of "
+        raise ConfigError(f"--recompute {activation_checkpointing!r}: expected one of "
                           f"{', '.join(ACTIVATION_CHECKPOINTING)}")
     if packed < 0 or (packed > 1 and seq_len % packed):
         raise ConfigError(f"--packed {packed}: expected 0 or a number of documents that divides --seq-len {seq_len}")

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from itertools import islice
 from pathlib import Path
 
 from ghostvis_core.atomic import atomic_dir
 from ghostvis_core.data.packing import PackedData, pack_documents
-from ghostvis_core.data.sources import iter_chats, iter_documents
+from ghostvis_core.data.sources import data_files, iter_chats, iter_documents
 from ghostvis_core.data.synthetic import SYNTHETIC_VERSION, embedded_chats, embedded_corpus
 from ghostvis_core.errors import ConfigError, DataError
 from ghostvis_core.log import get_logger
@@ -54,6 +55,8 @@ def build_text_dataset(
     else:
         texts = list(islice(iter_documents(path, kind, text_column, skip_bad_records), max_docs))
         source = str(path)
+        if any(k == "txt" for _, k in data_files(path, kind)):
+            source += " (.txt: one document per paragraph, split at blank lines)"
     docs = _encode_texts(tokenizer, texts)
     packed = pack_documents(docs, None, seq_len, tokenizer.bos_id, tokenizer.pad_id)
     log = get_logger()
@@ -108,11 +111,20 @@ def default_tokenizer_dir(vocab_size: int = DEFAULT_VOCAB_SIZE) -> Path:
 def default_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE) -> Tokenizer:
     """The tokenizer trained on the embedded data; trained once (deterministically), then loaded from cache."""
     final = default_tokenizer_dir(vocab_size)
+    tok, trained = cached_tokenizer(final, lambda: Tokenizer.train(embedded_training_texts(), vocab_size),
+                                    "the default tokenizer")
+    if trained:
+        get_logger().info("Trained the default tokenizer (%d tokens) -> %s", tok.vocab_size, final)
+    return tok
+
+
+def cached_tokenizer(final: Path, train: Callable[[], Tokenizer], what: str) -> tuple[Tokenizer, bool]:
+    """(tokenizer, trained now): the one cached in `final`, else `train()`'s, saved there. Training must be
+    deterministic: ranks that race each train, the first rename wins and the others (identical) are dropped."""
     if (final / "tokenizer.json").is_file():
-        return Tokenizer.load(final)
-    tok = Tokenizer.train(embedded_training_texts(), vocab_size)
-    # Save into a private temp folder, then rename it into place: readers never see a half-written folder,
-    # and when several ranks race, the first rename wins and the others (identical) are discarded.
+        return Tokenizer.load(final), False
+    tok = train()
+    # Save into a private temp folder, then rename it into place: readers never see a half-written folder.
     try:
         with atomic_dir(final, keep_existing=True) as tmp:
             tok.save(tmp)
@@ -120,7 +132,6 @@ def default_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE) -> Tokenizer:
     except OSError as e:
         problem = e.strerror
     if problem is not None:
-        raise DataError(f"cannot cache the default tokenizer at {final} ({problem}); if that folder is left from an "
+        raise DataError(f"cannot cache {what} at {final} ({problem}); if that folder is left from an "
                         "interrupted run, delete it and run again")
-    get_logger().info("Trained the default tokenizer (%d tokens) -> %s", tok.vocab_size, final)
-    return tok
+    return tok, True

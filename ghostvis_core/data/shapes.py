@@ -341,10 +341,14 @@ def draw_example(out_path: str | os.PathLike, image_size: int = 32, shape: str =
 
 
 def main(argv: list[str] | None = None) -> Path:
-    """`python -c 'from ghostvis_core.data.shapes import main; main()' --run NAME [--size N] [--shape S]`:
-    draw one held-out image into run NAME's folder (demo-image.png, and demo-image-large.png to look at),
-    print what is in it, and print its path last (the demo asks the trained VLM about it)."""
+    """`python -c 'from ghostvis_core.data.shapes import main; main()' --run NAME [--size N] [--shape S]
+    [--ask KIND]`: draw one held-out image into run NAME's folder (demo-image.png, and demo-image-large.png to
+    look at), say what is in it (and with --ask, that kind's question and its right answer) on stderr, and print
+    its path on stdout (the demo asks the trained VLM about it). stdout holds the path alone, so a shell takes it
+    with $(...) while the rest shows; `tee /dev/stderr` would reopen, and so truncate, a log file stderr goes to.
+    """
     import argparse
+    import sys
 
     from ghostvis_core.paths import runs_dir
 
@@ -353,9 +357,16 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--size", type=int, default=32, help="image side in pixels (the tower's image size)")
     parser.add_argument("--shape", default="circle", help="a shape the image must contain")
     parser.add_argument("--index", type=int, default=0, help="which such held-out scene")
+    parser.add_argument("--ask", choices=QUESTION_KINDS, help="print this kind's question and expected answer")
     args = parser.parse_args(argv)
     out = runs_dir() / args.run / "demo-image.png"
     sample = draw_example(out, args.size, args.shape, args.index)
-    print(f"In the image: {sample.caption}")
+    print(f"In the image: {sample.caption}", file=sys.stderr)
+    if args.ask is not None:
+        asked = [(q, a) for q, a, kind in sample.qa if kind == args.ask]
+        if not asked:
+            raise ConfigError(f"--ask {args.ask}: this scene has no such question ({sample.caption}); pick another "
+                              "--index or --shape")
+        print(f"Question: {asked[0][0]} (the right answer: {asked[0][1]})", file=sys.stderr)
     print(out)
     return out

@@ -104,6 +104,11 @@ def _files(path: str | os.PathLike, kind: str, allowed: tuple[str, ...]) -> list
     return out
 
 
+def data_files(path: str | os.PathLike, kind: str = "auto", chat: bool = False) -> list[tuple[Path, str]]:
+    """[(file, kind)] that iter_documents (or, with chat=True, iter_chats) reads from `path`, in reading order."""
+    return _files(path, "jsonl", ("jsonl",)) if chat else _files(path, kind, TEXT_KINDS)
+
+
 def _read_utf8_lines(path: Path) -> list[str]:
     data = path.read_bytes()
     try:
@@ -213,7 +218,7 @@ def iter_documents(
 ) -> Iterator[str]:
     """Yield document texts from a txt/jsonl/parquet file or folder; DataError 'FILE:LINE: ...' when malformed."""
     report = report if report is not None else SkipReport()
-    for f, k in _files(path, kind, TEXT_KINDS):
+    for f, k in data_files(path, kind):
         rec = _Records(f, skip_bad_records, report)
         if k == "txt":
             yield from _iter_txt(f, rec)
@@ -255,7 +260,7 @@ def iter_chats(
 ) -> Iterator[list[dict[str, str]]]:
     """Yield message lists from a chat jsonl file or folder; DataError 'FILE:LINE: ...' when malformed."""
     report = report if report is not None else SkipReport()
-    for f, _ in _files(path, "jsonl", ("jsonl",)):
+    for f, _ in data_files(path, chat=True):
         known = SUFFIX_KIND.get(f.suffix.lower())
         if known not in (None, "jsonl"):
             raise DataError(f"{f}: a {known} file, but chat data is jsonl: one {{\"messages\": [...]}} per line")

@@ -117,6 +117,9 @@ class TrainConfig:
     in backward instead of keeping them; fits larger models or batches at the cost of extra forward work."""
     log_every: int = 10
     """Log loss, dt, tok/s, MFU, memory and ETA (and append to metrics.jsonl) every this many steps."""
+    log_to: tuple[str, ...] = ()
+    """Also send those metrics to: tensorboard (RUN/tensorboard event files), wandb (offline unless WANDB_MODE
+    is set); rank 0 only. A backend whose package is missing is refused at launch with the pip command."""
     save_every: int = 100
     """Save a checkpoint every this many steps (and always at the end); 0 = only at the end."""
     keep_last: int = 2
@@ -177,6 +180,11 @@ class TrainConfig:
         if not self.resume:
             raise ConfigError("resume='': expected auto, none, or a path to a step_NNNNNN checkpoint folder")
         _check_preset(self.preset)
+        from ghostvis_core.train.log_backends import parse_log_to
+
+        if isinstance(self.log_to, str) or not isinstance(self.log_to, (list, tuple)):
+            raise ConfigError(f"log_to={self.log_to!r}: expected a list of backend names, e.g. [\"tensorboard\"]")
+        self.log_to = parse_log_to(self.log_to)
 
     @property
     def run_dir(self) -> Path:

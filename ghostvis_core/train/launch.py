@@ -54,7 +54,8 @@ FLAG_FIELDS = {
     "--compile/--no-compile": "compile",
     "--fsdp/--no-fsdp": "fsdp",
     "--fp8": "fp8",
-    "--activation-checkpointing": "activation_checkpointing",
+    "--recompute": "activation_checkpointing",
+    "--log-to": "log_to",
 }
 
 # Config fields that name files or folders which must exist before anything is launched.
@@ -349,6 +350,8 @@ class Launch:
     """Config key -> what set it (the flag name, or "key=value")."""
     cpu_count: int
     """CPU cores of this node (build_env shares them between ranks)."""
+    preset_note: str | None = None
+    """The banner line saying which preset a run the user gave none gets, and how to pick another."""
 
 
 def prepare_launch(
@@ -384,6 +387,7 @@ def prepare_launch(
     check_multinode(nodes, node_rank, rdzv_endpoint)
     if cfg.fsdp and nproc == 0:
         raise ConfigError("--fsdp shards across GPUs: it needs --gpus 1 or more (this launch runs on CPU)")
+    cfg, preset_note = choose_preset(cfg, "preset" in config_sources(given, overrides), nproc)
     plan = LaunchPlan(
         recipe_module=module_name,
         config_path=resolved_config_path(cfg.run_dir),
@@ -394,15 +398,45 @@ def prepare_launch(
         rdzv_endpoint=rdzv_endpoint,
     )
     cmd = build_command(plan)
+    set_by = config_sources(given, overrides)
+    if cfg.preset != default.preset and "preset" not in set_by:
+        set_by["preset"] = "default here"  # see preset_note
     return Launch(
         cfg=cfg,
         default=default,
         plan=plan,
         cmd=cmd,
         changes=env_changes(plan, parent_env, facts.cpu_count),
-        set_by=config_sources(given, overrides),
+        set_by=set_by,
         cpu_count=facts.cpu_count,
+        preset_note=preset_note,
     )
+
+
+def choose_preset(cfg: Any, user_set: bool, nproc: int) -> tuple[Any, str | None]:
+    """(config, banner line): the preset of a run whose model is built from one and whose preset the user did not
+    set. A run with a checkpoint to resume keeps its own; a fresh one gets the tiny demo preset on a CPU and on
+    GPUs the one hardware_limits.GPU_DEFAULT_PRESETS gives for the smallest card's memory."""
+    from ghostvis_core import checkpoint as ckpt
+    from ghostvis_core.env import probe_gpu_memory_gib
+    from ghostvis_core.hardware_limits import default_gpu_preset
+    from ghostvis_core.model_configs import PRESETS
+
+    from_preset = cfg.init_from is None or cfg.init_from.strip().lower() == "none"
+    if user_set or not from_preset:
+        return cfg, None
+    pick = "--preset NAME picks another (see ghostvis train --list)"
+    latest = ckpt.latest_checkpoint(cfg.run_dir) if cfg.resume == "auto" else None
+    if latest is not None:
+        # resuming: the trainer refuses another preset than the checkpoint's, so a default must not differ
+        saved = ckpt.TrainState.read(latest, verify=False).preset or cfg.preset
+        return dataclasses.replace(cfg, preset=saved), f"Preset {saved}: this run's, from {latest}"
+    if nproc == 0:
+        return cfg, f"Preset {cfg.preset}: the CPU default ({PRESETS[cfg.preset][0]}); {pick}"
+    memory = min(probe_gpu_memory_gib())
+    preset = default_gpu_preset(memory)
+    return (dataclasses.replace(cfg, preset=preset),
+            f"Preset {preset}: the default for a {memory:.0f} GiB GPU ({PRESETS[preset][0]}); {pick}")
 
 
 def config_sources(flags: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, str]:
@@ -470,6 +504,7 @@ def dry_run_dict(launch: Launch) -> dict[str, Any]:
         "command": launch.cmd,
         "command_line": format_command(launch.cmd),
         "env": launch.changes,
+        "preset_note": launch.preset_note,
     }
 
 

@@ -99,13 +99,18 @@ class ProgressPrinter:
 
 
 class MetricsLog:
-    """Append-only metrics.jsonl, one JSON object per logged step."""
+    """Append-only metrics.jsonl, one JSON object per logged step; each record also goes to the run's logging
+    backends (log_backends.LogBackends: TensorBoard, W&B), when it has any."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, backends: Any = None):
         self.path = Path(path)
+        self.backends = backends
 
     def truncate_after(self, step: int) -> int:
-        """Drop lines with step > `step` (a resume point) so the file stays one consistent history."""
+        """Drop lines with step > `step` (a resume point) so the file stays one consistent history (the
+        backends purge their events after it too)."""
+        if self.backends is not None:
+            self.backends.start_step = step
         if not self.path.exists():
             return 0
         kept, dropped = [], 0
@@ -130,6 +135,13 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
+        if self.backends is not None:
+            self.backends.log(record)
+
+    def close(self) -> None:
+        """Close the logging backends (metrics.jsonl itself is closed after every line)."""
+        if self.backends is not None:
+            self.backends.close()
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

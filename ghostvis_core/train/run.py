@@ -33,6 +33,7 @@ from ghostvis_core.train.distributed import (
     wrap_model,
 )
 from ghostvis_core.train.freeze import FreezeSpec, apply_freeze, parse_freeze
+from ghostvis_core.train.log_backends import open_log_backends
 from ghostvis_core.train.metrics import MetricsLog, ProgressPrinter, peak_flops
 from ghostvis_core.train.prefetch import DevicePrefetcher
 from ghostvis_core.train.recipe_spec import RecipeSpec, spec_for
@@ -256,6 +257,7 @@ class TrainingRun:
         from ghostvis_core.train.plot import plot_loss
 
         cfg = self.cfg
+        self.metrics.close()
         plot = plot_loss(self.metrics.path, cfg.run_dir / "loss.png", title=f"{cfg.recipe} / {cfg.run}")
         curve = f"; loss curve {plot}" if plot is not None else ""
         get_logger().info(f"Done: {progress.step} steps, last loss {progress.last_loss:.4f}; checkpoint "
@@ -281,6 +283,7 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> TrainingRun:
     log = get_logger()
     if cfg.fsdp:
         check_fsdp(info)  # before the dataset and model are built
+    backends = open_log_backends(cfg.log_to, cfg.run_dir, cfg.run, cfg.to_dict())  # a missing package: refused now
     grad_accum = cfg.grad_accum_steps(info.world_size)
     tokens_per_step = cfg.total_tokens_per_step(info.world_size)
     start = setup.find_start(cfg)
@@ -296,13 +299,15 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> TrainingRun:
                 f"{model_config.num_image_tokens} tokens per image" if spec.model_kind == "vlm" else ""))
     log.info(f"Batch: {cfg.device_batch_size} rows x {cfg.pack_max_length} tokens x {info.world_size} rank(s) x "
              f"{grad_accum} accumulation step(s) = {tokens_per_step:,} tokens per step")
+    if cfg.log_to:
+        log.info(f"Metrics: {backends.describe()}")
     vision = model_config.vision if spec.model_kind == "vlm" else None
     _, loader = setup.build_data(cfg, tokenizer, spec, info, vision)
     loader = DevicePrefetcher(loader, info.device)  # batches arrive on the device, the next copy in flight
     return TrainingRun(
         cfg=cfg, info=info, spec=spec, start=start, tokenizer=tokenizer, model_config=model_config,
         plan=plan, raw_model=raw_model, model=model, optimizer=optimizer, loader=loader, grad_accum=grad_accum,
-        tokens_per_step=tokens_per_step, metrics=MetricsLog(cfg.run_dir / "metrics.jsonl"),
+        tokens_per_step=tokens_per_step, metrics=MetricsLog(cfg.run_dir / "metrics.jsonl", backends),
         printer=ProgressPrinter(cfg.num_steps, enabled=info.is_main),
         flops_per_token=raw_model.flops_per_token(cfg.pack_max_length), peak_flops=peak_flops(info.device),
         flops_per_image=raw_model.flops_per_image() if spec.model_kind == "vlm" else 0.0,

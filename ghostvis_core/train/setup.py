@@ -185,7 +185,8 @@ def _find_init(cfg: TrainConfig, spec: RecipeSpec) -> Path | None:
 
 
 def load_tokenizer(cfg: TrainConfig, start: StartPoint):
-    """The run's tokenizer: the checkpoint's (resume / SFT base), else cfg.tokenizer, else the default."""
+    """The run's tokenizer: the checkpoint's (resume / SFT base), else cfg.tokenizer, else one trained on a
+    pretraining run's cfg.data (cached by its content hash), else the default (the embedded data's)."""
     from ghostvis_core.data import default_tokenizer
     from ghostvis_core.tokenizer import Tokenizer
 
@@ -200,6 +201,12 @@ def load_tokenizer(cfg: TrainConfig, start: StartPoint):
             raise ConfigError(f"tokenizer={cfg.tokenizer}: no tokenizer.json in that folder; "
                               "train one with `ghostvis tokenizer train` or leave tokenizer unset")
         return Tokenizer.load(path)
+    if cfg.data is not None and (start.spec or spec_for(cfg.recipe)).data_format == "text":
+        from ghostvis_core.paths import datasets_dir
+        from ghostvis_core.tokenizer_training import data_tokenizer
+
+        return data_tokenizer(Path(cfg.data), cfg.vocab_size, kind=cfg.data_kind, text_column=cfg.text_column,
+                              skip_bad_records=cfg.skip_bad_records, cache_root=datasets_dir() / "tokenizers")
     return default_tokenizer(cfg.vocab_size)
 
 
