@@ -7,8 +7,7 @@ import json
 
 import pytest
 from helpers import run_cli
-from plans import cpu_plan
-from test_vlm import randomize_
+from saved_runs import save_vlm_run
 
 from ghostvis_core import checkpoint as ckpt
 from ghostvis_core.config import GPTConfig
@@ -16,8 +15,6 @@ from ghostvis_core.data import default_tokenizer
 from ghostvis_core.data.shapes import ShapesTask, chance_accuracy, draw_example, write_llava_dataset
 from ghostvis_core.errors import ConfigError, DataError
 from ghostvis_core.evaluate import Question, evaluate_run, normalise_answer, read_questions, score
-from ghostvis_core.vision_config import VLMConfig, get_vision_config
-from ghostvis_core.vlm import VLM
 
 
 @pytest.mark.parametrize("raw, normal", [
@@ -67,19 +64,9 @@ def test_a_record_with_two_images_is_one_message(tmp_path):
 
 
 def _save_run(tmp_path, monkeypatch):
-    """A run folder of a random tiny VLM with the default tokenizer (what load_for_inference needs)."""
+    """A run folder "vlm" of a random tiny VLM with the default tokenizer (what load_for_inference needs)."""
     monkeypatch.setenv("GHOSTVIS_HOME", str(tmp_path / "home"))
-    tok = default_tokenizer(4096)
-    text = GPTConfig(n_layer=1, n_head=2, n_kv_head=1, n_embd=64, vocab_size=tok.vocab_size, sequence_len=64)
-    config = VLMConfig(text=text, vision=get_vision_config("tiny"), image_token_id=tok.image_id)
-    model = randomize_(VLM(config, cpu_plan(text)), seed=0, std=0.1)
-    run = tmp_path / "home" / "runs" / "vlm"
-    state = ckpt.TrainState(step=1, model_kind="vlm", model_config=config.to_dict(), data_format="image-chat",
-                            recipe="chat_sft")
-    ckpt.save_checkpoint(run, 1, model_state=model.state_dict(), optimizer_state={}, state=state.to_dict(),
-                         keep_last=0)
-    tok.save(run / "tokenizer")
-    return run
+    return save_vlm_run("vlm")
 
 
 def test_eval_command_on_a_saved_vlm_run(tmp_path, monkeypatch, capsys):
