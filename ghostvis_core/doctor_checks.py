@@ -8,6 +8,7 @@ the report blocking, so CI scripts can gate on the exit code.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 
 from ghostvis_core import paths
@@ -49,6 +50,8 @@ class Check:
     """The --require name this check decides, if any."""
     satisfied: bool = False
     """For a requirement check: the thing is usable here."""
+    package: str | None = None
+    """The optional package this check judges (its facts entry says `usable` as this check does)."""
 
 
 @dataclass
@@ -71,8 +74,15 @@ class DoctorReport:
 
     def to_dict(self, env: EnvFacts) -> dict:
         """JSON-ready report: facts, checks, backend choices, verdict."""
+        facts = env.to_dict()
+        for c in self.checks:
+            # "usable" in the JSON is what the check says: importable is not enough where the check finds the
+            # package cannot serve here (triton on a CPU machine imports, but its kernels need a GPU).
+            if c.package is not None and c.package in facts["packages"]:
+                entry = facts["packages"][c.package]
+                entry["usable"] = bool(entry["usable"]) and c.satisfied
         return {
-            "facts": env.to_dict(),
+            "facts": facts,
             "checks": [asdict(c) for c in self.checks],
             "backends": self.plan.to_dict(),
             "inference_backends": self.inference_plan.to_dict(),
@@ -245,18 +255,21 @@ def _package_check(
     if pkg.installed and not pkg.usable:
         why = pkg.diagnosis or "a compiled extension is missing"
         fix = why if fix_cmd in why else f"{why}; fix: {fix_cmd}"
-        return Check("Backends", req, "fail", f"{label} installed but unusable: {pkg.error}", fix, req)
+        return Check("Backends", req, "fail", f"{label} installed but unusable: {pkg.error}", fix, req,
+                     package=name)
     if why_unavailable is not None:
         state = "installed" if pkg.installed else "not installed"
         # On a GPU machine nothing can be done about it; without a GPU, a GPU machine is the fix.
         fix = "" if env.has_gpu else "use a machine with an NVIDIA GPU for this backend"
         status = "ok" if env.has_gpu else "warn"
         return Check(
-            "Backends", req, status, f"{label} {state}; unavailable here: {why_unavailable}", fix, req
+            "Backends", req, status, f"{label} {state}; unavailable here: {why_unavailable}", fix, req,
+            package=name,
         )
     if pkg.usable:
-        return Check("Backends", req, "ok", f"{label} (usable{usable_note})", "", req, satisfied=True)
-    return Check("Backends", req, "warn", f"{name} not installed{note}", fix_cmd, req)
+        return Check("Backends", req, "ok", f"{label} (usable{usable_note})", "", req, satisfied=True,
+                     package=name)
+    return Check("Backends", req, "warn", f"{name} not installed{note}", fix_cmd, req, package=name)
 
 
 _VLLM_USE = "serves `ghostvis infer/bench --backend vllm` (and auto)"
@@ -335,11 +348,33 @@ def _backend_checks(env: EnvFacts, plan: BackendPlan, vllm_venv=None) -> list[Ch
     return checks
 
 
+def _unwritable(path: Path) -> str | None:
+    """Why `path` (a folder, made on first use) cannot be written, or None: its nearest existing part must be a
+    folder this user can write into."""
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            return None
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{path} cannot be created: {probe} is a file, not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{path} cannot be written: {probe} is not writable by this user"
+    return None
+
+
 def _path_checks(env: EnvFacts) -> list[Check]:
     checks = []
     home = paths.ghostvis_home()
     if home is not None:
         checks.append(Check("Paths", "GHOSTVIS_HOME", "ok", str(home)))
+    problem = _unwritable(paths.data_dir())
+    if problem is not None:
+        # Nothing below can be written: no run, dataset or tokenizer would survive, so say that, not "ok".
+        fix = "set GHOSTVIS_HOME to a folder you can write (or fix the permissions)"
+        checks.append(Check("Paths", "data", "fail", problem, fix))
+        checks.append(Check("Paths", "runs", "fail", f"{env.runs_dir}: {problem}", fix))
+        return checks
     checks.append(Check("Paths", "data", "ok", str(paths.data_dir())))
     free = env.disk_free_gib
     disk = (

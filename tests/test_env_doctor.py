@@ -129,3 +129,32 @@ def test_doctor_shows_dotted_cudnn(use_profile, capsys):
     code, out, _ = run_cli(["doctor"], capsys)
     assert code == 0
     assert "cuDNN 8.9.2" in out and "8902" not in out
+
+
+def test_doctor_json_package_usable_agrees_with_its_check(use_profile, capsys):
+    """On a CPU machine triton imports (facts say installed) but its kernels cannot run here: the JSON's
+    `usable` says what the check says, not merely that the import worked; on an H100 both say usable."""
+    use_profile(make_env("cpu"))
+    data = json.loads(run_cli(["doctor", "--json"], capsys)[1])
+    triton = next(c for c in data["checks"] if c["name"] == "triton")
+    assert triton["status"] == "warn" and "unavailable here" in triton["detail"]
+    assert data["facts"]["packages"]["triton"]["installed"] is True
+    assert data["facts"]["packages"]["triton"]["usable"] is False
+    use_profile(make_env("h100", flash_attn="2.8.3"))
+    data = json.loads(run_cli(["doctor", "--json"], capsys)[1])
+    assert data["facts"]["packages"]["triton"]["usable"] is True
+    assert data["facts"]["packages"]["flash_attn"]["usable"] is True
+
+
+def test_doctor_names_an_unwritable_home_instead_of_ok(use_profile, capsys, tmp_path, monkeypatch):
+    """GHOSTVIS_HOME on a file: data and runs fail with the path and the fix (no "ok", and no free-space line
+    about a place nothing can be written)."""
+    home = tmp_path / "home"
+    home.write_text("not a folder")
+    monkeypatch.setenv("GHOSTVIS_HOME", str(home))
+    use_profile(make_env("cpu"))
+    data = json.loads(run_cli(["doctor", "--json"], capsys)[1])
+    paths = {c["name"]: c for c in data["checks"] if c["group"] == "Paths"}
+    assert paths["data"]["status"] == "fail" and paths["runs"]["status"] == "fail"
+    assert str(home) in paths["data"]["detail"] and "GHOSTVIS_HOME" in paths["data"]["fix"]
+    assert "free" not in paths["runs"]["detail"]
