@@ -8,8 +8,8 @@ the report blocking, so CI scripts can gate on the exit code.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from ghostvis_core import paths
 from ghostvis_core.backends import (
