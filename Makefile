@@ -45,7 +45,7 @@ demo: $(DEMO_STAMP)
 	$(call STAGE,base_train,$(BIN)/ghostvis train base_train --run $(DEMO_RUN)-base)
 	$(call STAGE,vision_pretrain,$(BIN)/ghostvis train vision_pretrain --run $(DEMO_RUN)-vision init_from=$(DEMO_RUN)-base)
 	$(call STAGE,image chat_sft,$(BIN)/ghostvis train chat_sft --run $(DEMO_RUN)-vlm init_from=$(DEMO_RUN)-vision --num-steps 600 freeze= save_every=200)
-	$(call STAGE,eval,$(BIN)/ghostvis eval $(DEMO_RUN)-vlm --baseline)
+	$(call STAGE,eval,$(BIN)/ghostvis eval $(DEMO_RUN)-vlm --baseline --examples 0)
 	$(call STAGE,infer --image,img=$$($(BIN)/python -c 'from ghostvis_core.data.shapes import main; main()' --run $(DEMO_RUN)-vlm --ask count) && $(BIN)/ghostvis infer --run $(DEMO_RUN)-vlm --image "$$img" --prompt "How many shapes are there?")
 
 # pytest exits 5 when it collects no tests; make treats that as a failure, as it should.

@@ -23,13 +23,18 @@ def eval_run(
     baseline: bool = typer.Option(False, "--baseline", help="Add the text-only ceiling column."),
     dtype: str = typer.Option("auto", "--dtype", help="bfloat16 | float16 | float32 | auto."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
+    examples: int = typer.Option(5, "--examples", help="Sample answers to print under the table (0: none)."),
 ) -> None:
     """Accuracy of a vision run on held-out image questions (exact match), next to chance."""
+    from ghostvis_core.errors import ConfigError
     from ghostvis_core.evaluate import evaluate_run
     from ghostvis_core.log import setup_logging
 
+    if examples < 0:
+        raise ConfigError(f"--examples must be >= 0 (got {examples})")
     setup_logging()
-    report = evaluate_run(run, data=data, image_root=image_root, limit=num, baseline=baseline, dtype=dtype)
+    report = evaluate_run(run, data=data, image_root=image_root, limit=num, baseline=baseline, dtype=dtype,
+                          num_examples=examples)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
         return

@@ -188,8 +188,10 @@ def evaluate_run(
     baseline: bool = False,
     dtype: str = "auto",
     max_new_tokens: int = 8,
+    num_examples: int = 5,
 ) -> EvalReport:
-    """Load run `spec` (None: the default run) and score it on `data` (None: the built-in held-out questions)."""
+    """Load run `spec` (None: the default run) and score it on `data` (None: the built-in held-out questions);
+    the report keeps `num_examples` sample answers."""
     from ghostvis_core.data.shapes import chance_accuracy
     from ghostvis_core.engine import generate_text, load_for_inference
 
@@ -212,4 +214,5 @@ def evaluate_run(
 
     chance = chance_accuracy if builtin else (lambda kind: None)
     where = "built-in shapes task, held-out split" if builtin else str(path)
-    return score(questions, answer, chance=chance, text_only=text_only, run=str(loaded.checkpoint), data=where)
+    return score(questions, answer, chance=chance, text_only=text_only, run=str(loaded.checkpoint), data=where,
+                 num_examples=num_examples)

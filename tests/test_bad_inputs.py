@@ -436,6 +436,7 @@ simple("bench-infer-json-error-is-json", ["bench", "--num-prompts", "0", "--json
 simple("bench-train-zero-steps", ["bench", "train", "--steps", "0"], "--steps")
 simple("bench-train-bad-optimizer", ["bench", "train", "--optimizer", "sgd9"], "--optimizer", "sgd9")
 simple("bench-kernels-bad-dtype", ["bench", "kernels", "--dtype", "float64"], "--dtype", "float64")
+simple("eval-negative-examples", ["eval", "somerun", "--examples", "-1"], "--examples", "-1")
 
 
 @case("tokenizer-missing-data")

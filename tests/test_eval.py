@@ -79,6 +79,9 @@ def test_eval_command_on_a_saved_vlm_run(tmp_path, monkeypatch, capsys):
     assert code == 0
     parsed = json.loads(out)
     assert parsed["overall"]["num"] == 2 and parsed["run"].startswith(str(run))
+    assert len(parsed["examples"]) == 2  # the default 5, capped by the 2 questions asked
+    code, out, _ = run_cli(["eval", "vlm", "--data", str(data), "--num", "2", "--examples", "0"], capsys)
+    assert code == 0 and "(expected" not in out and "│ all" in out  # the table, no sample answers
     image = draw_example(tmp_path / "demo.png")
     assert image.image.size == (32, 32) and (tmp_path / "demo-large.png").is_file()
 
