@@ -2,7 +2,6 @@
 
 import logging
 import os
-import sys
 
 _LOGGER_NAME = "ghostvis"
 
@@ -17,26 +16,12 @@ def is_rank_zero() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-class _CurrentStderrHandler(logging.StreamHandler):
-    """A StreamHandler that writes to whatever sys.stderr is when a record is emitted, not the stream it was
-    made with: a process that swaps stderr later (a test's capture, a caller's redirect) still gets the lines,
-    and a closed former stream is never written to."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the property always reads sys.stderr
-        pass
-
-
 def setup_logging(level: int = logging.INFO) -> None:
     """Plain stderr logging for recipes run under torchrun; only rank 0 logs at INFO."""
     logger = get_logger()
     if logger.handlers:
         return
-    handler = _CurrentStderrHandler()
+    handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(handler)
     logger.setLevel(level if is_rank_zero() else logging.WARNING)
