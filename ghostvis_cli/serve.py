@@ -50,9 +50,9 @@ def serve(
     max_concurrent: int = typer.Option(512, "--max-concurrent", help="Requests in flight before 429."),
 ) -> None:
     """Serve a model over the OpenAI API (chat, completions, streaming, images) with a web chat at /."""
-    from ghostvis_core.engine import resolve_backend
+    from ghostvis_core.backends import choose_native_only
     from ghostvis_core.errors import ConfigError
-    from ghostvis_core.log import setup_logging
+    from ghostvis_core.log import get_logger, setup_logging
     from ghostvis_core.serving import require_serve_extra
     from ghostvis_core.serving.limits import ServeLimits
 
@@ -65,7 +65,9 @@ def serve(
     limits = ServeLimits(max_body_bytes=max_body_bytes, max_image_bytes=max_image_bytes,
                          max_image_pixels=max_image_pixels, max_prompt_tokens=max_prompt_tokens,
                          max_tokens=max_tokens, max_concurrent=max_concurrent, image_root=image_root)  # fmt: skip
-    resolve_backend(backend)  # the native engine (auto says so); vllm is refused with where it is served
+    engine = choose_native_only(backend)  # vllm is refused with where it is served
+    if backend == "auto":
+        get_logger().info(f"--backend auto: using the native engine ({engine.reason})")
     if not api_key and not _is_loopback(host):
         err_console.print(f"[yellow]warning:[/] serving on {host} with no API key: anyone who can reach this "
                           f"address can use the model; pass --api-key KEY (or set {API_KEY_ENV})", highlight=False)

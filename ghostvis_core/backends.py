@@ -47,6 +47,7 @@ __all__ = [
     "RunFacts",
     "attention_unavailable",
     "choose_inference",
+    "choose_native_only",
     "format_banner",
     "inference_run_facts",
     "log_plan",
@@ -550,8 +551,7 @@ def choose_inference(request: str, env: EnvFacts, device_type: str, *, venv=None
     """The engine `ghostvis infer` / `bench` run: native, vLLM, or (auto) vLLM when it is usable here and can
     serve the model (model: (kind, head_dim)), else native with the reason. An explicit vllm that cannot run
     raises BackendUnavailableError with the fix."""
-    if request not in INFERENCE_REQUESTS:
-        raise ConfigError(f"--backend {request!r} is not one of {', '.join(INFERENCE_REQUESTS)}")
+    _check_inference_request(request)
     native = Choice("native", "GhostVis engine", "preallocated KV cache, continuous batching")
     if request == "native":
         return dataclasses.replace(native, reason=native.reason + "; requested")
@@ -569,6 +569,22 @@ def choose_inference(request: str, env: EnvFacts, device_type: str, *, venv=None
         return Choice("vllm", f"vLLM {version or ''}".strip(), f"in {where}" + ("; requested" if request == "vllm"
                       else "; auto: vLLM is usable and the model exports to Hugging Face"))
     return dataclasses.replace(native, reason=f"auto: not vLLM, {why.message if why else model_why}")
+
+
+def choose_native_only(request: str) -> Choice:
+    """The engine of a command that has only the native one (`ghostvis serve`): native and auto give it (auto
+    says so in the reason); vllm is refused with where vLLM is served (`ghostvis infer/bench`)."""
+    _check_inference_request(request)
+    if request == "vllm":
+        raise BackendUnavailableError("--backend vllm: this command serves with the native engine only "
+                                      "(`ghostvis infer` and `ghostvis bench` take --backend vllm); use native or auto")
+    reason = "requested" if request == "native" else "the only engine this command has"
+    return Choice("native", "GhostVis engine", reason)
+
+
+def _check_inference_request(request: str) -> None:
+    if request not in INFERENCE_REQUESTS:
+        raise ConfigError(f"--backend {request!r} is not one of {', '.join(INFERENCE_REQUESTS)}")
 
 
 def _choose_inference(ctx: _Context, request: str) -> Choice:

@@ -17,26 +17,11 @@ import torch
 from ghostvis_core.backend_names import DTYPES
 from ghostvis_core.backends import BackendPlan, inference_run_facts, log_plan, plan_run
 from ghostvis_core.env import probe_env
-from ghostvis_core.errors import BackendUnavailableError, CheckpointError, ConfigError
+from ghostvis_core.errors import CheckpointError, ConfigError
 from ghostvis_core.log import get_logger
 from ghostvis_core.models import text_config
 from ghostvis_core.paths import runs_dir
 from ghostvis_core.tokenizer import Tokenizer
-
-
-def resolve_backend(backend: str) -> str:
-    """--backend of a command that runs the native engine only (`ghostvis serve`): native and auto give native
-    (auto says so on stderr); vllm is refused with where vLLM is served (`ghostvis infer/bench`)."""
-    from ghostvis_core.backend_names import INFERENCE_REQUESTS
-
-    if backend not in INFERENCE_REQUESTS:
-        raise ConfigError(f"--backend {backend!r} is not one of {', '.join(INFERENCE_REQUESTS)}")
-    if backend == "vllm":
-        raise BackendUnavailableError("--backend vllm: this command serves with the native engine only "
-                                      "(`ghostvis infer` and `ghostvis bench` take --backend vllm); use native or auto")
-    if backend == "auto":
-        get_logger().info("--backend auto: using the native engine (the only one this command has)")
-    return "native"
 
 
 @dataclass(frozen=True)
