@@ -167,7 +167,7 @@ class Engine:
         batch.cache.cache_seqlens[idx.long()] = lens_t
         return logits
 
-    def _prefill_admitted(self, batch: _Batch, admitted: list[tuple[int, Prompt]]) -> torch.Tensor:
+    def prefill_admitted(self, batch: _Batch, admitted: list[tuple[int, Prompt]]) -> torch.Tensor:
         """Prefill every (row, prompt) admitted together; returns their first-token logits (n, V) in order."""
         out: list[torch.Tensor | None] = [None] * len(admitted)
         token_jobs = sorted(

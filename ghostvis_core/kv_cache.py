@@ -72,7 +72,3 @@ class KVCache:
             self.n_layer, self.n_kv_head, self.head_dim, n, self.max_len, self.device, self.decode_backend,
             self.dtype, self.k, self.v, lens, idx,
         )  # fmt: skip
-
-    def reset(self) -> None:
-        """Every row empty (the slots are overwritten by the next prefill; no need to clear them)."""
-        self.cache_seqlens.zero_()

@@ -218,7 +218,7 @@ class Scheduler:
                                          "cancelled", 0.0, 0.0, queued))  # fmt: skip
 
     def _admit(self, admitted: list[tuple[int, Request]]) -> None:
-        """Prefill requests into free rows, together (Engine._prefill_admitted), and take their first tokens."""
+        """Prefill requests into free rows, together (Engine.prefill_admitted), and take their first tokens."""
         engine, batch = self.engine, self._batch
         for _, req in admitted:
             if req.cancelled:
@@ -236,7 +236,7 @@ class Scheduler:
                 batch.sampling.set_row(b, req.sampling, vocab)
             # An embedding factory (a VLM prompt) runs here, in this thread, on the model's device.
             prompts = [(b, req.prompt() if callable(req.prompt) else req.prompt) for b, req in admitted]
-            logits = engine._prefill_admitted(batch, prompts)
+            logits = engine.prefill_admitted(batch, prompts)
             idx = torch.tensor([b for b, _ in admitted], device=batch.tokens.device)
             first = engine.sample(logits, batch.sampling.rows(idx), batch.cache.cache_seqlens[idx],
                                   batch_mode(self._rows[b].mode for b, _ in admitted))  # fmt: skip
