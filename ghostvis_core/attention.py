@@ -216,6 +216,23 @@ def attention(q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Tensor, 
     return _sdpa(q_BTHD, k_BTKD, v_BTKD, backend, is_causal=causal)
 
 
+@torch.library.custom_op("ghostvis::triton_decode_attention", mutates_args=("k_cache", "v_cache"))
+def _triton_decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+) -> torch.Tensor:  # fmt: skip
+    """One decode token per row (B, 1, H, D): the Triton split-KV kernel writes k/v at each row's slot and
+    attends; a custom op for the same reason as _flash_attn_kvcache."""
+    from ghostvis_core.kernels.decode_attention_triton import decode_attention_triton
+
+    return decode_attention_triton(q[:, 0], k[:, 0], v[:, 0], k_cache, v_cache, cache_seqlens)[:, None]
+
+
+@_triton_decode_attention.register_fake
+def _(q, k, v, k_cache, v_cache, cache_seqlens):
+    return q.new_empty(q.shape)
+
+
 @torch.library.custom_op("ghostvis::flash_attn_kvcache", mutates_args=("k_cache", "v_cache"))
 def _flash_attn_kvcache(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -267,6 +284,10 @@ def attention_with_kvcache(
         return _flash_attn_kvcache(
             q_BTHD, k_cache_BSKD, v_cache_BSKD, k_BTKD, v_BTKD, cache_seqlens, cache_batch_idx
         )
+    if backend == "triton":
+        if T == 1 and cache_batch_idx is None:  # a decode step
+            return _triton_decode_attention(q_BTHD, k_BTKD, v_BTKD, k_cache_BSKD, v_cache_BSKD, cache_seqlens)
+        backend = "sdpa_efficient" if q_BTHD.is_cuda else "sdpa_math"  # a prefill (the plan's label says so)
     lens = cache_seqlens.to(torch.long)
     q_pos = lens[:, None] + torch.arange(T, device=q_BTHD.device)  # (B, T) slot of each new token
     if cache_batch_idx is None:

@@ -21,8 +21,9 @@ AttnRequest = Literal[
     "flex",
     "math",
     "sdpa_math",
+    "triton",
 ]
-AttnBackend = Literal["flash_attn", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "flex", "sdpa_math"]
+AttnBackend = Literal["flash_attn", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "flex", "sdpa_math", "triton"]
 AttnCase = Literal["dense", "packed", "decode", "noncausal"]
 NormRequest = Literal["auto", "triton", "apex", "torch"]
 NormBackend = Literal["triton", "apex", "torch"]

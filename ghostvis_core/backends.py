@@ -284,6 +284,8 @@ def _attention_label(backend: str, case: str, env: EnvFacts) -> str:
         return base + {"packed": " varlen", "decode": " kvcache"}.get(case, "")
     if backend == "flex":
         return "FlexAttention (document mask)" if case == "packed" else "FlexAttention"
+    if backend == "triton":
+        return "Triton split-KV decode (prefill: SDPA/efficient)"
     label = {
         "sdpa_cudnn": "SDPA/cuDNN",
         "sdpa_flash": "SDPA/flash",
@@ -311,12 +313,16 @@ def attention_unavailable(backend: str, ctx: _Context) -> Unavailable | None:
         if not ctx.use_flash_attn:
             return Unavailable("config", "use_flash_attn=False in the config", "set use_flash_attn=True")
         return package_unavailable(env, "flash_attn", "flash-attn")
-    if backend == "flex":
+    if backend in ("flex", "triton"):
         triton = env.package("triton")
         if not triton.usable:
             why = triton.diagnosis or triton.error or "triton is not installed"
             fix = "`ghostvis install triton`"
-            return Unavailable("package", f"FlexAttention needs Triton: {why} ({fix})", fix)
+            name = "FlexAttention" if backend == "flex" else "The Triton decode kernel"
+            return Unavailable("package", f"{name} needs Triton: {why} ({fix})", fix)
+    if backend == "triton" and ctx.head_dim & (ctx.head_dim - 1):
+        return Unavailable("head_dim", f"the Triton decode kernel needs a power-of-two head_dim, got {ctx.head_dim}",
+                           "change n_embd / n_head")  # fmt: skip
     return None
 
 

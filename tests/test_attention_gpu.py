@@ -85,8 +85,8 @@ def test_packed_backends_keep_documents_apart(backend):
 
 
 # the backends the decode case can plan (attention_preferences.CASES_SUPPORTED): SDPA needs a per-row mask
-@pytest.mark.parametrize("backend", ["flash_attn", "sdpa_efficient", "sdpa_math"])
-@pytest.mark.parametrize("start,new", [(0, 64), (64, 1), (64, 16)])
+@pytest.mark.parametrize("backend", ["flash_attn", "sdpa_efficient", "sdpa_math", "triton"])
+@pytest.mark.parametrize("start,new", [(0, 64), (64, 1), (64, 16), (255, 1)])
 def test_kvcache_backends(backend, start, new):
     if backend == "flash_attn" and not has_flash():
         pytest.skip("flash-attn not installed")

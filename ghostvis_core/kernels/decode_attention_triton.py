@@ -1,0 +1,161 @@
+"""One-token decode attention over a KV cache with per-row lengths, in Triton (split-KV "flash decoding").
+
+For each row b, KV head k and its G = H / K query heads, with L_b = cache_seqlens[b] tokens already cached:
+
+    write  k_new, v_new into cache slot L_b (clamped to S - 1, as attention.attention_with_kvcache does)
+    s_j  = q . k_j * D**-0.5          over slots j < L_b, plus the new token
+    out  = sum_j softmax(s)_j v_j
+
+The slots are cut into `splits` equal spans, one program per (row, KV head, span); a program keeps an online
+softmax (running max m, sum l, accumulator acc) over its span in fp32 and stores acc / l with lse = m + log l.
+The span holding slot L_b also folds in the new token from registers and writes it to the cache, so no
+program ever reads a slot another program writes. A second kernel combines the spans:
+
+    out = sum_s exp(lse_s - max lse) out_s / sum_s exp(lse_s - max lse)
+
+Why not flash_attn_with_kvcache at decode: it runs its prefill tiles (64 query rows) for a single query row,
+and at batch 64 it read the d20 cache at 1.4 TB/s on an H200 (0.95 of a 1.7 ms step, docs/BENCHMARKS.md).
+Here the G query heads of a KV head share each K/V load, with no tensor-core tile to fill.
+
+Layouts: q (B, H, D); k_new, v_new (B, K, D); caches (B, S, K, D) with unit stride on D; cache_seqlens int32
+(B,). D a power of two (a head dim of 64, 128, ...).
+"""
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_N = 64  # cached tokens per loop iteration: 64 x 128 bf16 = 16 KiB of K (and of V) per load
+
+
+@triton.jit
+def _sum(x, axis: tl.constexpr):
+    # tl.reduce with the library's combiners (not tl.sum / tl.max, which Triton binds as compiled or
+    # interpreted at its first import): keeps the kernel runnable under TRITON_INTERPRET=1 in CPU tests.
+    return tl.reduce(x, axis, tl.standard._sum_combine)
+
+
+@triton.jit
+def _max(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, tl.standard._elementwise_max)
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, KN, VN, KC, VC, LENS, OUT, LSE,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
+    stride_cb, stride_cs, stride_ch,
+    stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+    S, split_len, scale,
+    G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    kh = tl.program_id(1).to(tl.int64)
+    sp = tl.program_id(2)
+    new_slot = tl.minimum(tl.load(LENS + b), S - 1)  # the new token's slot; slots below it are cached
+    start = sp * split_len
+    end = tl.minimum(start + split_len, new_slot)
+    g = tl.arange(0, BLOCK_G)
+    g_ok = g < G
+    d = tl.arange(0, D)
+    heads = kh * G + g
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=g_ok[:, None], other=0.0)
+    q = q.to(tl.float32) * scale  # (BLOCK_G, D)
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l = tl.full([BLOCK_G], 0.0, tl.float32)  # tl.full, not tl.zeros: see _sum
+    acc = tl.full([BLOCK_G, D], 0.0, tl.float32)
+    cache_row = KC + b * stride_cb + kh * stride_ch
+    vcache_row = VC + b * stride_cb + kh * stride_ch
+    for n0 in range(start, end, BLOCK):
+        n = n0 + tl.arange(0, BLOCK)
+        n_ok = n < end
+        offs = n[:, None].to(tl.int64) * stride_cs + d[None, :]
+        k = tl.load(cache_row + offs, mask=n_ok[:, None], other=0.0).to(tl.float32)  # (BLOCK, D)
+        s = _sum(q[:, None, :] * k[None, :, :], 2)  # (BLOCK_G, BLOCK)
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, _max(s, 1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new[:, None])
+        v = tl.load(vcache_row + offs, mask=n_ok[:, None], other=0.0).to(tl.float32)
+        l = l * alpha + _sum(p, 1)
+        acc = acc * alpha[:, None] + _sum(p[:, :, None] * v[None, :, :], 1)
+        m = m_new
+    if (new_slot >= start) & (new_slot < start + split_len):
+        kn = tl.load(KN + b * stride_kb + kh * stride_kh + d)
+        vn = tl.load(VN + b * stride_vb + kh * stride_vh + d)
+        tl.store(cache_row + new_slot * stride_cs + d, kn)
+        tl.store(vcache_row + new_slot * stride_cs + d, vn)
+        s = _sum(q * kn.to(tl.float32)[None, :], 1)  # (BLOCK_G,)
+        m_new = tl.maximum(m, s)
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new)
+        l = l * alpha + p
+        acc = acc * alpha[:, None] + p[:, None] * vn.to(tl.float32)[None, :]
+        m = m_new
+    has = l > 0
+    out = acc / tl.where(has, l, 1.0)[:, None]
+    lse = tl.where(has, m + tl.log(tl.where(has, l, 1.0)), float("-inf"))
+    tl.store(OUT + b * stride_ob + heads[:, None] * stride_oh + sp * stride_os + d[None, :], out,
+             mask=g_ok[:, None])  # fmt: skip
+    tl.store(LSE + b * stride_lb + heads * stride_lh + sp, lse, mask=g_ok)
+
+
+@triton.jit
+def _combine_kernel(OUT, LSE, Y, stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_yb, stride_yh,
+                    SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, D: tl.constexpr):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    s = tl.arange(0, BLOCK_S)
+    s_ok = s < SPLITS
+    d = tl.arange(0, D)
+    lse = tl.load(LSE + b * stride_lb + h * stride_lh + s, mask=s_ok, other=float("-inf"))
+    w = tl.exp(lse - _max(lse, 0))  # empty spans: lse = -inf, weight 0; span 0 is never empty
+    o = tl.load(OUT + b * stride_ob + h * stride_oh + s[:, None] * stride_os + d[None, :], mask=s_ok[:, None],
+                other=0.0)  # fmt: skip
+    y = _sum(w[:, None] * o, 0) / _sum(w, 0)
+    tl.store(Y + b * stride_yb + h * stride_yh + d, y.to(Y.dtype.element_ty))
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_splits(batch: int, kv_heads: int, slots: int, device: torch.device) -> int:
+    """Spans per (row, KV head): enough programs for about 4 per SM, each span at least BLOCK_N slots."""
+    sms = _sm_count(device.index or 0) if device.type == "cuda" else 132
+    wanted = triton.cdiv(4 * sms, batch * kv_heads)
+    return max(1, min(wanted, triton.cdiv(slots, BLOCK_N)))
+
+
+def decode_attention_triton(q_BHD, k_new_BKD, v_new_BKD, k_cache_BSKD, v_cache_BSKD, cache_seqlens_B,
+                            splits: int | None = None) -> torch.Tensor:  # fmt: skip
+    """Write each row's new K/V at its slot and attend to slots [0, len_b] (module docstring); (B, H, D)."""
+    B, H, D = q_BHD.shape
+    S, K = k_cache_BSKD.shape[1], k_cache_BSKD.shape[2]
+    G = H // K
+    assert H % K == 0 and D & (D - 1) == 0, (H, K, D)
+    assert all(t.stride(-1) == 1 for t in (q_BHD, k_new_BKD, v_new_BKD, k_cache_BSKD)), "unit stride on D"
+    assert v_cache_BSKD.stride() == k_cache_BSKD.stride()
+    splits = splits or num_splits(B, K, S, q_BHD.device)
+    split_len = triton.cdiv(triton.cdiv(S, splits), BLOCK_N) * BLOCK_N
+    splits = triton.cdiv(S, split_len)
+    out = torch.empty(B, H, splits, D, dtype=torch.float32, device=q_BHD.device)
+    lse = torch.empty(B, H, splits, dtype=torch.float32, device=q_BHD.device)
+    _decode_split_kernel[(B, K, splits)](
+        q_BHD, k_new_BKD, v_new_BKD, k_cache_BSKD, v_cache_BSKD, cache_seqlens_B, out, lse,
+        q_BHD.stride(0), q_BHD.stride(1), k_new_BKD.stride(0), k_new_BKD.stride(1),
+        v_new_BKD.stride(0), v_new_BKD.stride(1),
+        k_cache_BSKD.stride(0), k_cache_BSKD.stride(1), k_cache_BSKD.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+        S, split_len, D**-0.5,
+        G=G, BLOCK_G=triton.next_power_of_2(G), D=D, BLOCK=BLOCK_N,
+    )  # fmt: skip
+    y = torch.empty(B, H, D, dtype=q_BHD.dtype, device=q_BHD.device)
+    _combine_kernel[(B, H)](
+        out, lse, y, out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+        y.stride(0), y.stride(1), SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits), D=D,
+    )  # fmt: skip
+    return y
