@@ -86,7 +86,8 @@ def test_a_model_decodes_through_the_kernel_as_through_sdpa(kernel, monkeypatch)
     monkeypatch.setattr(attention, "_triton_decode_attention",
                         lambda q, k, v, kc, vc, lens: kernel.decode_attention_triton(q[:, 0], k[:, 0], v[:, 0], kc,
                                                                                      vc, lens)[:, None])  # fmt: skip
-    model = randomized(tiny_config(n_head=4, n_kv_head=2), seed=2).eval()
+    # fused projections: v reaches the kernel as a strided view of the q|k|v product, as when serving
+    model = randomized(tiny_config(n_head=4, n_kv_head=2), seed=2).eval().fuse_projections_()
     ids = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(1))
     caches = [model.new_kv_cache(2, 16) for _ in range(2)]
     caches[1].decode_backend = "triton"

@@ -41,18 +41,19 @@ def test_fp32_cuda_plan_never_picks_a_half_only_kernel(profile, fa2):
         chosen = {case: c.backend for case, c in plan.attention.items()}
         print(profile, fa2, facts.head_dim, chosen)
         assert not HALF_ONLY & set(chosen.values()), chosen
-        assert set(chosen.values()) <= {"sdpa_efficient", "flex", "sdpa_math"}
+        assert set(chosen.values()) <= {"sdpa_efficient", "flex", "sdpa_math", "triton"}  # triton: fp32 inside
 
 
 def test_bf16_h100_does_pick_half_only_kernels():
     plan = plan_run(make_env("h100", flash_attn="2.8.3"), RunFacts("cuda", "bfloat16"))
-    assert {c.backend for c in plan.attention.values()} == {"sdpa_cudnn", "flash_attn"}
-    no_fa2 = plan_run(make_env("h100"), RunFacts("cuda", "bfloat16"))
-    # without flash-attn, decode over the per-row masked cache runs SDPA's efficient kernel (any dtype)
-    assert no_fa2.attention["decode"].backend == "sdpa_efficient"
+    assert {c.backend for c in plan.attention.values()} == {"sdpa_cudnn", "flash_attn", "triton"}
+    # the Triton decode kernel computes in fp32 from any cache dtype: it serves fp32 plans as well
     fp32 = plan_run(make_env("h100"), RunFacts("cuda", "float32"))
-    assert fp32.attention["decode"].backend == "sdpa_efficient"
-    assert "runs only in fp16/bf16, not float32" in fp32.attention["decode"].reason
+    assert fp32.attention["decode"].backend == "triton"
+    # without Triton, decode over the per-row masked cache runs SDPA's efficient kernel (any dtype)
+    no_triton = plan_run(make_env("h100", flash_attn="2.8.3", triton=None), RunFacts("cuda", "float32"))
+    assert no_triton.attention["decode"].backend == "sdpa_efficient"
+    assert "The Triton decode kernel needs Triton" in no_triton.attention["decode"].reason
 
 
 def test_explicit_half_only_request_in_fp32_raises():

@@ -7,7 +7,8 @@ For each row b, KV head k and its G = H / K query heads, with L_b = cache_seqlen
     out  = sum_j softmax(s)_j v_j
 
 The slots are cut into `splits` equal spans, one program per (row, KV head, span); a program keeps an online
-softmax (running max m, sum l, accumulator acc) over its span in fp32 and stores acc / l with lse = m + log l.
+softmax (running max m, sum denom, accumulator acc) over its span in fp32 and stores acc / denom with
+lse = m + log denom.
 The span holding slot L_b also folds in the new token from registers and writes it to the cache, so no
 program ever reads a slot another program writes. A second kernel combines the spans:
 
@@ -64,7 +65,7 @@ def _decode_split_kernel(
     q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=g_ok[:, None], other=0.0)
     q = q.to(tl.float32) * scale  # (BLOCK_G, D)
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l = tl.full([BLOCK_G], 0.0, tl.float32)  # tl.full, not tl.zeros: see _sum
+    denom = tl.full([BLOCK_G], 0.0, tl.float32)  # tl.full, not tl.zeros: see _sum
     acc = tl.full([BLOCK_G, D], 0.0, tl.float32)
     cache_row = KC + b * stride_cb + kh * stride_ch
     vcache_row = VC + b * stride_cb + kh * stride_ch
@@ -79,7 +80,7 @@ def _decode_split_kernel(
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
         v = tl.load(vcache_row + offs, mask=n_ok[:, None], other=0.0).to(tl.float32)
-        l = l * alpha + _sum(p, 1)
+        denom = denom * alpha + _sum(p, 1)
         acc = acc * alpha[:, None] + _sum(p[:, :, None] * v[None, :, :], 1)
         m = m_new
     if (new_slot >= start) & (new_slot < start + split_len):
@@ -91,12 +92,12 @@ def _decode_split_kernel(
         m_new = tl.maximum(m, s)
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new)
-        l = l * alpha + p
+        denom = denom * alpha + p
         acc = acc * alpha[:, None] + p[:, None] * vn.to(tl.float32)[None, :]
         m = m_new
-    has = l > 0
-    out = acc / tl.where(has, l, 1.0)[:, None]
-    lse = tl.where(has, m + tl.log(tl.where(has, l, 1.0)), float("-inf"))
+    has = denom > 0
+    out = acc / tl.where(has, denom, 1.0)[:, None]
+    lse = tl.where(has, m + tl.log(tl.where(has, denom, 1.0)), float("-inf"))
     tl.store(OUT + b * stride_ob + heads[:, None] * stride_oh + sp * stride_os + d[None, :], out,
              mask=g_ok[:, None])  # fmt: skip
     tl.store(LSE + b * stride_lb + heads * stride_lh + sp, lse, mask=g_ok)
