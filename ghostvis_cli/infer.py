@@ -16,8 +16,8 @@ err_console = Console(stderr=True)
 def infer(
     prompt: str = typer.Option(None, "--prompt", "-p", help="The question (chat runs) or text to continue."),
     model: str = typer.Option(
-        None, "--model", help="Run name or folder, or a step_NNNNNN checkpoint (default: the newest chat run, "
-        "else the newest base run)."
+        None, "--model", help="Run name or folder, a step_NNNNNN checkpoint, or an exported HF Llama folder "
+        "(default: the newest chat run, else the newest base run)."
     ),  # fmt: skip
     batch_file: str = typer.Option(None, "--batch-file", help="Prompts: .txt (one a line) or .jsonl ({\"prompt\"})."),
     output: str = typer.Option(None, "--output", "-o", help="Results file (JSON lines) for --batch-file."),

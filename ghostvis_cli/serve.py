@@ -23,8 +23,8 @@ def _is_loopback(host: str) -> bool:
 
 
 def serve(
-    model: str = typer.Option(None, "--model", help="Run name or folder, or a step_NNNNNN checkpoint (default: "
-                              "the newest chat run, else the newest base run)."),
+    model: str = typer.Option(None, "--model", help="Run name or folder, a step_NNNNNN checkpoint, or an "
+                              "exported HF Llama folder (default: the newest chat run, else the newest base run)."),
     preset: str = typer.Option(None, "--preset", help="Serve a preset's random weights instead (benchmarks; "
                                "token-id prompts only)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (127.0.0.1: this machine only)."),

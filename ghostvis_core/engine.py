@@ -174,8 +174,11 @@ def load_for_inference(spec: str | None = None, device: str | None = None, dtype
     compiling takes longer than a short answer).
     """
     from ghostvis_core.checkpoint import TrainState
+    from ghostvis_core.export_checkpoint import is_hf_folder
     from ghostvis_core.models import from_checkpoint, model_config_from_dict
 
+    if spec and is_hf_folder(Path(spec).expanduser()):
+        return load_hf_folder(Path(spec).expanduser(), device, dtype, compile)
     step_dir = resolve_step_dir(spec)
     run_dir = step_dir.parent
     tokenizer_dir = run_dir / "tokenizer"
@@ -188,6 +191,39 @@ def load_for_inference(spec: str | None = None, device: str | None = None, dtype
     model = cast_parameters_(from_checkpoint(step_dir, plan, state), plan.dtype)
     return LoadedModel(model, Tokenizer.load(tokenizer_dir), step_dir, state.recipe or "unknown", state.data_format,
                        plan)
+
+
+def load_hf_folder(folder: Path, device: str | None = None, dtype: str = "auto",
+                   compile: bool | None = None) -> LoadedModel:
+    """A Hugging Face LlamaForCausalLM folder (`ghostvis export`'s, or any with a GhostVis tokenizer) loaded
+    into the native engine: the weights through hf_import.read_hf_llama (every key and shape checked), the
+    prompt format from its ghostvis.json (a folder GhostVis did not write is prompted as plain text)."""
+    from ghostvis_core.errors import DataError
+    from ghostvis_core.export_checkpoint import ExportInfo
+    from ghostvis_core.gpt import GPT
+    from ghostvis_core.hf_import import read_hf_llama
+
+    info = ExportInfo.read(folder)
+    if info is not None and info.architecture != "LlamaForCausalLM":
+        raise ConfigError(f"--model {folder}: a {info.architecture} folder; the native engine loads exported "
+                          f"vision runs from their GhostVis run (--model {info.source}), or serve this folder "
+                          "with --backend vllm")  # fmt: skip
+    config, state = read_hf_llama(folder)
+    try:
+        tokenizer = Tokenizer.load(folder)
+    except DataError as exc:
+        raise DataError(f"--model {folder}: {exc}") from None
+    if tokenizer.vocab_size > config.vocab_size:
+        raise CheckpointError(f"--model {folder}: its tokenizer has {tokenizer.vocab_size} tokens, more than "
+                              f"the model's vocab_size {config.vocab_size}")  # fmt: skip
+    plan = inference_plan(config, device, dtype, compile)
+    log_plan(plan)
+    with torch.device(plan.device_type):
+        model = GPT(config, plan)
+    model.load_state_dict(state, strict=True)
+    data_format = info.data_format if info is not None else "text"
+    return LoadedModel(cast_parameters_(model, plan.dtype), tokenizer, folder, "Hugging Face LlamaForCausalLM",
+                       data_format, plan)  # fmt: skip
 
 
 @torch.no_grad()

@@ -127,3 +127,36 @@ def test_cached_export_is_redone_only_when_the_checkpoint_changes():
     from safetensors.torch import load_file
 
     assert torch.equal(load_file(str(second / "model.safetensors"))["model.embed_tokens.weight"], weights)
+
+
+def test_native_infer_from_an_exported_folder_answers_as_the_run(tmp_path, capsys):
+    save_text_run("chat-n")
+    out = tmp_path / "hf"
+    assert run_cli(["export", "chat-n", str(out)], capsys)[0] == 0
+    answers = []
+    for model in ("chat-n", str(out)):
+        code, stdout, err = run_cli(["infer", "--model", model, "--prompt", "what colour is the circle?",
+                                     "--max-tokens", "12"], capsys)  # fmt: skip
+        assert code == 0, err
+        first, *reply = stdout.splitlines()
+        assert first.startswith("model: ") and (str(out) in first) == (model == str(out))
+        answers.append(reply)
+    assert answers[0] == answers[1]  # same weights, tokenizer, chat template and stop tokens
+    assert "Hugging Face LlamaForCausalLM" in run_cli(["infer", "--model", str(out), "--prompt", "hi",
+                                                       "--max-tokens", "2"], capsys)[1]  # fmt: skip
+
+
+def test_native_infer_refuses_an_exported_vlm_and_a_foreign_tokenizer(tmp_path, capsys):
+    save_vlm_run("vlm-n")
+    vlm_out = tmp_path / "llava"
+    assert run_cli(["export", "vlm-n", str(vlm_out)], capsys)[0] == 0
+    code, _, err = run_cli(["infer", "--model", str(vlm_out), "--prompt", "hi"], capsys)
+    assert code != 0 and "LlavaForConditionalGeneration" in err and "--backend vllm" in err
+    assert "Traceback" not in err
+    save_text_run("text-n", data_format="text")
+    out = tmp_path / "hf"
+    assert run_cli(["export", "text-n", str(out)], capsys)[0] == 0
+    tok_file = out / "tokenizer.json"  # another family's tokenizer: no <|bos|>
+    tok_file.write_text(tok_file.read_text().replace("<|bos|>", "<s>"))
+    code, _, err = run_cli(["infer", "--model", str(out), "--prompt", "hi"], capsys)
+    assert code != 0 and f"--model {out}" in err and "not a GhostVis tokenizer" in err, err
