@@ -124,24 +124,26 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def num_splits(batch: int, kv_heads: int, slots: int, device: torch.device) -> int:
-    """Spans per (row, KV head): enough programs for about 4 per SM, each span at least BLOCK_N slots."""
+def num_splits(batch: int, kv_heads: int, slots: int, device: torch.device, block_n: int = BLOCK_N) -> int:
+    """Spans per (row, KV head): enough programs for about 4 per SM, each span at least block_n slots."""
     sms = _sm_count(device.index or 0) if device.type == "cuda" else 132
     wanted = triton.cdiv(4 * sms, batch * kv_heads)
-    return max(1, min(wanted, triton.cdiv(slots, BLOCK_N)))
+    return max(1, min(wanted, triton.cdiv(slots, block_n)))
 
 
 def decode_attention_triton(q_BHD, k_new_BKD, v_new_BKD, k_cache_BSKD, v_cache_BSKD, cache_seqlens_B,
-                            splits: int | None = None) -> torch.Tensor:  # fmt: skip
-    """Write each row's new K/V at its slot and attend to slots [0, len_b] (module docstring); (B, H, D)."""
+                            splits: int | None = None, *, block_n: int = BLOCK_N, num_warps: int = 4,
+                            num_stages: int = 3) -> torch.Tensor:  # fmt: skip
+    """Write each row's new K/V at its slot and attend to slots [0, len_b] (module docstring); (B, H, D).
+    block_n, num_warps, num_stages: the split kernel's tile and launch settings (defaults as measured)."""
     B, H, D = q_BHD.shape
     S, K = k_cache_BSKD.shape[1], k_cache_BSKD.shape[2]
     G = H // K
     assert H % K == 0 and D & (D - 1) == 0, (H, K, D)
     assert all(t.stride(-1) == 1 for t in (q_BHD, k_new_BKD, v_new_BKD, k_cache_BSKD)), "unit stride on D"
     assert v_cache_BSKD.stride() == k_cache_BSKD.stride()
-    splits = splits or num_splits(B, K, S, q_BHD.device)
-    split_len = triton.cdiv(triton.cdiv(S, splits), BLOCK_N) * BLOCK_N
+    splits = splits or num_splits(B, K, S, q_BHD.device, block_n)
+    split_len = triton.cdiv(triton.cdiv(S, splits), block_n) * block_n
     splits = triton.cdiv(S, split_len)
     out = torch.empty(B, H, splits, D, dtype=torch.float32, device=q_BHD.device)
     lse = torch.empty(B, H, splits, dtype=torch.float32, device=q_BHD.device)
@@ -152,7 +154,7 @@ def decode_attention_triton(q_BHD, k_new_BKD, v_new_BKD, k_cache_BSKD, v_cache_B
         k_cache_BSKD.stride(0), k_cache_BSKD.stride(1), k_cache_BSKD.stride(2),
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         S, split_len, D**-0.5,
-        G=G, BLOCK_G=triton.next_power_of_2(G), D=D, BLOCK=BLOCK_N,
+        G=G, BLOCK_G=triton.next_power_of_2(G), D=D, BLOCK=block_n, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     y = torch.empty(B, H, D, dtype=q_BHD.dtype, device=q_BHD.device)
     _combine_kernel[(B, H)](
