@@ -7,26 +7,62 @@ second one in a row, leaves. History is kept as long as it fits the context: the
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from rich.console import Console
 
 HELP = "/reset forgets the conversation, /image PATH adds an image (VLM runs), /exit leaves; Ctrl-C stops an answer"
 
 
-def _fit_history(loaded, history: list[dict], prompt: str, room: int) -> tuple[list[int], int]:
-    """Prompt ids with as many earlier turns as leave `room` tokens; returns (ids, turns dropped)."""
+def _fit_history(loaded, history: list[dict], prompt: str, room: int, turn_images: list, image) -> tuple:
+    """The engine prompt with as many earlier turns as leave `room` tokens: (prompt, its length, turns dropped).
+
+    turn_images[i]: the image of the i-th user turn kept in history (None for none); image: this turn's. A
+    vision run's prompt is embeddings when any kept turn has an image (image_prompts.py)."""
+    from ghostvis_core.image_prompts import chat_ids, image_prompt, user_turn
+
+    vision = loaded.data_format == "image-chat"
+    context = loaded.engine.context_len
     dropped = 0
     while True:
-        ids = loaded.encode_prompt(prompt, history[2 * dropped :] if loaded.is_chat else None)
-        if len(ids) + room <= loaded.model.config.sequence_len or 2 * dropped >= len(history):
-            return ids, dropped
+        kept = history[2 * dropped :]
+        if vision:
+            ids = chat_ids(loaded, [*kept, user_turn(prompt, image is not None)])
+        else:
+            ids = loaded.encode_prompt(prompt, kept if loaded.is_chat else None)
+        if len(ids) + room <= context or 2 * dropped >= len(history):
+            if not vision:
+                return ids, len(ids), dropped
+            images = [p for p in [*turn_images[dropped:], image] if p is not None]
+            return image_prompt(loaded, ids, images), len(ids), dropped
         dropped += 1
 
 
+def _image_command(loaded, text: str, err: Console) -> Path | None:
+    """The image of `/image PATH` (it goes with the next message), or None after saying why not."""
+    if loaded.data_format != "image-chat":
+        err.print("/image needs a VLM run (an image-chat recipe); this run is a text model")
+        return None
+    path = Path(text[len("/image") :].strip()).expanduser()
+    if not str(path) or str(path) == ".":
+        err.print("/image needs a path: /image PATH")
+        return None
+    if not path.is_file():
+        err.print(f"/image {path}: no such image file")
+        return None
+    err.print(f"[dim](image {path} goes with your next message)[/]", highlight=False)
+    return path
+
+
 def chat_loop(loaded, sampling, max_tokens: int, console: Console, err: Console) -> None:
+    from ghostvis_core.errors import GhostVisError
+    from ghostvis_core.image_prompts import user_turn
+
     engine = loaded.engine
     history: list[dict] = []
-    context = loaded.model.config.sequence_len
+    turn_images: list[Path | None] = []  # the image of each user turn in history (None: none)
+    image: Path | None = None  # from /image, for the next message
+    context = engine.context_len
     err.print(f"[dim]{HELP}[/]", highlight=False)
     if not loaded.is_chat:
         err.print("[dim]a base run: each line is continued as plain text, without history[/]")
@@ -44,17 +80,24 @@ def chat_loop(loaded, sampling, max_tokens: int, console: Console, err: Console)
             return
         if text == "/reset":
             history.clear()
+            turn_images.clear()
+            image = None
             err.print("[dim](conversation reset)[/]")
             continue
         if text.startswith("/image"):
-            err.print("/image needs a VLM run (an image-chat recipe); this run is a text model")
+            image = _image_command(loaded, text, err) or image
             continue
-        ids, dropped = _fit_history(loaded, history, text, min(max_tokens, 16))
+        try:
+            request, n, dropped = _fit_history(loaded, history, text, min(max_tokens, 16), turn_images, image)
+        except GhostVisError as exc:  # an image that no longer reads: say so, drop it, keep chatting
+            err.print(str(exc), highlight=False, markup=False)
+            image = None
+            continue
         if dropped:
-            history = history[2 * dropped :]
+            history, turn_images = history[2 * dropped :], turn_images[dropped:]
             err.print(f"[dim](dropped the {dropped} oldest turn(s) to fit the {context}-token context)[/]")
-        if len(ids) >= context:
-            err.print(f"that message is {len(ids)} tokens; the context is {context}: shorten it")
+        if n >= context:
+            err.print(f"that message is {n} tokens; the context is {context}: shorten it")
             continue
 
         def show(_i: int, delta: str) -> None:
@@ -62,7 +105,7 @@ def chat_loop(loaded, sampling, max_tokens: int, console: Console, err: Console)
             sys.stdout.flush()
 
         try:
-            done = engine.generate_many([ids], sampling, max_tokens, batch_size=1, on_text=show,
+            done = engine.generate_many([request], sampling, max_tokens, batch_size=1, on_text=show,
                                         sync_every=1, cache_len=context)[0]  # fmt: skip
         except KeyboardInterrupt:
             print()
@@ -74,4 +117,6 @@ def chat_loop(loaded, sampling, max_tokens: int, console: Console, err: Console)
         interrupted = False
         print()
         if loaded.is_chat:
-            history += [{"role": "user", "content": text}, {"role": "assistant", "content": done.text}]
+            history += [user_turn(text, image is not None), {"role": "assistant", "content": done.text}]
+            turn_images.append(image)
+        image = None

@@ -74,7 +74,11 @@ class LoadedModel:
         from ghostvis_core.batch_engine import Engine
 
         if self._engine is None:
-            self._engine = Engine(self.model, self.tokenizer, stop_token_ids=self.stop_token_ids)
+            # A VLM's engine runs its language model; image features come in as prompt embeddings
+            # (image_prompts.py), and the `<image>` placeholder, which only data places, is never generated.
+            lm = getattr(self.model, "language_model", self.model)
+            banned = (self.model.config.image_token_id,) if lm is not self.model else ()
+            self._engine = Engine(lm, self.tokenizer, stop_token_ids=self.stop_token_ids, banned_token_ids=banned)
         return self._engine
 
     @property
@@ -242,9 +246,9 @@ def generate_text(
     """The model's reply to `prompt` (chat runs) or its continuation (base runs), decoded without specials.
 
     image: a picture the prompt asks about (VLM runs): the prompt becomes a user turn of the image then the
-    text, as LLaVA data is ("<image>\n" + prompt), prefilled by embeddings, then KV-cache decode. Text runs go
-    through the batched engine; VLM runs through `VLM.generate` (one request at a time) until the engine
-    takes image prefills.
+    text, as LLaVA data is ("<image>\n" + prompt), prefilled by embeddings, then KV-cache decode. Every run
+    answers through the batched engine (image_prompts.py builds a VLM's prompt); use_cache=False is the
+    reference path of VLM runs (VLM.generate recomputing the sequence each step, greedy or top-k).
     """
     from ghostvis_core.sampling import SamplingParams
 
@@ -252,52 +256,8 @@ def generate_text(
         raise ConfigError(f"--max-tokens must be >= 1 (got {max_new_tokens})")
     sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=tuple(stop))
     if image is not None or loaded.data_format == "image-chat":
-        return _generate_vlm_text(loaded, prompt, max_new_tokens, sampling, image, use_cache)
+        from ghostvis_core.image_prompts import generate_vlm_text
+
+        return generate_vlm_text(loaded, prompt, max_new_tokens, sampling, image, use_cache)
     ids = loaded.encode_prompt(prompt)
     return loaded.engine.generate_many([ids], sampling, max_new_tokens, batch_size=1)[0].text
-
-
-@torch.no_grad()
-def _generate_vlm_text(loaded: LoadedModel, prompt: str, max_new_tokens: int, sampling, image: str | Path | None,
-                       use_cache: bool) -> str:
-    """generate_text for a VLM run (an image prompt, or a chat turn without one): greedy or top-k sampling
-    through VLM.generate, one request at a time."""
-    if loaded.data_format != "image-chat":
-        raise ConfigError(f"--image {image}: run {loaded.checkpoint.parent} is a text model ({loaded.recipe}, "
-                          "trained on text only) and cannot see images; pick a vision run (vision_pretrain or an "
-                          "image chat_sft) or drop --image")
-    if sampling.top_p < 1 or sampling.stop:
-        raise ConfigError("--top-p and --stop are not available for vision runs yet (they answer through "
-                          "VLM.generate: greedy, --temperature and --top-k); drop them")
-    tok = loaded.tokenizer
-    pixels = None
-    if image is None:
-        ids = loaded.encode_prompt(prompt)
-    else:
-        from ghostvis_core.data.image_dataset import expand_image_tokens
-        from ghostvis_core.data.images import load_image
-
-        vision = loaded.model.config.vision
-        if not Path(image).is_file():
-            raise ConfigError(f"--image {image}: no such image file")
-        pixels = load_image(image, vision.image_size, vision.image_mean, vision.image_std)[None]
-        content = [{"type": "image"}, {"type": "text", "text": "\n" + prompt}]
-        ids, mask = tok.encode_chat([{"role": "user", "content": content}], add_generation_prompt=True)
-        ids = expand_image_tokens(ids, mask, tok.image_id, loaded.model.config.num_image_tokens)[0].tolist()
-    limit = text_config(loaded.model.config).sequence_len
-    max_new_tokens = min(max_new_tokens, limit - len(ids))
-    if max_new_tokens < 1:
-        raise ConfigError(f"the prompt is {len(ids)} tokens; the model's context is {limit}: shorten it")
-    param = next(loaded.model.parameters())
-    generator = torch.Generator(device=param.device).manual_seed(sampling.seed)
-    idx = torch.tensor([ids], dtype=torch.long, device=param.device)
-    pixels = None if pixels is None else pixels.to(device=param.device, dtype=param.dtype)
-    out = loaded.model.generate(idx, pixels, max_new_tokens, temperature=sampling.temperature, top_k=sampling.top_k,
-                                generator=generator, use_cache=use_cache)
-    new = out[0, len(ids):].tolist()
-    stops = set(loaded.stop_token_ids)
-    for i, token in enumerate(new):
-        if token in stops:
-            new = new[:i]
-            break
-    return tok.decode(new, skip_special=True)

@@ -113,6 +113,40 @@ def test_chat_through_a_pseudo_terminal(run_name):
         os.close(main)
 
 
+def test_chat_with_images_on_a_vision_run(tmp_path):
+    from PIL import Image
+    from saved_runs import save_vlm_run
+
+    from ghostvis_core.engine import generate_text, load_for_inference
+
+    save_vlm_run("vis")
+    picture = tmp_path / "red.png"
+    Image.new("RGB", (40, 40), (220, 30, 30)).save(picture)
+    want = generate_text(load_for_inference("vis"), "what colour is it?", 8, image=picture)
+    main, child = pty.openpty()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "ghostvis_cli", "infer", "--model", "vis", "--chat",
+                             "--max-tokens", "8"], stdin=child, stdout=child, stderr=child, env=env, cwd=REPO)  # fmt: skip
+    os.close(child)
+    try:
+        _read_until(main, b"> ")
+        os.write(main, b"/image nope.png\n")
+        assert b"no such image file" in _read_until(main, b"> ")
+        os.write(main, f"/image {picture}\n".encode())
+        assert b"goes with your next message" in _read_until(main, b"> ")
+        os.write(main, b"what colour is it?\n")
+        reply = _read_until(main, b"> ")
+        assert want.encode() in reply.replace(b"\r\n", b"\n")  # the same answer as `infer --prompt --image`
+        os.write(main, b"and now?\n")  # a second turn: the first turn's image is embedded again
+        assert b"Traceback" not in _read_until(main, b"> ")
+        os.write(main, b"/exit\n")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(main)
+
+
 def test_bench_num_prompts_json_on_cpu(capsys):
     args = ["bench", "--num-prompts", "8", "--input-len", "8", "--output-len", "8", "--preset", "tiny", "--json"]
     code, out, err = run_cli(args, capsys)
