@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ghostvis_core.checkpoint import STEP_DIR_RE, TrainState, load_model_state, read_state
 from ghostvis_core.errors import CheckpointError
+from ghostvis_core.hf_import import WEIGHTS_FILE, WEIGHTS_INDEX
 
 __all__ = ["EXPORT_INFO_FILE", "ExportInfo", "cached_export", "export_checkpoint", "export_key", "is_hf_folder"]
 
@@ -60,9 +61,12 @@ class ExportInfo:
 
 
 def is_hf_folder(path: Path) -> bool:
-    """A folder with a config.json and no state.json: a Hugging Face model folder, not a checkpoint."""
+    """A Hugging Face model folder: config.json beside safetensors weights (model.safetensors or its index),
+    no state.json. A GhostVis run folder has a config.json too (the run's), but its weights live in step_*
+    folders; a checkpoint folder has a state.json."""
     path = Path(path)
-    return path.is_dir() and (path / "config.json").is_file() and not (path / "state.json").is_file()
+    return (path.is_dir() and (path / "config.json").is_file() and not (path / "state.json").is_file()
+            and ((path / WEIGHTS_FILE).is_file() or (path / WEIGHTS_INDEX).is_file()))  # fmt: skip
 
 
 def _tokenizer_dir(step_dir: Path) -> Path:

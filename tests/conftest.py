@@ -60,6 +60,13 @@ def _clear_private_caches() -> None:
         cache = getattr(module, attr, None) if module is not None else None
         if cache is not None:
             cache.clear()
+    import logging
+
+    logger = logging.getLogger("ghostvis")  # a CLI call's setup_logging binds a handler to that test's stderr
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    logger.propagate = True
+    logger.setLevel(logging.NOTSET)
     app = sys.modules.get("ghostvis_cli.app")
     debug = getattr(app, "_DEBUG", None) if app is not None else None
     if debug is not None:  # --debug seen by an earlier in-process CLI call

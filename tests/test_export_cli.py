@@ -160,3 +160,15 @@ def test_native_infer_refuses_an_exported_vlm_and_a_foreign_tokenizer(tmp_path, 
     tok_file.write_text(tok_file.read_text().replace("<|bos|>", "<s>"))
     code, _, err = run_cli(["infer", "--model", str(out), "--prompt", "hi"], capsys)
     assert code != 0 and f"--model {out}" in err and "not a GhostVis tokenizer" in err, err
+
+
+def test_a_run_folder_is_not_taken_for_a_hugging_face_folder(tmp_path, capsys):
+    from ghostvis_core.export_checkpoint import is_hf_folder
+
+    run = save_text_run("both-kinds")
+    (run / "config.json").write_text("{}")  # a run folder holds the run's config.json
+    out = tmp_path / "hf"
+    assert run_cli(["export", "both-kinds", str(out)], capsys)[0] == 0
+    assert is_hf_folder(out) and not is_hf_folder(run) and not is_hf_folder(ckpt.latest_checkpoint(run))
+    code, stdout, err = run_cli(["infer", "--model", str(run), "--prompt", "hi", "--max-tokens", "2"], capsys)
+    assert code == 0 and "step_" in stdout.splitlines()[0], err
