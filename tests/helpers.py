@@ -147,6 +147,30 @@ def write_profile(env: EnvFacts, path: Path) -> Path:
 # ---- running the CLI -------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def triton_interpreted(*module_names: str) -> Iterator[list]:
+    """The modules imported fresh with TRITON_INTERPRET=1 (Triton decides interpret-or-compile when a kernel
+    is decorated), so their kernels run on the CPU; removed again afterwards so later importers get the
+    normal compiled kernels."""
+    import importlib
+    import os
+
+    saved_env = os.environ.get("TRITON_INTERPRET")
+    saved_modules = {name: sys.modules.pop(name, None) for name in module_names}
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield [importlib.import_module(name) for name in module_names]
+    finally:
+        for name, module in saved_modules.items():
+            sys.modules.pop(name, None)
+            if module is not None:
+                sys.modules[name] = module
+        if saved_env is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved_env
+
+
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     """Run the console entry point in-process; return (exit code, stdout, stderr)."""
     from ghostvis_cli.app import main

@@ -2,13 +2,11 @@
 against a float64 reference (cache write included, GQA and not, spans forced and chosen, full rows), and a
 model's decode through it against the SDPA path."""
 
-import importlib
 import math
-import os
-import sys
 
 import pytest
 import torch
+from helpers import triton_interpreted
 from test_gpt import V, randomized, tiny_config
 
 pytest.importorskip("triton")
@@ -18,19 +16,9 @@ _MODULE = "ghostvis_core.kernels.decode_attention_triton"
 
 @pytest.fixture(scope="module")
 def kernel():
-    """The kernel module imported fresh under TRITON_INTERPRET=1 (as test_kernels.py does), then removed."""
-    saved_env, saved = os.environ.get("TRITON_INTERPRET"), sys.modules.pop(_MODULE, None)
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        yield importlib.import_module(_MODULE)
-    finally:
-        sys.modules.pop(_MODULE, None)
-        if saved is not None:
-            sys.modules[_MODULE] = saved
-        if saved_env is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = saved_env
+    """The kernel module compiled for the Triton CPU interpreter."""
+    with triton_interpreted(_MODULE) as (module,):
+        yield module
 
 
 def _reference(q, k_new, v_new, k_cache, v_cache, lens):

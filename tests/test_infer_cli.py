@@ -3,6 +3,7 @@ errors, and `ghostvis bench --num-prompts` on CPU."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pty
@@ -91,13 +92,24 @@ def _read_until(fd, needle: bytes, timeout: float = 60.0) -> bytes:
     return buf
 
 
-def test_chat_through_a_pseudo_terminal(run_name):
+@contextlib.contextmanager
+def _chat(*args: str):
+    """`ghostvis infer --chat ARGS` on a pseudo-terminal: yields (its fd, the process); killed if still running."""
     main, child = pty.openpty()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "ghostvis_cli", "infer", "--chat", "--max-tokens", "8"],
+    proc = subprocess.Popen([sys.executable, "-m", "ghostvis_cli", "infer", "--chat", *args],
                             stdin=child, stdout=child, stderr=child, env=env, cwd=REPO)  # fmt: skip
     os.close(child)
     try:
+        yield main, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(main)
+
+
+def test_chat_through_a_pseudo_terminal(run_name):
+    with _chat("--max-tokens", "8") as (main, proc):
         assert b"model: " in _read_until(main, b"> ")
         os.write(main, b"the red ball\n")
         _read_until(main, b"> ")
@@ -107,10 +119,6 @@ def test_chat_through_a_pseudo_terminal(run_name):
         assert b"conversation reset" in _read_until(main, b"> ")
         os.write(main, b"/exit\n")
         assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        os.close(main)
 
 
 def test_chat_with_images_on_a_vision_run(tmp_path):
@@ -123,12 +131,7 @@ def test_chat_with_images_on_a_vision_run(tmp_path):
     picture = tmp_path / "red.png"
     Image.new("RGB", (40, 40), (220, 30, 30)).save(picture)
     want = generate_text(load_for_inference("vis"), "what colour is it?", 8, image=picture)
-    main, child = pty.openpty()
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "ghostvis_cli", "infer", "--model", "vis", "--chat",
-                             "--max-tokens", "8"], stdin=child, stdout=child, stderr=child, env=env, cwd=REPO)  # fmt: skip
-    os.close(child)
-    try:
+    with _chat("--model", "vis", "--max-tokens", "8") as (main, proc):
         _read_until(main, b"> ")
         os.write(main, b"/image nope.png\n")
         assert b"no such image file" in _read_until(main, b"> ")
@@ -141,10 +144,6 @@ def test_chat_with_images_on_a_vision_run(tmp_path):
         assert b"Traceback" not in _read_until(main, b"> ")
         os.write(main, b"/exit\n")
         assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        os.close(main)
 
 
 def test_bench_num_prompts_json_on_cpu(capsys):

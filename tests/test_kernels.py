@@ -4,14 +4,11 @@ The kernel modules are imported fresh with TRITON_INTERPRET=1 (Triton decides in
 kernel is decorated), and removed again afterwards so later importers get the normal compiled kernels.
 """
 
-import importlib
-import os
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close
+from helpers import assert_close, triton_interpreted
 from helpers import float64_leaf as _leaf
 from helpers import rms_norm_reference as rms_norm_ref
 
@@ -26,22 +23,8 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 @pytest.fixture(scope="module")
 def interpreted():
     """(rms_norm_triton module, swiglu_triton module) compiled for the Triton CPU interpreter."""
-    saved_env = os.environ.get("TRITON_INTERPRET")
-    saved_modules = {name: sys.modules.pop(name, None) for name in _KERNEL_MODULES}
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        rms_mod = importlib.import_module(_KERNEL_MODULES[0])
-        swiglu_mod = importlib.import_module(_KERNEL_MODULES[1])
-        yield rms_mod, swiglu_mod
-    finally:
-        for name, module in saved_modules.items():
-            sys.modules.pop(name, None)
-            if module is not None:
-                sys.modules[name] = module
-        if saved_env is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = saved_env
+    with triton_interpreted(*_KERNEL_MODULES) as modules:
+        yield tuple(modules)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
