@@ -158,3 +158,25 @@ def test_bench_num_prompts_json_on_cpu(capsys):
     assert r["latency_ms"]["p50"] <= r["latency_ms"]["p99"]
     code, out, _ = run_cli(["bench", "--num-prompts", "0", "--preset", "tiny", "--json"], capsys)
     assert code == 2 and "--num-prompts must be >= 1" in json.loads(out)["error"]
+
+
+def test_bench_compare_hf_warms_up_every_batch_shape_before_timing(capsys, monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    shapes = []
+    real = LlamaForCausalLM.generate
+
+    def counting(self, input_ids, **kw):
+        shapes.append(tuple(input_ids.shape))
+        return real(self, input_ids, **kw)
+
+    monkeypatch.setattr(LlamaForCausalLM, "generate", counting)
+    args = ["bench", "--num-prompts", "5", "--input-len", "8", "--output-len", "4", "--preset", "tiny",
+            "--batch-size", "2", "--compare", "hf", "--json"]  # fmt: skip
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    # warm-up of the 1-row and 2-row shapes, then the timed 2 + 2 + 1
+    assert shapes == [(1, 8), (2, 8), (2, 8), (2, 8), (1, 8)]
+    hf = json.loads(out)["compare"]["hf"]
+    assert hf["output_tokens_per_s"] > 0 and hf["ratio"] > 0
+
