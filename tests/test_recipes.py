@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import library_log
 from helpers import tree_hashes as _hashes
 from test_train_config import subprocess_env, tiny_config
 
@@ -53,7 +54,7 @@ def test_chat_sft_starts_from_the_base_weights_and_tokenizer(tmp_path, monkeypat
     base = train(tiny_config(tmp_path, run="base_train", num_steps=12))
     sft_cfg = tiny_config(tmp_path, recipe="chat_sft", run="chat_sft", init_from=None, num_steps=4,
                           pack_max_length=64)
-    with caplog.at_level("INFO", logger="ghostvis"):
+    with library_log(caplog):  # the base run's setup_logging stopped propagation to caplog's root handler
         sft = train(sft_cfg)
     assert f"Initialising model weights from {base.checkpoint}" in caplog.text
     assert _hashes(sft_cfg.run_dir / "tokenizer") == _hashes(base.run_dir / "tokenizer")
