@@ -103,6 +103,8 @@ class RunFacts:
     """Block recomputation request (backend_names.ActivationCheckpointing): none, full or selective."""
     fsdp: bool = False
     """Parameters are sharded with FSDP2 (fp8 then all-gathers the weights in float8 where the recipe allows)."""
+    purpose: str = "train"
+    """"train" or "inference": what the banner reports (an inference run has no optimizer to name)."""
 
     def __post_init__(self):
         if self.attn not in ATTN_REQUESTS:
@@ -140,7 +142,7 @@ class RunFacts:
     @classmethod
     def for_inference(cls, model_config, device_type: str, dtype: str, compiled: bool = False) -> RunFacts:
         """Facts of an inference run, one process; compiled: the decode step runs under torch.compile."""
-        return cls(device_type, dtype, bool(compiled), **_model_requests(model_config))
+        return cls(device_type, dtype, bool(compiled), **_model_requests(model_config), purpose="inference")
 
 
 def _model_requests(config) -> dict:
@@ -654,7 +656,8 @@ def format_banner(plan: BackendPlan) -> str:
             f"RMSNorm: {plan.rms_norm.label} ({plan.rms_norm.reason}); "
             f"SwiGLU: {plan.swiglu.label} ({plan.swiglu.reason})"
         )
-    lines.append(f"Optimizer: {plan.optimizer.label} ({plan.optimizer.reason})")
+    if plan.facts.purpose != "inference":
+        lines.append(f"Optimizer: {plan.optimizer.label} ({plan.optimizer.reason})")
     lines.append(f"Inference: {plan.inference.label} ({plan.inference.reason})")
     if plan.fp8.backend != "none":
         lines.append(f"fp8: {plan.fp8.label} ({plan.fp8.reason})")

@@ -229,6 +229,16 @@ def test_bad_request_names_are_config_errors():
         plan_backends(make_env("h100"), norm="liger")
 
 
+def test_an_inference_banner_names_no_optimizer():
+    from ghostvis_core.backends import inference_run_facts, plan_run
+
+    env = make_env("h100", flash_attn="2.8.3")
+    text = format_banner(plan_run(env, inference_run_facts(env, dtype="bfloat16")))
+    assert "Optimizer:" not in text and "Inference: GhostVis engine" in text
+    assert "decode Triton split-KV decode" in text
+    assert "Optimizer: torch fused AdamW + Muon" in format_banner(plan_backends(env))  # a training plan does
+
+
 def test_banner_shape():
     text = format_banner(plan_backends(make_env("h100", flash_attn="2.8.3")))
     lines = text.splitlines()
