@@ -70,7 +70,8 @@ def doc_ids_from_positions(position_ids_BT: torch.Tensor) -> torch.Tensor:
 
 
 def cu_seqlens_from_positions(position_ids_BT: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """FlashAttention varlen offsets over the flattened rows: (cu_seqlens int32, max_seqlen int)."""
+    """FlashAttention varlen offsets over the flattened rows: (cu_seqlens int32, max_seqlen int). On a CPU
+    tensor (the data loaders' batches) this costs no device sync."""
     B, T = position_ids_BT.shape
     starts = torch.nonzero(_doc_starts(position_ids_BT).flatten()).flatten()
     end = torch.tensor([B * T], device=starts.device, dtype=starts.dtype)
@@ -129,12 +130,16 @@ def flex_document_block_mask(doc_ids_BT: torch.Tensor):
 
 
 def build_attention_context(
-    plan, position_ids_BT: torch.Tensor | None, batch: int, seq_len: int, device: torch.device
+    plan, position_ids_BT: torch.Tensor | None, batch: int, seq_len: int, device: torch.device,
+    doc_bounds: tuple[torch.Tensor, int] | None = None,
 ) -> AttentionContext:
     """Everything the layers need for this batch, computed once per forward.
 
-    GPT calls it through torch.compiler.disable on CUDA machines: cu_seqlens needs a host sync and the
-    BlockMask is built eagerly, so it stays outside any compiled graph.
+    doc_bounds: (cu_seqlens, max_seqlen) of packed rows, computed on the host by the data loader from the same
+    position_ids (`cu_seqlens_from_positions` on the CPU tensor); without them, flash_attn's varlen offsets
+    are computed here from the device tensor, which costs a host sync (nonzero and the max read back).
+    GPT calls it through torch.compiler.disable on CUDA machines: the BlockMask is built eagerly, so it stays
+    outside any compiled graph.
     """
     if position_ids_BT is None:
         backend = plan.attention["dense"].backend
@@ -144,7 +149,10 @@ def build_attention_context(
         return ctx
     backend = plan.attention["packed"].backend
     ctx = AttentionContext(case="packed", backend=backend)
-    if backend == "flash_attn":
+    if backend == "flash_attn" and doc_bounds is not None:
+        cu, ctx.max_seqlen = doc_bounds
+        ctx.cu_seqlens = cu.to(device, torch.int32, non_blocking=True)  # the prefetcher already moved it
+    elif backend == "flash_attn":
         ctx.cu_seqlens, ctx.max_seqlen = cu_seqlens_from_positions(position_ids_BT)
     elif backend == "flex":
         ctx.doc_ids_BT = doc_ids_from_positions(position_ids_BT)

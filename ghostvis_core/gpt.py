@@ -439,19 +439,21 @@ class GPT(nn.Module):
         loss_reduction: str = "mean",
         *,
         inputs_embeds: torch.Tensor | None = None,
+        doc_bounds: tuple[torch.Tensor, int] | None = None,
     ) -> torch.Tensor:
         """Loss (fp32 scalar) when targets are given, else logits (B, T, V) fp32.
 
         position_ids (B, T) restart at 0 at every document start (packed rows): attention stays inside each
         document and RoPE uses these positions. None means one causal sequence per row (positions 0..T-1).
         inputs_embeds (B, T, C) replaces the token embedding (the VLM splices image features in).
+        doc_bounds: the packed rows' (cu_seqlens, max_seqlen) from the data loader (attention.build_attention_context).
         """
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if self.config.low_precision_residual and torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         B, T, _ = x.shape
         self._check_device(x.device)
-        ctx = self._build_ctx(self.plan, position_ids, B, T, x.device)
+        ctx = self._build_ctx(self.plan, position_ids, B, T, x.device, doc_bounds)
         if position_ids is None:
             cos, sin = self._dense_rope(T, x.device)
         else:

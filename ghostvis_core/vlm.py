@@ -152,6 +152,7 @@ class VLM(nn.Module):
         targets: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         loss_reduction: str = "mean",
+        doc_bounds: tuple[torch.Tensor, int] | None = None,
     ) -> torch.Tensor:
         """Loss (fp32 scalar) when targets are given, else logits (B, T, V) fp32.
 
@@ -164,7 +165,8 @@ class VLM(nn.Module):
         inputs_embeds = self.embed(input_ids, pixel_values)
         if targets is not None:
             targets = mask_image_targets(targets, input_ids, self.config.image_token_id)
-        return self.language_model(None, targets, position_ids, loss_reduction, inputs_embeds=inputs_embeds)
+        return self.language_model(None, targets, position_ids, loss_reduction, inputs_embeds=inputs_embeds,
+                                   doc_bounds=doc_bounds)  # fmt: skip
 
     # -- training facts ------------------------------------------------------------------------------------
 

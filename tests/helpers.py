@@ -147,6 +147,16 @@ def write_profile(env: EnvFacts, path: Path) -> Path:
 # ---- running the CLI -------------------------------------------------------------------------------------
 
 
+def assert_same_batch(a: dict, b: dict) -> None:
+    """Two loader batches are equal: the same keys, tensors equal in dtype and value, host ints equal."""
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+        else:
+            assert a[k] == b[k], k
+
+
 @contextlib.contextmanager
 def triton_interpreted(*module_names: str) -> Iterator[list]:
     """The modules imported fresh with TRITON_INTERPRET=1 (Triton decides interpret-or-compile when a kernel

@@ -98,3 +98,22 @@ def test_kvcache_attention_matches_reference(start, new):
     ref = reference(q[:, :end], k[:, :end], v[:, :end], allowed)[:, start:end]
     report(f"kvcache start={start} new={new}", got, ref)
     assert torch.equal(k_cache[:, start:end], k[:, start:end])
+
+
+def test_packed_flash_context_takes_the_loaders_bounds_without_computing_them(monkeypatch):
+    """The trainer passes the loader's host-side (cu_seqlens, max_seqlen): no nonzero / .item() on the device."""
+    from types import SimpleNamespace
+
+    import ghostvis_core.attention as attention_mod
+
+    def no_sync(_):
+        raise AssertionError("cu_seqlens computed from the device tensor")
+
+    monkeypatch.setattr(attention_mod, "cu_seqlens_from_positions", no_sync)
+    plan = SimpleNamespace(attention={"packed": SimpleNamespace(backend="flash_attn")})
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2]])
+    bounds = (torch.tensor([0, 3, 6], dtype=torch.int32), 3)
+    ctx = build_attention_context(plan, pos, 1, 6, torch.device("cpu"), bounds)
+    assert ctx.case == "packed" and ctx.cu_seqlens.tolist() == [0, 3, 6] and ctx.max_seqlen == 3
+    with pytest.raises(AssertionError, match="computed from the device"):
+        build_attention_context(plan, pos, 1, 6, torch.device("cpu"))  # without them it would compute

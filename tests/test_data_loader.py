@@ -5,8 +5,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import assert_same_batch
 
-from ghostvis_core.data.loader import PackedBatchLoader
+from ghostvis_core.data.loader import PackedBatchLoader, document_bounds
 from ghostvis_core.data.packing import PackedData, pack_documents
 from ghostvis_core.errors import ConfigError, DataError
 
@@ -25,9 +26,12 @@ def _row_ids(batch) -> list[int]:
 def test_batch_format():
     packed = pack_documents([[5, 6, 7], [8, 9]] * 10, None, 8, 0, pad_id=1)
     batch = next(PackedBatchLoader(packed, batch_size=3))
-    assert set(batch) == {"input_ids", "targets", "position_ids"}
-    for v in batch.values():
-        assert v.dtype == torch.int64 and v.shape == (3, 8)
+    assert set(batch) == {"input_ids", "targets", "position_ids", "cu_seqlens", "max_seqlen"}
+    for k in ("input_ids", "targets", "position_ids"):
+        assert batch[k].dtype == torch.int64 and batch[k].shape == (3, 8)
+    # the rows' documents as flash-attn's varlen offsets, from the host tensor
+    cu = batch["cu_seqlens"].tolist()
+    assert cu[0] == 0 and cu[-1] == 24 and batch["max_seqlen"] == max(b - a for a, b in zip(cu, cu[1:], strict=False))
 
 
 def test_each_epoch_visits_every_row_once_in_a_seeded_order():
@@ -65,8 +69,10 @@ def test_one_process_equals_concatenated_ranks(num_rows):
     for _ in range(10):  # crosses several epoch boundaries
         one = next(single)
         parts = [next(loader) for loader in ranks]
-        for key in one:
+        for key in ("input_ids", "targets", "position_ids"):
             assert torch.equal(one[key], torch.cat([p[key] for p in parts]))
+        for p in parts:  # each rank's document bounds are its own rows'
+            assert_same_batch(p, {**p, **document_bounds(p["position_ids"])})
         if num_rows % 4 == 0:  # batches don't straddle epochs: the ranks' rows are disjoint
             assert not set(_row_ids(parts[0])) & set(_row_ids(parts[1]))
     assert ranks[0].state_dict() == ranks[1].state_dict() == single.state_dict()
@@ -84,8 +90,7 @@ def test_resume_mid_epoch_gives_identical_batches():
     resumed = PackedBatchLoader(packed, batch_size=3, seed=0)
     resumed.load_state_dict(state)
     for want in expected[5:]:
-        got = next(resumed)
-        assert all(torch.equal(got[k], want[k]) for k in want)
+        assert_same_batch(next(resumed), want)
 
 
 def test_resume_with_another_world_size_same_global_batch():
@@ -114,3 +119,14 @@ def test_bad_arguments_and_state():
         loader.load_state_dict({"epoch": 0})
     with pytest.raises(DataError, match="outside this dataset"):
         loader.load_state_dict({"epoch": 0, "position": 99, "seed": 0})
+
+
+def test_batches_carry_their_document_bounds_computed_on_the_host():
+    from ghostvis_core.attention import cu_seqlens_from_positions
+
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0], [3, 4, 0, 1, 2, 3]])  # row 2 continues a document
+    bounds = document_bounds(positions)
+    assert bounds["cu_seqlens"].tolist() == [0, 3, 5, 6, 8, 12] and bounds["max_seqlen"] == 4
+    assert bounds["cu_seqlens"].dtype == torch.int32 and isinstance(bounds["max_seqlen"], int)
+    cu, longest = cu_seqlens_from_positions(positions)
+    assert torch.equal(cu, bounds["cu_seqlens"]) and longest == bounds["max_seqlen"]

@@ -9,12 +9,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import assert_same_batch
 from PIL import Image
 from plans import cpu_plan, device_plan
 
 from ghostvis_core.config import GPTConfig
 from ghostvis_core.data import ImageBatchLoader, PackedData, build_image_chat_dataset
 from ghostvis_core.data.images import load_image
+from ghostvis_core.data.loader import document_bounds
 from ghostvis_core.errors import ConfigError, DataError
 from ghostvis_core.tokenizer import Tokenizer
 from ghostvis_core.vision_config import VLMConfig, get_vision_config
@@ -46,9 +48,7 @@ def take(loader, n: int) -> list[dict]:
 def assert_same_batches(a: list[dict], b: list[dict]) -> None:
     assert len(a) == len(b)
     for x, y in zip(a, b, strict=True):
-        assert x.keys() == y.keys()
-        for k in x:
-            assert x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]), k
+        assert_same_batch(x, y)
 
 
 def test_batches_hold_the_rows_images_in_order(data, tok):
@@ -57,7 +57,8 @@ def test_batches_hold_the_rows_images_in_order(data, tok):
     for k in range(2):
         batch = next(loader)
         rows = order[3 * k:3 * k + 3]
-        assert set(batch) == {"input_ids", "targets", "position_ids", "pixel_values", "num_images"}
+        assert set(batch) == {"input_ids", "targets", "position_ids", "pixel_values", "num_images", "cu_seqlens",
+                              "max_seqlen"}  # fmt: skip
         assert torch.equal(batch["input_ids"], torch.from_numpy(data.input_ids[rows]))
         assert batch["input_ids"].shape == (3, ROW_LEN) and batch["input_ids"].dtype == torch.int64
         image_tokens = int((batch["input_ids"] == tok.image_id).sum())
@@ -97,7 +98,11 @@ def test_rank_shards_concatenate_to_the_single_process_batch(data):
     parts = [next(ImageBatchLoader(data, 2, rank=r, world_size=2, seed=4, vision=VISION, num_workers=0))
              for r in range(2)]
     for k in whole:
-        assert torch.equal(whole[k], torch.cat([p[k] for p in parts])), k
+        if k in ("cu_seqlens", "max_seqlen"):  # each rank's documents, from its own rows
+            for p in parts:
+                assert_same_batch({k: p[k]}, {k: document_bounds(p["position_ids"])[k]})
+        else:
+            assert torch.equal(whole[k], torch.cat([p[k] for p in parts])), k
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -173,8 +178,9 @@ def test_vlm_packed_batch_loss_equals_its_documents_one_by_one(data, tok):
 def test_cuda_batches_are_pinned_and_feed_the_vlm(data, tok):
     loader = ImageBatchLoader(data, 4, seed=6, vision=VISION, num_workers=2)  # pin_memory defaults to on
     batch = next(loader)
-    assert loader.pin_memory and all(v.is_pinned() for v in batch.values())
-    on_gpu = {k: v.to("cuda", non_blocking=True) for k, v in batch.items()}
+    tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}  # max_seqlen is a host int
+    assert loader.pin_memory and all(v.is_pinned() for v in tensors.values())
+    on_gpu = {k: v.to("cuda", non_blocking=True) for k, v in tensors.items()}
     model = tiny_vlm(tok, "cuda")
     with torch.no_grad():
         loss = model(on_gpu["input_ids"], on_gpu["pixel_values"], on_gpu["targets"], on_gpu["position_ids"])

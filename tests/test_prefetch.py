@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_same_batch
 
 from ghostvis_core.data.loader import PackedBatchLoader
 from ghostvis_core.data.packing import PackedData
@@ -23,13 +24,12 @@ def test_cpu_yields_the_loaders_batches_in_order_and_resumes_there():
     plain, wrapped = _loader(), DevicePrefetcher(_loader(), torch.device("cpu"))
     for _ in range(5):  # crosses an epoch boundary (10 rows, 3 per batch)
         a, b = next(plain), next(wrapped)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert_same_batch(a, b)
     assert wrapped.state_dict() == plain.state_dict()
     assert wrapped.batch_size == 3 and wrapped.steps_per_epoch == pytest.approx(10 / 3)  # reads through
     resumed = DevicePrefetcher(_loader(), torch.device("cpu"))
     resumed.load_state_dict(wrapped.state_dict())
-    a, b = next(plain), next(resumed)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_batch(next(plain), next(resumed))
 
 
 @pytest.mark.gpu
@@ -42,7 +42,8 @@ def test_cuda_copies_ahead_on_a_side_stream_and_keeps_the_consumed_position():
     expected = next(plain)
     assert wrapped.state_dict() == plain.state_dict()
     torch.cuda.synchronize()
-    assert all(first[k].is_cuda and torch.equal(first[k].cpu(), expected[k]) for k in expected)
+    assert first["max_seqlen"] == expected["max_seqlen"]  # a host int passes through, never copied
+    assert all(first[k].is_cuda and torch.equal(first[k].cpu(), expected[k]) for k in expected if k != "max_seqlen")
     # the copy ran on the side stream: the compute stream waited on its event, not on the whole device
     assert wrapped._stream != torch.cuda.current_stream()
     for _ in range(6):

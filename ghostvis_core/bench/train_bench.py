@@ -121,12 +121,18 @@ def _free() -> None:
 
 
 def _run_steps(model, optimizer, x, y, steps: int, warmup: int, position_ids=None) -> dict:
-    """Time `steps` training steps after `warmup` (compile happens there); optimizer ms from inner events."""
-    extra = () if position_ids is None else (position_ids,)
+    """Time `steps` training steps after `warmup` (compile happens there); optimizer ms from inner events.
+    Packed rows get their document bounds from the host once, as the trainer's loaders hand them over."""
+    extra, bounds = (), {}
+    if position_ids is not None:
+        from ghostvis_core.data.loader import document_bounds
+
+        host = document_bounds(position_ids.cpu())
+        extra, bounds = (position_ids,), {"doc_bounds": (host["cu_seqlens"].to(x.device), host["max_seqlen"])}
 
     def one_step(opt_span: CudaSpan | None = None):
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(x, y, *extra)
+            loss = model(x, y, *extra, **bounds)
         loss.backward()
         if opt_span is not None:
             opt_span.start()

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ghostvis_core.data.image_dataset import ImageTable, PackedImageData
 from ghostvis_core.data.images import load_image
-from ghostvis_core.data.loader import PackedBatchLoader
+from ghostvis_core.data.loader import PackedBatchLoader, document_bounds
 from ghostvis_core.errors import ConfigError, DataError
 from ghostvis_core.vision_config import VisionConfig
 
@@ -155,14 +155,16 @@ class ImageBatchLoader:
         rows = self._consumed.next_rows()
         assert np.array_equal(item["rows"].numpy(), rows), "the sampler runs the consumer's row order"
         p = self.data
+        positions = torch.from_numpy(p.position_ids[rows])
         batch = {
             "input_ids": torch.from_numpy(p.input_ids[rows]),
             "targets": torch.from_numpy(p.targets[rows]),
-            "position_ids": torch.from_numpy(p.position_ids[rows]),
+            "position_ids": positions,
             "num_images": torch.from_numpy(p.images.num_images_per_row(rows)),
+            **document_bounds(positions),
         }
-        if self.pin_memory:  # the DataLoader's pin thread already pinned the pixels
-            batch = {k: v.pin_memory() for k, v in batch.items()}
+        if self.pin_memory:  # the DataLoader's pin thread already pinned the pixels; max_seqlen is an int
+            batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         batch["pixel_values"] = item["pixel_values"]
         return batch
 

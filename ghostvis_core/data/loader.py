@@ -19,12 +19,21 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ghostvis_core.attention import cu_seqlens_from_positions
 from ghostvis_core.data.packing import PackedData
 from ghostvis_core.errors import ConfigError, DataError
 
 
+def document_bounds(position_ids_BT: torch.Tensor) -> dict:
+    """{"cu_seqlens": int32 (num_docs + 1,), "max_seqlen": int} of a packed batch, computed here on the host
+    from its position_ids (the trainer hands them to attention: on the device they would cost a sync)."""
+    cu, longest = cu_seqlens_from_positions(position_ids_BT)
+    return {"cu_seqlens": cu, "max_seqlen": longest}
+
+
 class PackedBatchLoader:
-    """Infinite iterator of {"input_ids", "targets", "position_ids"} (B, T) int64 tensors for one rank."""
+    """Infinite iterator of {"input_ids", "targets", "position_ids"} (B, T) int64 tensors for one rank, with
+    their document_bounds ("cu_seqlens", "max_seqlen")."""
 
     def __init__(
         self,
@@ -94,10 +103,12 @@ class PackedBatchLoader:
     def __next__(self) -> dict[str, torch.Tensor]:
         rows = self.next_rows()
         p = self.packed
+        positions = torch.from_numpy(p.position_ids[rows])
         return {
             "input_ids": torch.from_numpy(p.input_ids[rows]),
             "targets": torch.from_numpy(p.targets[rows]),
-            "position_ids": torch.from_numpy(p.position_ids[rows]),
+            "position_ids": positions,
+            **document_bounds(positions),
         }
 
     def state_dict(self) -> dict[str, int]:

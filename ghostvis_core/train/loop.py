@@ -77,11 +77,14 @@ def _autocast(plan: BackendPlan):
 
 def forward_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed token loss of one micro-batch (targets -100 ignored; 0 when none are left). A batch with
-    "pixel_values" (image chats) goes to the VLM's forward, whose second argument they are."""
+    "pixel_values" (image chats) goes to the VLM's forward, whose second argument they are. The loaders'
+    document bounds (cu_seqlens, max_seqlen) go along, so packed attention needs no host sync."""
+    bounds = (batch["cu_seqlens"], batch["max_seqlen"]) if "cu_seqlens" in batch else None
     if "pixel_values" in batch:
         return model(batch["input_ids"], batch["pixel_values"], batch["targets"], batch["position_ids"],
-                     loss_reduction="sum")
-    return model(batch["input_ids"], batch["targets"], batch["position_ids"], loss_reduction="sum")
+                     loss_reduction="sum", doc_bounds=bounds)  # fmt: skip
+    return model(batch["input_ids"], batch["targets"], batch["position_ids"], loss_reduction="sum",
+                 doc_bounds=bounds)  # fmt: skip
 
 
 def forward_backward(

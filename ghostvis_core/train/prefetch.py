@@ -22,7 +22,8 @@ import torch
 
 
 class DevicePrefetcher:
-    """Iterator of the loader's batches on `device` (dicts of tensors), with the next copy in flight on CUDA."""
+    """Iterator of the loader's batches on `device` (dicts of tensors, and host ints such as max_seqlen that
+    pass through), with the next copy in flight on CUDA."""
 
     def __init__(self, loader: Any, device: torch.device):
         self.loader = loader
@@ -42,8 +43,9 @@ class DevicePrefetcher:
         batch, ready, _ = self._pending
         compute = torch.cuda.current_stream(self.device)
         compute.wait_event(ready)
-        for tensor in batch.values():
-            tensor.record_stream(compute)
+        for value in batch.values():
+            if isinstance(value, torch.Tensor):
+                value.record_stream(compute)
         self._pending = self._copy_next()  # batch k+1 moves while step k computes
         return batch
 
@@ -52,7 +54,8 @@ class DevicePrefetcher:
         host = next(self.loader)
         with torch.cuda.stream(self._stream):
             # pinned source: a truly asynchronous copy (a pageable one would block the host)
-            batch = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in host.items()}
+            batch = {k: v.pin_memory().to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                     for k, v in host.items()}  # fmt: skip  (max_seqlen stays a host int)
             ready = torch.cuda.Event()
             ready.record(self._stream)
         return batch, ready, position
