@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 console = Console()
+DEFAULT_MAX_TOKENS = 256
 err_console = Console(stderr=True)
 
 
@@ -26,7 +27,8 @@ def infer(
     backend: str = typer.Option(
         "native", "--backend", help="native | vllm | auto (vLLM when it is usable here and serves the model)."
     ),
-    max_tokens: int = typer.Option(256, "--max-tokens", help="Most tokens to generate per reply."),
+    max_tokens: int = typer.Option(None, "--max-tokens", help="Most tokens to generate per reply (default "
+                                   f"{DEFAULT_MAX_TOKENS}, or what the context leaves, without a warning)."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling: keep the smallest set with this mass."),
     top_k: int = typer.Option(None, "--top-k", help="Sample from the k most likely tokens."),
@@ -51,6 +53,8 @@ def infer(
     setup_logging()  # the backend banner, notes and warnings go to stderr
     batch_file = batch_file or batch_file_alias
     max_tokens = max_tokens_alias if max_tokens_alias is not None else max_tokens
+    warn_capped = max_tokens is not None  # a cap the user chose is worth a warning when it does not fit
+    max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
     modes = [name for name, on in (("--prompt", prompt is not None), ("--batch-file", batch_file), ("--chat", chat)) if on]
     if len(modes) != 1:
         raise ConfigError("pass exactly one of --prompt TEXT, --batch-file FILE or --chat"
@@ -85,19 +89,19 @@ def infer(
     if chat:
         from ghostvis_cli.infer_chat import chat_loop
 
-        chat_loop(loaded, sampling, max_tokens, console, err_console)
+        chat_loop(loaded, sampling, max_tokens, console, err_console, warn_capped)
     elif prompts is not None:
-        _run_batch(loaded, prompts, output, resume, sampling, max_tokens, batch_size, limit)
+        _run_batch(loaded, prompts, output, resume, sampling, max_tokens, batch_size, limit, warn_capped)
     else:
         from ghostvis_core.engine import generate_text
 
         reply = generate_text(loaded, prompt, max_tokens, temperature, top_k, seed, top_p, tuple(stop or ()),
-                              image=image)
+                              image=image, warn_capped=warn_capped)
         console.print(f"[bold]>[/] {prompt}", highlight=False, markup=True)
         console.print(reply, highlight=False, markup=False)
 
 
-def _run_batch(loaded, prompts, output, resume, sampling, max_tokens, batch_size, limit) -> None:
+def _run_batch(loaded, prompts, output, resume, sampling, max_tokens, batch_size, limit, warn_capped=True) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ghostvis_core.batch_io import ResultsFile
@@ -128,7 +132,7 @@ def _run_batch(loaded, prompts, output, resume, sampling, max_tokens, batch_size
         with progress:
             # Prompt i samples with seed + i whichever prompts this run skips, so a resumed run matches.
             loaded.engine.generate_many(ids, sampling, max_tokens, batch_size, on_finish=on_finish,
-                                        seeds=[sampling.seed + i for i in todo])  # fmt: skip
+                                        seeds=[sampling.seed + i for i in todo], warn_capped=warn_capped)  # fmt: skip
     finally:
         results.close()
     err_console.print(f"{len(todo)} result(s) written to {output}", highlight=False)

@@ -54,7 +54,7 @@ def _image_command(loaded, text: str, err: Console) -> Path | None:
     return path
 
 
-def chat_loop(loaded, sampling, max_tokens: int, console: Console, err: Console) -> None:
+def chat_loop(loaded, sampling, max_tokens: int, console: Console, err: Console, warn_capped: bool = True) -> None:
     from ghostvis_core.errors import GhostVisError
     from ghostvis_core.image_prompts import user_turn
 
@@ -106,7 +106,7 @@ def chat_loop(loaded, sampling, max_tokens: int, console: Console, err: Console)
 
         try:
             done = engine.generate_many([request], sampling, max_tokens, batch_size=1, on_text=show,
-                                        sync_every=1, cache_len=context)[0]  # fmt: skip
+                                        sync_every=1, cache_len=context, warn_capped=warn_capped)[0]  # fmt: skip
         except KeyboardInterrupt:
             print()
             if interrupted:

@@ -200,14 +200,15 @@ class Engine:
                 "new token is needed): shorten it"
             )
 
-    def _budgets(self, lengths: list[int], max_tokens: int) -> list[int]:
-        """Tokens each request may generate: max_tokens, capped by the context (with one warning)."""
+    def _budgets(self, lengths: list[int], max_tokens: int, warn_capped: bool = True) -> list[int]:
+        """Tokens each request may generate: max_tokens, capped by the context (with one warning unless
+        warn_capped is False: a default the user never typed fills what fits without a word)."""
         limit = self.context_len
         for i, n in enumerate(lengths):
             self.check_prompt_len(n, i)
         budgets = [min(max_tokens, limit - n) for n in lengths]
         capped = [i for i, b in enumerate(budgets) if b < max_tokens]
-        if capped:
+        if capped and warn_capped:
             i = capped[0]
             get_logger().warning(
                 f"--max-tokens {max_tokens} does not fit the {limit}-token context for {len(capped)} prompt(s): "
@@ -227,6 +228,7 @@ class Engine:
         sync_every: int = 16,
         cache_len: int | None = None,
         seeds: Sequence[int] | None = None,
+        warn_capped: bool = True,
     ) -> list[Completion]:
         """Completions of every prompt, in prompt order (continuous batching over `batch_size` rows).
 
@@ -234,7 +236,8 @@ class Engine:
         called as each request ends (in finishing order). cache_len: slots per row (default: just enough for
         the longest prompt plus its budget; a chat passes the context so one graph serves every turn).
         seeds: one sampling seed per prompt (default sampling.seed + index; a resumed batch passes the seeds
-        its prompts had in the whole file).
+        its prompts had in the whole file). warn_capped: warn when max_tokens does not fit the context (False
+        for a default the user did not choose).
         """
         if max_tokens < 1:
             raise ConfigError(f"--max-tokens must be >= 1 (got {max_tokens})")
@@ -243,7 +246,7 @@ class Engine:
         if not prompts:
             return []
         lengths = [p.shape[1] if isinstance(p, torch.Tensor) else len(p) for p in prompts]
-        budgets = self._budgets(lengths, max_tokens)
+        budgets = self._budgets(lengths, max_tokens, warn_capped)
         need = max(n + b for n, b in zip(lengths, budgets, strict=True))
         cache_len = min(max(cache_len or 0, need), self.context_len)
         B = min(batch_size, len(prompts))

@@ -242,6 +242,7 @@ def generate_text(
     stop: tuple[str, ...] = (),
     image: str | Path | None = None,
     use_cache: bool = True,
+    warn_capped: bool = True,
 ) -> str:
     """The model's reply to `prompt` (chat runs) or its continuation (base runs), decoded without specials.
 
@@ -249,6 +250,7 @@ def generate_text(
     text, as LLaVA data is ("<image>\n" + prompt), prefilled by embeddings, then KV-cache decode. Every run
     answers through the batched engine (image_prompts.py builds a VLM's prompt); use_cache=False is the
     reference path of VLM runs (VLM.generate recomputing the sequence each step, greedy or top-k).
+    warn_capped: warn when max_new_tokens does not fit the context (Engine.generate_many).
     """
     from ghostvis_core.sampling import SamplingParams
 
@@ -258,6 +260,6 @@ def generate_text(
     if image is not None or loaded.data_format == "image-chat":
         from ghostvis_core.image_prompts import generate_vlm_text
 
-        return generate_vlm_text(loaded, prompt, max_new_tokens, sampling, image, use_cache)
+        return generate_vlm_text(loaded, prompt, max_new_tokens, sampling, image, use_cache, warn_capped)
     ids = loaded.encode_prompt(prompt)
-    return loaded.engine.generate_many([ids], sampling, max_new_tokens, batch_size=1)[0].text
+    return loaded.engine.generate_many([ids], sampling, max_new_tokens, batch_size=1, warn_capped=warn_capped)[0].text

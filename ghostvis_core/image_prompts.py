@@ -55,7 +55,7 @@ def _pixels(loaded, images: Sequence[str | Path]) -> torch.Tensor:
 
 @torch.no_grad()
 def generate_vlm_text(loaded, prompt: str, max_new_tokens: int, sampling, image: str | Path | None,
-                      use_cache: bool = True) -> str:  # fmt: skip
+                      use_cache: bool = True, warn_capped: bool = True) -> str:  # fmt: skip
     """engine.generate_text for a vision run: one user turn (with `image` when given) through the engine;
     use_cache=False recomputes through VLM.generate (the reference path: greedy or top-k only)."""
     if loaded.data_format != "image-chat":
@@ -70,7 +70,8 @@ def generate_vlm_text(loaded, prompt: str, max_new_tokens: int, sampling, image:
     images = [image] if image is not None else []
     if use_cache:
         request = image_prompt(loaded, ids, images)
-        return loaded.engine.generate_many([request], sampling, max_new_tokens, batch_size=1)[0].text
+        return loaded.engine.generate_many([request], sampling, max_new_tokens, batch_size=1,
+                                           warn_capped=warn_capped)[0].text  # fmt: skip
     return _recompute_reference(loaded, ids, images, max_new_tokens, sampling)
 
 

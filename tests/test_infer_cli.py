@@ -13,7 +13,7 @@ import sys
 import time
 
 import pytest
-from helpers import run_cli
+from helpers import library_log, run_cli
 from test_train_config import REPO, tiny_config
 
 from ghostvis_core.paths import runs_dir
@@ -180,3 +180,10 @@ def test_bench_compare_hf_warms_up_every_batch_shape_before_timing(capsys, monke
     hf = json.loads(out)["compare"]["hf"]
     assert hf["output_tokens_per_s"] > 0 and hf["ratio"] > 0
 
+
+
+def test_the_default_max_tokens_fills_the_context_quietly(run_name, capsys, caplog):
+    with library_log(caplog):
+        code, _, err = run_cli(["infer", "--prompt", "the red ball"], capsys)  # 256 default, 256-token context
+    assert code == 0, err
+    assert "does not fit" not in caplog.text and "does not fit" not in err
