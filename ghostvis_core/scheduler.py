@@ -258,7 +258,7 @@ class Scheduler:
         req = r.request
         if r.t_first is None:
             r.t_first = time.perf_counter()
-        taken = []
+        taken, deltas = [], []
         for tok in new:
             if tok in self.engine.stop_token_ids and not req.sampling.ignore_eos:
                 r.finish_reason = "stop"
@@ -266,15 +266,18 @@ class Scheduler:
             r.tokens.append(tok)
             taken.append(tok)
             if r.stream is not None:
-                delta = r.stream.push([tok])
-                if delta and req.on_text:
-                    req.on_text(delta)
+                deltas.append(r.stream.push([tok]))
                 if r.stream.stopped:
                     r.finish_reason = "stop"
                     break
             if len(r.tokens) >= req.max_tokens:
                 r.finish_reason = "length"
                 break
+        # One on_text per chunk, not per token: a server hands each call to its event loop from this thread
+        # (a wake-up each), and 256 streams x 16 tokens per chunk were thousands of them.
+        text = "".join(deltas)
+        if text and req.on_text:
+            req.on_text(text)
         self.generated_tokens += len(taken)
         if taken and req.on_tokens:
             req.on_tokens(taken)
