@@ -34,6 +34,7 @@ from ghostvis_core.constants import IGNORE_INDEX
 from ghostvis_core.errors import ConfigError
 from ghostvis_core.kernels.dispatch import rms_norm_fn, swiglu_fn
 from ghostvis_core.kv_cache import KVCache
+from ghostvis_core.sampling import filter_logits
 
 __all__ = ["GPT", "GPTConfig", "KVCache", "linear_cross_entropy"]
 
@@ -592,11 +593,10 @@ class GPT(nn.Module):
 
 
 def _sample(logits_BV: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:
-    """Next token (B, 1): argmax at temperature 0, else softmax(logits / temperature) over the top k."""
+    """Next token (B, 1): argmax at temperature 0, else softmax(logits / temperature) over the top k (the
+    engine's filter, sampling.filter_logits), drawn with torch's generator (this is the simple reference
+    decode; the engine draws from per-row seeded noise instead)."""
     if temperature <= 0:
         return logits_BV.argmax(dim=-1, keepdim=True)
-    logits = logits_BV / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    logits = filter_logits(logits_BV / temperature, top_k, 1.0)
     return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
