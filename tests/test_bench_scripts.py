@@ -45,3 +45,16 @@ def test_loss_parity_reports_and_fails_out_of_tolerance(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "1.00% from bf16" in capsys.readouterr().out
     assert loss_parity.main([str(a), str(b), "--out", str(png), "--last", "2", "--max-rel-diff", "0.005"]) == 1
+
+
+def test_decode_step_probe_times_each_variant_on_cpu(capsys):
+    from ghostvis_core.bench import decode_step
+
+    args = ["--preset", "tiny", "--batch", "1", "3", "--cached", "5", "--slots", "16", "--attn", "auto",
+            "--unfused", "--device", "cpu", "--json"]  # fmt: skip
+    assert decode_step.main(args) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["fused"], r["batch"]) for r in rows] == [(True, 1), (True, 3), (False, 1), (False, 3)]
+    assert all(r["ms_per_step"] > 0 and r["tokens_per_s"] > 0 and r["decode"] == "SDPA/math" for r in rows)
+    assert decode_step.main(["--preset", "tiny", "--attn", "flash_attn", "--device", "cpu"]) == 2
+    assert "flash_attn" in capsys.readouterr().err

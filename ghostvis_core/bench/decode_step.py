@@ -1,0 +1,149 @@
+"""Time one decode step of the native engine per variant: fused projections or not, each decode attention backend.
+
+    python -m ghostvis_core.bench.decode_step [--preset d20] [--batch 1 64] [--cached 200] [--slots 384]
+        [--attn auto flash_attn] [--unfused] [--census] [--json]
+
+Random weights, the plan's dtype (bf16 on CUDA). Each row builds the engine's static batch of --slots cache
+slots per row with --cached tokens already cached, then replays the decode step (compiled and CUDA-graph
+captured on CUDA, as `ghostvis bench` runs it) 100 times: ms per step, tok/s = batch / step. --attn names the
+decode attention request (auto: the plan's choice). --unfused adds rows with the q|k|v and gate|up weights
+kept apart (the pre-fusion step). --census adds a profiler kernel count and the largest kernels of the compiled
+step run without its graph. On the CPU it runs eagerly (a smoke run: no graph, no compile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+
+import torch
+
+REPLAYS = 100
+
+
+def _model(preset: str, attn: str, device: str | None):
+    from ghostvis_core.engine import cast_parameters_, inference_plan
+    from ghostvis_core.gpt import GPT
+    from ghostvis_core.model_configs import get_preset
+
+    config = dataclasses.replace(get_preset(preset), attn_backend=attn)
+    plan = inference_plan(config, device)
+    torch.manual_seed(0)
+    with torch.device(plan.device_type):
+        model = GPT(config, plan)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.normal_(0.0, 0.02)
+    return cast_parameters_(model, plan.dtype)
+
+
+def _set_fused(model, on: bool, saved: list) -> None:
+    """Keep (on) or hide (off) each layer's fused weights; the views stay the parameters either way."""
+    if not saved:
+        saved.extend((b.self_attn.qkv_weight, b.mlp.gate_up_weight) for b in model.model.layers)
+    for block, (qkv, gate_up) in zip(model.model.layers, saved, strict=True):
+        block.self_attn.qkv_weight = qkv if on else None
+        block.mlp.gate_up_weight = gate_up if on else None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_step(model, batch_size: int, slots: int, cached: int, census: bool) -> dict:
+    """ms per replayed decode step of a (batch_size, slots) batch holding `cached` tokens per row."""
+    from ghostvis_core.batch_engine import Engine
+
+    torch._dynamo.reset()  # each row compiles its own step
+    engine = Engine(model)
+    batch = engine.batch(batch_size, slots)
+    device = batch.tokens.device
+    row: dict = {"batch": batch_size, "decode": model.plan.attention["decode"].label}
+    with torch.no_grad():
+        batch.cache.cache_seqlens.fill_(cached)
+        step = engine.step_fn(batch, "greedy")
+        for _ in range(5):
+            step()
+        _sync(device)
+        batch.cache.cache_seqlens.fill_(cached)  # the replays write slots cached .. cached + 99 (clamped)
+        t0 = time.perf_counter()
+        for _ in range(REPLAYS):
+            step()
+        _sync(device)
+        row["ms_per_step"] = (time.perf_counter() - t0) * 1e3 / REPLAYS
+        row["tokens_per_s"] = batch_size / row["ms_per_step"] * 1e3
+        if census and device.type == "cuda":
+            row.update(_census(engine, batch, cached))
+    return row
+
+
+def _census(engine, batch, cached: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    batch.cache.cache_seqlens.fill_(cached)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            engine._step_impl(batch, "greedy")
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    top = sorted(events, key=lambda e: -e.device_time_total)[:10]
+    return {
+        "kernels_per_step": sum(e.count for e in events) / 10,
+        "gpu_ms_per_step": sum(e.device_time_total for e in events) / 10 / 1e3,
+        "largest": [(e.key[:90], e.device_time_total / 10 / 1e3, e.count / 10) for e in top],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="d20")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--cached", type=int, default=200, help="tokens already in each row's cache")
+    p.add_argument("--slots", type=int, default=384, help="cache slots per row")
+    p.add_argument("--attn", nargs="+", default=["auto", "flash_attn"], help="decode attention requests")
+    p.add_argument("--unfused", action="store_true", help="also time the step with unfused projections")
+    p.add_argument("--census", action="store_true", help="profile the kernels of each step (CUDA)")
+    p.add_argument("--device", default=None, help="cuda | cpu (default: this machine's GPU, else CPU)")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    if not 0 <= args.cached < args.slots:
+        p.error(f"--cached {args.cached} must be below --slots {args.slots}")
+    from ghostvis_core.errors import GhostVisError
+
+    try:
+        rows = _rows(args)
+    except GhostVisError as exc:  # a backend this machine cannot run, an unknown preset: one message
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    return 0
+
+
+def _rows(args) -> list[dict]:
+    rows = []
+    for attn in args.attn:
+        model = _model(args.preset, attn, args.device)
+        saved: list = []
+        for fused in (True, False) if args.unfused else (True,):
+            _set_fused(model, fused, saved)
+            for batch_size in args.batch:
+                row = {"attn": attn, "fused": fused, **time_step(model, batch_size, args.slots, args.cached,
+                                                                 args.census)}  # fmt: skip
+                rows.append(row)
+                if not args.json:
+                    print(f"{attn:>10} fused={fused!s:5} B={batch_size:4d}  {row['ms_per_step']:8.3f} ms/step "
+                          f"{row['tokens_per_s']:10,.0f} tok/s  ({row['decode']})", flush=True)  # fmt: skip
+                    for name, ms, count in row.get("largest", []):
+                        print(f"    {ms:8.3f} ms  x{count:4.0f}  {name}")
+        del model
+    return rows
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
