@@ -14,31 +14,15 @@ step run without its graph. On the CPU it runs eagerly (a smoke run: no graph, n
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
 
 import torch
 
+from ghostvis_core.bench.infer_bench import random_model
+
 REPLAYS = 100
-
-
-def _model(preset: str, attn: str, device: str | None):
-    from ghostvis_core.engine import cast_parameters_, inference_plan
-    from ghostvis_core.gpt import GPT
-    from ghostvis_core.model_configs import get_preset
-
-    config = dataclasses.replace(get_preset(preset), attn_backend=attn)
-    plan = inference_plan(config, device)
-    torch.manual_seed(0)
-    with torch.device(plan.device_type):
-        model = GPT(config, plan)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not name.endswith("norm.weight"):
-                p.normal_(0.0, 0.02)
-    return cast_parameters_(model, plan.dtype)
 
 
 def _set_fused(model, on: bool, saved: list) -> None:
@@ -128,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 def _rows(args) -> list[dict]:
     rows = []
     for attn in args.attn:
-        model = _model(args.preset, attn, args.device)
+        model = random_model(args.preset, args.device, "auto", attn=attn).model
         saved: list = []
         for fused in (True, False) if args.unfused else (True,):
             _set_fused(model, fused, saved)

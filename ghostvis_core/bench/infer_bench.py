@@ -15,14 +15,17 @@ from ghostvis_core.errors import ConfigError, GhostVisError
 from ghostvis_core.log import get_logger
 
 
-def random_model(preset: str, device: str | None, dtype: str, compile: bool | None = None):
+def random_model(preset: str, device: str | None, dtype: str, compile: bool | None = None, attn: str = "auto"):
     """A preset's GPT with random weights (every matrix N(0, 0.02): realistic activations, no zero blocks);
-    compile: whether the decode step is compiled (None: the plan's default, on for CUDA)."""
+    compile: whether the decode step is compiled (None: the plan's default, on for CUDA); attn: the
+    attention request (auto: the plan's choice per case)."""
+    import dataclasses
+
     from ghostvis_core.engine import LoadedModel, cast_parameters_, inference_plan
     from ghostvis_core.gpt import GPT
     from ghostvis_core.model_configs import get_preset
 
-    config = get_preset(preset)
+    config = dataclasses.replace(get_preset(preset), attn_backend=attn)
     plan = inference_plan(config, device, dtype, compile)
     torch.manual_seed(0)
     with torch.device(plan.device_type):
