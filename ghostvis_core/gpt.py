@@ -598,5 +598,7 @@ def _sample(logits_BV: torch.Tensor, temperature: float, top_k: int | None, gene
     decode; the engine draws from per-row seeded noise instead)."""
     if temperature <= 0:
         return logits_BV.argmax(dim=-1, keepdim=True)
-    logits = filter_logits(logits_BV / temperature, top_k, 1.0)
+    logits = logits_BV / temperature
+    if top_k is not None:
+        logits = filter_logits(logits, top_k, 1.0)
     return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
