@@ -21,6 +21,7 @@ import time
 import torch
 
 from ghostvis_core.bench.infer_bench import random_model
+from ghostvis_core.bench.timing import sync
 
 REPLAYS = 100
 
@@ -32,11 +33,6 @@ def _set_fused(model, on: bool, saved: list) -> None:
     for block, (qkv, gate_up) in zip(model.model.layers, saved, strict=True):
         block.self_attn.qkv_weight = qkv if on else None
         block.mlp.gate_up_weight = gate_up if on else None
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_step(model, batch_size: int, slots: int, cached: int, census: bool) -> dict:
@@ -53,12 +49,12 @@ def time_step(model, batch_size: int, slots: int, cached: int, census: bool) -> 
         step = engine.step_fn(batch, "greedy")
         for _ in range(5):
             step()
-        _sync(device)
+        sync(device)
         batch.cache.cache_seqlens.fill_(cached)  # the replays write slots cached .. cached + 99 (clamped)
         t0 = time.perf_counter()
         for _ in range(REPLAYS):
             step()
-        _sync(device)
+        sync(device)
         row["ms_per_step"] = (time.perf_counter() - t0) * 1e3 / REPLAYS
         row["tokens_per_s"] = batch_size / row["ms_per_step"] * 1e3
         if census and device.type == "cuda":

@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from ghostvis_core.bench.timing import sync
 from ghostvis_core.errors import ConfigError, GhostVisError
 from ghostvis_core.log import get_logger
 
@@ -130,13 +131,11 @@ def hf_static_generate(model, prompts: list[list[int]], output_len: int, batch_s
     with torch.no_grad():
         for rows in sorted({min(batch_size, len(prompts) - s) for s in range(0, len(prompts), batch_size)}):
             run(ids[:rows])  # warm-up of each shape
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         t0 = time.perf_counter()
         for s in range(0, len(prompts), batch_size):
             run(ids[s : s + batch_size])
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         elapsed = time.perf_counter() - t0
     return {"elapsed_s": elapsed, "output_tokens_per_s": len(prompts) * output_len / elapsed}
 

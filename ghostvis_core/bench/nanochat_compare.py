@@ -35,12 +35,9 @@ from pathlib import Path
 
 import torch
 
+from ghostvis_core.bench.timing import sync
+
 NANOCHAT_FILES = ("gpt.py", "optim.py", "fp8.py", "flash_attention.py", "common.py")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _free(device: torch.device, compiled: bool = True) -> None:
@@ -57,13 +54,13 @@ def time_steps(step: Callable[[], torch.Tensor], device: torch.device, tokens: i
     """Run `warmup` steps (compilation), then time `steps` back to back; tok/s, step ms, peak GiB, last loss."""
     for _ in range(warmup):
         loss = step()
-    _sync(device)
+    sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         loss = step()
-    _sync(device)
+    sync(device)
     step_s = (time.perf_counter() - t0) / steps
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return {"step_ms": 1000 * step_s, "tok_per_s": tokens / step_s, "peak_gib": peak,

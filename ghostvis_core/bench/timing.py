@@ -17,6 +17,12 @@ from ghostvis_core.errors import GhostVisError
 _L2_FLUSH_BYTES = 256 * 1024 * 1024
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the work queued on `device` (a CUDA GPU; nothing to wait for on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def require_cuda(what: str) -> torch.device:
     """The current CUDA device, or a GhostVisError saying `what` needs a CUDA GPU."""
     if not torch.cuda.is_available():
