@@ -31,9 +31,7 @@ def _fit_history(loaded, history: list[dict], prompt: str, room: int, turn_image
         else:
             ids = loaded.encode_prompt(prompt, kept if loaded.is_chat else None)
         if len(ids) + room <= context or 2 * dropped >= len(history):
-            if not vision:
-                return ids, len(ids), dropped
-            images = [p for p in [*turn_images[dropped:], image] if p is not None]
+            images = [p for p in [*turn_images[dropped:], image] if p is not None]  # none for text runs
             return image_prompt(loaded, ids, images), len(ids), dropped
         dropped += 1
 
@@ -43,10 +41,11 @@ def _image_command(loaded, text: str, err: Console) -> Path | None:
     if loaded.data_format != "image-chat":
         err.print("/image needs a VLM run (an image-chat recipe); this run is a text model")
         return None
-    path = Path(text[len("/image") :].strip()).expanduser()
-    if not str(path) or str(path) == ".":
+    arg = text[len("/image") :].strip()
+    if not arg:
         err.print("/image needs a path: /image PATH")
         return None
+    path = Path(arg).expanduser()
     if not path.is_file():
         err.print(f"/image {path}: no such image file")
         return None
