@@ -50,7 +50,7 @@ def _decode_split_kernel(
     stride_cb, stride_cs, stride_ch,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
     S, split_len, scale,
-    G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+    G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, DIRECT: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     kh = tl.program_id(1).to(tl.int64)
@@ -97,10 +97,13 @@ def _decode_split_kernel(
         m = m_new
     has = denom > 0
     out = acc / tl.where(has, denom, 1.0)[:, None]
-    lse = tl.where(has, m + tl.log(tl.where(has, denom, 1.0)), float("-inf"))
-    tl.store(OUT + b * stride_ob + heads[:, None] * stride_oh + sp * stride_os + d[None, :], out,
-             mask=g_ok[:, None])  # fmt: skip
-    tl.store(LSE + b * stride_lb + heads * stride_lh + sp, lse, mask=g_ok)
+    out_ptrs = OUT + b * stride_ob + heads[:, None] * stride_oh + sp * stride_os + d[None, :]
+    if DIRECT:  # one span: this is the answer, in the output's dtype (no combine kernel)
+        tl.store(out_ptrs, out.to(OUT.dtype.element_ty), mask=g_ok[:, None])
+    else:
+        lse = tl.where(has, m + tl.log(tl.where(has, denom, 1.0)), float("-inf"))
+        tl.store(out_ptrs, out, mask=g_ok[:, None])
+        tl.store(LSE + b * stride_lb + heads * stride_lh + sp, lse, mask=g_ok)
 
 
 @triton.jit
@@ -145,8 +148,12 @@ def decode_attention_triton(q_BHD, k_new_BKD, v_new_BKD, k_cache_BSKD, v_cache_B
     splits = splits or num_splits(B, K, S, q_BHD.device, block_n)
     split_len = triton.cdiv(triton.cdiv(S, splits), block_n) * block_n
     splits = triton.cdiv(S, split_len)
-    out = torch.empty(B, H, splits, D, dtype=torch.float32, device=q_BHD.device)
-    lse = torch.empty(B, H, splits, dtype=torch.float32, device=q_BHD.device)
+    y = torch.empty(B, H, D, dtype=q_BHD.dtype, device=q_BHD.device)
+    if splits == 1:  # the split kernel writes y itself
+        out, lse = y[:, :, None], y.new_empty(0, 0, 0, dtype=torch.float32)
+    else:
+        out = torch.empty(B, H, splits, D, dtype=torch.float32, device=q_BHD.device)
+        lse = torch.empty(B, H, splits, dtype=torch.float32, device=q_BHD.device)
     _decode_split_kernel[(B, K, splits)](
         q_BHD, k_new_BKD, v_new_BKD, k_cache_BSKD, v_cache_BSKD, cache_seqlens_B, out, lse,
         q_BHD.stride(0), q_BHD.stride(1), k_new_BKD.stride(0), k_new_BKD.stride(1),
@@ -154,9 +161,11 @@ def decode_attention_triton(q_BHD, k_new_BKD, v_new_BKD, k_cache_BSKD, v_cache_B
         k_cache_BSKD.stride(0), k_cache_BSKD.stride(1), k_cache_BSKD.stride(2),
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         S, split_len, D**-0.5,
-        G=G, BLOCK_G=triton.next_power_of_2(G), D=D, BLOCK=block_n, num_warps=num_warps, num_stages=num_stages,
+        G=G, BLOCK_G=triton.next_power_of_2(G), D=D, BLOCK=block_n, DIRECT=splits == 1, num_warps=num_warps,
+        num_stages=num_stages,
     )  # fmt: skip
-    y = torch.empty(B, H, D, dtype=q_BHD.dtype, device=q_BHD.device)
+    if splits == 1:
+        return y
     _combine_kernel[(B, H)](
         out, lse, y, out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         y.stride(0), y.stride(1), SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits), D=D,
