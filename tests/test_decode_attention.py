@@ -42,6 +42,7 @@ CASES = [  # B, H, K, D, S, lengths, spans (None: the kernel's choice)
     (2, 4, 4, 32, 130, [5, 300], 3),  # no GQA; a row past its end writes (and reads) the last slot
     (1, 6, 2, 16, 64, [63], 1),  # one span
     (2, 8, 1, 16, 100, [50, 99], 2),  # multi-query
+    (3, 4, 2, 16, 130, [3, 64, 129], 8),  # spans past a short row's end; len + 1 not a multiple of the spans
 ]
 
 
@@ -63,9 +64,10 @@ def test_decode_matches_float64_and_writes_the_cache(kernel, case, dtype):
 
 def test_spans_cover_the_cache_and_fill_the_card(kernel):
     cpu = torch.device("cpu")  # counted as a 132-SM card
-    assert kernel.num_splits(1, 10, 384, cpu) == 6  # 384 slots / 64: every span one block
-    assert kernel.num_splits(64, 10, 384, cpu) == 1  # 640 programs already
-    assert kernel.num_splits(8, 10, 4096, cpu) == 7  # ceil(4 * 132 / 80)
+    assert kernel.num_splits(1, 10, 384, cpu) == 24  # 384 slots / 16: every span of a full row one block
+    assert kernel.num_splits(64, 10, 384, cpu) == 7  # ceil(32 * 132 / 640)
+    assert kernel.num_splits(256, 10, 384, cpu) == 2
+    assert kernel.num_splits(8, 10, 4096, cpu) == 53  # ceil(32 * 132 / 80)
 
 
 def test_a_model_decodes_through_the_kernel_as_through_sdpa(kernel, monkeypatch):

@@ -6,16 +6,25 @@ For each row b, KV head k and its G = H / K query heads, with L_b = cache_seqlen
     s_j  = q . k_j * D**-0.5          over slots j < L_b, plus the new token
     out  = sum_j softmax(s)_j v_j
 
-The slots are cut into `splits` equal spans, one program per (row, KV head, span); a program keeps an online
-softmax (running max m, sum denom, accumulator acc) over its span in fp32 and stores acc / denom with
-lse = m + log denom.
+Each row's L_b + 1 tokens are cut into `splits` spans of equal length (a multiple of BLOCK slots), one program
+per (row, KV head, span). The span length is computed from the row's own length inside the kernel, so the grid
+is static (a CUDA graph replays it at every length) while every span of a long row does work and a short row's
+surplus programs exit at once. A program keeps an online softmax (running max m, sum denom, accumulator acc)
+over its span in fp32 and stores acc / denom with lse = m + log denom.
 The span holding slot L_b also folds in the new token from registers and writes it to the cache, so no
 program ever reads a slot another program writes. A second kernel combines the spans:
 
     out = sum_s exp(lse_s - max lse) out_s / sum_s exp(lse_s - max lse)
 
-Why not flash_attn_with_kvcache at decode: it runs its prefill tiles (64 query rows) for a single query row,
-and at batch 64 it read the d20 cache at 1.4 TB/s on an H200 (0.95 of a 1.7 ms step, docs/BENCHMARKS.md).
+With one span the split kernel writes the output itself and the combine is skipped.
+
+Tiles, measured on an H200 (d20 decode shapes: 10 heads of 128, 384 slots, bf16; `python -m
+ghostvis_core.bench.decode_attention`, docs/BENCHMARKS.md): 16 slots per iteration under 2 warps beat 64 under 4
+at every batch, and more, shorter spans win until about 32 programs per SM: batch 64 with 200 cached, 54.3 ->
+27.9 us (2.4 TB/s); batch 256 with 256 cached, 195 -> 102 us (3.3 TB/s); flash_attn_with_kvcache 35.5 and 140 us.
+Many small programs keep more loads in flight than a few pipelined ones.
+
+Why not flash_attn_with_kvcache at decode: it runs its prefill tiles (64 query rows) for a single query row.
 Here the G query heads of a KV head share each K/V load, with no tensor-core tile to fill.
 
 Layouts: q (B, H, D); k_new, v_new (B, K, D); caches (B, S, K, D) with unit stride on D; cache_seqlens int32
@@ -28,7 +37,10 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_N = 64  # cached tokens per loop iteration: 64 x 128 bf16 = 16 KiB of K (and of V) per load
+BLOCK_N = 16  # cached tokens per loop iteration (module docstring: measured)
+NUM_WARPS = 2
+NUM_STAGES = 2
+PROGRAMS_PER_SM = 32
 
 
 @triton.jit
@@ -49,13 +61,17 @@ def _decode_split_kernel(
     stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
     stride_cb, stride_cs, stride_ch,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-    S, split_len, scale,
-    G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, DIRECT: tl.constexpr,
+    S, scale,
+    SPLITS: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+    DIRECT: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     kh = tl.program_id(1).to(tl.int64)
     sp = tl.program_id(2)
     new_slot = tl.minimum(tl.load(LENS + b), S - 1)  # the new token's slot; slots below it are cached
+    # Spans over this row's new_slot + 1 tokens: SPLITS * split_len > new_slot, so some span holds the new token.
+    # (integer division, not tl.cdiv: see _sum)
+    split_len = ((new_slot + SPLITS) // SPLITS + BLOCK - 1) // BLOCK * BLOCK
     start = sp * split_len
     end = tl.minimum(start + split_len, new_slot)
     g = tl.arange(0, BLOCK_G)
@@ -128,15 +144,16 @@ def _sm_count(device_index: int) -> int:
 
 
 def num_splits(batch: int, kv_heads: int, slots: int, device: torch.device, block_n: int = BLOCK_N) -> int:
-    """Spans per (row, KV head): enough programs for about 4 per SM, each span at least block_n slots."""
+    """Spans per (row, KV head): about PROGRAMS_PER_SM programs per SM, no more spans than a full row has
+    blocks."""
     sms = _sm_count(device.index or 0) if device.type == "cuda" else 132
-    wanted = triton.cdiv(4 * sms, batch * kv_heads)
+    wanted = triton.cdiv(PROGRAMS_PER_SM * sms, batch * kv_heads)
     return max(1, min(wanted, triton.cdiv(slots, block_n)))
 
 
 def decode_attention_triton(q_BHD, k_new_BKD, v_new_BKD, k_cache_BSKD, v_cache_BSKD, cache_seqlens_B,
-                            splits: int | None = None, *, block_n: int = BLOCK_N, num_warps: int = 4,
-                            num_stages: int = 3) -> torch.Tensor:  # fmt: skip
+                            splits: int | None = None, *, block_n: int = BLOCK_N, num_warps: int = NUM_WARPS,
+                            num_stages: int = NUM_STAGES) -> torch.Tensor:  # fmt: skip
     """Write each row's new K/V at its slot and attend to slots [0, len_b] (module docstring); (B, H, D).
     block_n, num_warps, num_stages: the split kernel's tile and launch settings (defaults as measured)."""
     B, H, D = q_BHD.shape
@@ -146,8 +163,6 @@ def decode_attention_triton(q_BHD, k_new_BKD, v_new_BKD, k_cache_BSKD, v_cache_B
     assert all(t.stride(-1) == 1 for t in (q_BHD, k_new_BKD, v_new_BKD, k_cache_BSKD)), "unit stride on D"
     assert v_cache_BSKD.stride() == k_cache_BSKD.stride()
     splits = splits or num_splits(B, K, S, q_BHD.device, block_n)
-    split_len = triton.cdiv(triton.cdiv(S, splits), block_n) * block_n
-    splits = triton.cdiv(S, split_len)
     y = torch.empty(B, H, D, dtype=q_BHD.dtype, device=q_BHD.device)
     if splits == 1:  # the split kernel writes y itself
         out, lse = y[:, :, None], y.new_empty(0, 0, 0, dtype=torch.float32)
@@ -160,8 +175,8 @@ def decode_attention_triton(q_BHD, k_new_BKD, v_new_BKD, k_cache_BSKD, v_cache_B
         v_new_BKD.stride(0), v_new_BKD.stride(1),
         k_cache_BSKD.stride(0), k_cache_BSKD.stride(1), k_cache_BSKD.stride(2),
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-        S, split_len, D**-0.5,
-        G=G, BLOCK_G=triton.next_power_of_2(G), D=D, BLOCK=block_n, DIRECT=splits == 1, num_warps=num_warps,
+        S, D**-0.5,
+        SPLITS=splits, G=G, BLOCK_G=triton.next_power_of_2(G), D=D, BLOCK=block_n, DIRECT=splits == 1, num_warps=num_warps,
         num_stages=num_stages,
     )  # fmt: skip
     if splits == 1:
