@@ -95,9 +95,22 @@ class Engine:
         # (flash-attn's kvcache call is a custom op for that reason, attention._flash_attn_kvcache).
         plan = getattr(model, "plan", None)
         compiled = plan is not None and plan.compiled
-        self._step_impl = (
-            torch.compile(self._decode_step, dynamic=False, fullgraph=True) if compiled else self._decode_step
-        )
+        self._step_impl = self._compiled_step() if compiled else self._decode_step
+
+    def _compiled_step(self) -> Callable[[_Batch, str], None]:
+        """The decode step compiled with inductor's coordinate-descent tuning of its generated kernels (as
+        gpt-fast does): the d20 batch-1 step went from 0.905 to 0.843 ms on an H200 (same call) for about 14 s
+        more compile per graph, once (inductor caches the tuned configs on disk). Every call of the step goes
+        through the patch, graphed or not, so each compile of it uses the same kernels."""
+        import torch._inductor.config as inductor_config
+
+        step = torch.compile(self._decode_step, dynamic=False, fullgraph=True)
+
+        def tuned(batch: _Batch, mode: str) -> None:
+            with inductor_config.patch(coordinate_descent_tuning=True):
+                step(batch, mode)
+
+        return tuned
 
     @property
     def context_len(self) -> int:
@@ -127,13 +140,7 @@ class Engine:
             # Warm-up and capture run real steps: put each row's length and next token back afterwards (the
             # K/V they wrote sit past each row's length, where the row's next step writes before reading).
             saved = batch.tokens.clone(), batch.cache.cache_seqlens.clone()
-            # The warm-up compiles the step. Inductor's coordinate-descent tuning of its generated kernels (as
-            # gpt-fast does) took the d20 batch-1 step from 0.905 to 0.843 ms on an H200 (same call), for about
-            # 14 s more compile per graph, once: inductor caches the tuned configs on disk.
-            import torch._inductor.config as inductor_config
-
-            with inductor_config.patch(coordinate_descent_tuning=True):
-                batch.graphs[mode] = _DecodeGraph(lambda: self._step_impl(batch, mode))
+            batch.graphs[mode] = _DecodeGraph(lambda: self._step_impl(batch, mode))
             batch.tokens.copy_(saved[0])
             batch.cache.cache_seqlens.copy_(saved[1])
         return batch.graphs[mode].replay
