@@ -58,3 +58,21 @@ def test_decode_step_probe_times_each_variant_on_cpu(capsys):
     assert all(r["ms_per_step"] > 0 and r["tokens_per_s"] > 0 and r["decode"] == "SDPA/math" for r in rows)
     assert decode_step.main(["--preset", "tiny", "--attn", "flash_attn", "--device", "cpu"]) == 2
     assert "flash_attn" in capsys.readouterr().err
+
+
+def test_decode_attention_sweep_runs_the_kernel_on_cpu(capsys):
+    """The sweep's CPU smoke run: the Triton kernel through the interpreter, one row per shape, JSON lines."""
+    pytest.importorskip("triton")
+    from helpers import triton_interpreted
+
+    with triton_interpreted("ghostvis_core.kernels.decode_attention_triton"):
+        from ghostvis_core.bench import decode_attention
+
+        assert decode_attention.main(["--preset", "tiny", "--rows", "2:5", "1:0", "--slots", "16", "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    head, shapes = lines[0], lines[1:]
+    assert head["device"] == "cpu" and head["copy_gb_s"] is None
+    assert [(s["batch"], s["cached"]) for s in shapes] == [(2, 5), (1, 0)]
+    for s in shapes:
+        (row,) = s["rows"]
+        assert row["kernel"] == "triton" and row["ms"] > 0 and row["gb_s"] >= 0
