@@ -293,9 +293,9 @@ def attention_with_kvcache(
             q_BTHD, k_cache_BSKD, v_cache_BSKD, k_BTKD, v_BTKD, cache_seqlens, cache_batch_idx
         )
     if backend == "triton":
-        if T == 1 and cache_batch_idx is None:  # a decode step
-            return _triton_decode_attention(q_BTHD, k_BTKD, v_BTKD, k_cache_BSKD, v_cache_BSKD, cache_seqlens)
-        backend = "sdpa_efficient" if q_BTHD.is_cuda else "sdpa_math"  # a prefill (the plan's label says so)
+        if T != 1 or cache_batch_idx is not None:  # KVCache.backend routes these to the plan's prefill choice
+            raise ValueError(f"the Triton decode kernel takes one new token per row of the whole batch (got T={T})")
+        return _triton_decode_attention(q_BTHD, k_BTKD, v_BTKD, k_cache_BSKD, v_cache_BSKD, cache_seqlens)
     lens = cache_seqlens.to(torch.long)
     q_pos = lens[:, None] + torch.arange(T, device=q_BTHD.device)  # (B, T) slot of each new token
     if cache_batch_idx is None:

@@ -2,20 +2,28 @@
 architecture and case, the order of preference with the measurement behind it. `backends.py` applies it."""
 
 # Which cases each backend can serve at all. Packed documents need a per-document mask or varlen; SDPA's
-# flash and cuDNN kernels take no arbitrary mask, so they cannot keep documents apart. Decode reads a
-# preallocated cache with per-row lengths (attention.attention_with_kvcache): flash_attn takes the lengths
-# itself, SDPA needs a per-row mask over every slot, so of SDPA only the efficient and math kernels serve it.
+# flash and cuDNN kernels take no arbitrary mask, so they cannot keep documents apart. Decode (one new token per
+# row) and prefill (a prompt's tokens, or some rows of a running batch) append to a preallocated cache with
+# per-row lengths (attention.attention_with_kvcache): flash_attn takes the lengths itself, SDPA needs a per-row
+# mask over every slot, so of SDPA only the efficient and math kernels serve them.
 CASES_SUPPORTED = {
-    "flash_attn": {"dense", "packed", "decode", "noncausal"},  # func / varlen_func / with_kvcache
+    "flash_attn": {"dense", "packed", "decode", "prefill", "noncausal"},  # func / varlen_func / with_kvcache
     "sdpa_cudnn": {"dense", "noncausal"},
     "sdpa_flash": {"dense", "noncausal"},
-    "sdpa_efficient": {"dense", "packed", "decode", "noncausal"},  # packed via a block-diagonal mask
+    "sdpa_efficient": {"dense", "packed", "decode", "prefill", "noncausal"},  # packed: a block-diagonal mask
     "flex": {"dense", "packed", "noncausal"},  # packed via a document BlockMask
-    "sdpa_math": {"dense", "packed", "decode", "noncausal"},
-    # One-token decode steps (kernels/decode_attention_triton.py); a prefill into the cache (several tokens per
-    # row) runs through SDPA/efficient with the per-row mask.
-    "triton": {"decode"},
+    "sdpa_math": {"dense", "packed", "decode", "prefill", "noncausal"},
+    "triton": {"decode"},  # one new token per row of the whole batch (kernels/decode_attention_triton.py)
 }
+
+# Prefill into the cache, on GPUs where FA2 runs: FA2 reads only each row's cached slots, SDPA's efficient
+# kernel every slot under a mask, and is the slower kernel besides (causal B4 H16 T4096 D128 forward on an
+# H100: 281 TFLOP/s for FA2 inside SDPA against 152 for efficient, REFERENCE.md).
+_PREFILL_FA2 = (
+    ("flash_attn", "in-place KV-cache append over each row's own slots"),
+    ("sdpa_efficient", "memory-efficient SDPA with a per-row mask over the cache"),
+)
+_PREFILL_SDPA = (("sdpa_efficient", "memory-efficient SDPA with a per-row mask over the cache"),)
 
 # Per-architecture, per-case preference: the first eligible backend wins. Each entry is (backend, why).
 # Measurements are REFERENCE.md (bf16, causal, B4 H16 T4096 D128, torch 2.11+cu130, one H100 / one H200).
@@ -45,6 +53,7 @@ PREFERENCES: dict[str, dict[str, tuple[tuple[str, str], ...]]] = {
             ("flash_attn", "in-place KV-cache append"),
             ("sdpa_efficient", "memory-efficient SDPA with a per-row mask over the cache"),
         ),
+        "prefill": _PREFILL_FA2,
         # Non-causal runs the same kernels as dense without the mask: cuDNN leads there too (fwd 498-589).
         "noncausal": (
             ("sdpa_cudnn", "fastest attention on Hopper"),
@@ -70,6 +79,7 @@ PREFERENCES: dict[str, dict[str, tuple[tuple[str, str], ...]]] = {
             ("triton", "split-KV decode, reads only each row's cached tokens"),
             ("sdpa_efficient", "memory-efficient SDPA with a per-row mask over the cache"),
         ),
+        "prefill": _PREFILL_FA2,
         "noncausal": (
             ("flash_attn", "FlashAttention-2"),
             ("sdpa_flash", "PyTorch's built-in FlashAttention-2 kernel"),
@@ -86,6 +96,7 @@ PREFERENCES: dict[str, dict[str, tuple[tuple[str, str], ...]]] = {
             ("triton", "split-KV decode, reads only each row's cached tokens"),
             ("sdpa_efficient", "the fused SDPA kernel for pre-Ampere GPUs"),
         ),
+        "prefill": (("sdpa_efficient", "the fused SDPA kernel for pre-Ampere GPUs"),),
         "noncausal": (("sdpa_efficient", "the fused SDPA kernel for pre-Ampere GPUs"),),
     },
     "blackwell": {  # sm100 / sm120: cuDNN ships Blackwell kernels; our FA2 builds do not target it
@@ -102,6 +113,7 @@ PREFERENCES: dict[str, dict[str, tuple[tuple[str, str], ...]]] = {
             ("triton", "split-KV decode, reads only each row's cached tokens"),
             ("sdpa_efficient", "memory-efficient SDPA with a per-row mask over the cache"),
         ),
+        "prefill": _PREFILL_SDPA,
         "noncausal": (
             ("sdpa_cudnn", "cuDNN attention ships Blackwell kernels"),
             ("sdpa_flash", "PyTorch's built-in FlashAttention-2 kernel"),
@@ -112,6 +124,7 @@ PREFERENCES: dict[str, dict[str, tuple[tuple[str, str], ...]]] = {
         "dense": (("sdpa_math", "PyTorch SDPA on CPU"),),
         "packed": (("sdpa_math", "PyTorch SDPA on CPU with a block-diagonal causal mask"),),
         "decode": (("sdpa_math", "PyTorch SDPA on CPU"),),
+        "prefill": (("sdpa_math", "PyTorch SDPA on CPU"),),
         "noncausal": (("sdpa_math", "PyTorch SDPA on CPU"),),
     },
 }

@@ -24,7 +24,7 @@ AttnRequest = Literal[
     "triton",
 ]
 AttnBackend = Literal["flash_attn", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "flex", "sdpa_math", "triton"]
-AttnCase = Literal["dense", "packed", "decode", "noncausal"]
+AttnCase = Literal["dense", "packed", "decode", "prefill", "noncausal"]
 NormRequest = Literal["auto", "triton", "apex", "torch"]
 NormBackend = Literal["triton", "apex", "torch"]
 SwigluBackend = Literal["triton", "torch"]

@@ -283,11 +283,11 @@ def _attention_label(backend: str, case: str, env: EnvFacts) -> str:
     if backend == "flash_attn":
         version = env.package("flash_attn").version
         base = f"FlashAttention-2 {version}" if version else "FlashAttention-2"
-        return base + {"packed": " varlen", "decode": " kvcache"}.get(case, "")
+        return base + {"packed": " varlen", "decode": " kvcache", "prefill": " kvcache"}.get(case, "")
     if backend == "flex":
         return "FlexAttention (document mask)" if case == "packed" else "FlexAttention"
     if backend == "triton":
-        return "Triton split-KV decode (prefill: SDPA/efficient)"
+        return "Triton split-KV decode"
     label = {
         "sdpa_cudnn": "SDPA/cuDNN",
         "sdpa_flash": "SDPA/flash",

@@ -226,7 +226,7 @@ class Attention(nn.Module):
             k_cache, v_cache = cache.layer(layer)
             dt = k_cache.dtype  # no-op casts unless the activations' dtype is not the plan's (no autocast)
             y = attention_with_kvcache(
-                q.to(dt), k.to(dt), v.to(dt), k_cache, v_cache, cache.cache_seqlens, cache.decode_backend,
+                q.to(dt), k.to(dt), v.to(dt), k_cache, v_cache, cache.cache_seqlens, cache.backend(T),
                 cache.batch_idx,
             ).to(x_BTC.dtype)
         return self.o_proj(y.reshape(B, T, self.n_head * self.head_dim))
@@ -493,11 +493,11 @@ class GPT(nn.Module):
         device = torch.device(device) if device is not None else self.lm_head.weight.device
         self._check_device(device)
         c = self.config
-        decode = self.plan.attention["decode"].backend
+        decode, prefill = self.plan.attention["decode"].backend, self.plan.attention["prefill"].backend
         # The plan's compute dtype: the parameters' in inference, the autocast dtype in a training process
-        # (whose fp32 parameters make bf16 keys under autocast); the decode kernel was chosen for it.
+        # (whose fp32 parameters make bf16 keys under autocast); both kernels were chosen for it.
         dtype = getattr(torch, self.plan.dtype)
-        return KVCache(c.n_layer, c.n_kv_head, c.head_dim, batch_size, max_len, device, decode, dtype)
+        return KVCache(c.n_layer, c.n_kv_head, c.head_dim, batch_size, max_len, device, decode, prefill, dtype)
 
     def forward_with_cache(
         self,

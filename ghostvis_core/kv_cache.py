@@ -20,7 +20,8 @@ import torch
 class KVCache:
     """Cache tensors k, v (L, B, S, K, D) and per-row valid lengths cache_seqlens (B,) int32.
 
-    decode_backend is the plan's "decode" choice, made for the model's dtype, so it runs on these tensors.
+    decode_backend and prefill_backend are the plan's "decode" and "prefill" choices, made for the model's
+    dtype, so they run on these tensors; `backend` says which serves a call.
     """
 
     n_layer: int
@@ -30,6 +31,7 @@ class KVCache:
     max_len: int
     device: torch.device
     decode_backend: str
+    prefill_backend: str
     dtype: torch.dtype = torch.float32
     k: torch.Tensor = field(default=None, repr=False)  # type: ignore[assignment]
     v: torch.Tensor = field(default=None, repr=False)  # type: ignore[assignment]
@@ -46,6 +48,11 @@ class KVCache:
         if self.cache_seqlens is None:
             self.cache_seqlens = torch.zeros(self.batch_size, dtype=torch.int32, device=self.device)
 
+    def backend(self, new_tokens: int) -> str:
+        """The attention backend for a call appending `new_tokens` per row: one token into every row is a decode
+        step, anything else (several tokens, or a view of some rows) a prefill."""
+        return self.decode_backend if new_tokens == 1 and self.batch_idx is None else self.prefill_backend
+
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Cache tensors (B, S, K, D) of layer i."""
         return self.k[i], self.v[i]
@@ -59,7 +66,7 @@ class KVCache:
         """A one-row view sharing storage: a prefill into it fills row b of this cache (continuous batching)."""
         return KVCache(
             self.n_layer, self.n_kv_head, self.head_dim, 1, self.max_len, self.device, self.decode_backend,
-            self.dtype, self.k[:, b : b + 1], self.v[:, b : b + 1], self.cache_seqlens[b : b + 1],
+            self.prefill_backend, self.dtype, self.k[:, b : b + 1], self.v[:, b : b + 1], self.cache_seqlens[b : b + 1],
         )  # fmt: skip
 
     def rows(self, idx: torch.Tensor) -> KVCache:
@@ -70,5 +77,5 @@ class KVCache:
         lens = torch.zeros(n, dtype=torch.int32, device=self.device)
         return KVCache(
             self.n_layer, self.n_kv_head, self.head_dim, n, self.max_len, self.device, self.decode_backend,
-            self.dtype, self.k, self.v, lens, idx,
+            self.prefill_backend, self.dtype, self.k, self.v, lens, idx,
         )  # fmt: skip

@@ -84,7 +84,8 @@ def test_packed_backends_keep_documents_apart(backend):
     check(f"packed {backend}", attention(q, k, v, ctx), reference(q, k, v, packed_mask(pos)[:, 0]))
 
 
-# the backends the decode case can plan (attention_preferences.CASES_SUPPORTED): SDPA needs a per-row mask
+# the backends the decode and prefill cases can plan (attention_preferences.CASES_SUPPORTED): SDPA needs a
+# per-row mask; the Triton kernel serves one new token per row only (decode)
 @pytest.mark.parametrize("backend", ["flash_attn", "sdpa_efficient", "sdpa_math", "triton"])
 @pytest.mark.parametrize("start,new", [(0, 64), (64, 1), (64, 16), (255, 1)])
 def test_kvcache_backends(backend, start, new):
@@ -95,6 +96,10 @@ def test_kvcache_backends(backend, start, new):
     kc = torch.zeros(B, 256, K, D, device="cuda", dtype=torch.bfloat16)
     vc = torch.zeros_like(kc)
     kc[:, :start], vc[:, :start] = k[:, :start], v[:, :start]
+    if backend == "triton" and new > 1:  # a prefill: KVCache.backend routes it to the plan's prefill choice
+        with pytest.raises(ValueError, match="one new token per row"):
+            attention_with_kvcache(q[:, start:end], k[:, start:end], v[:, start:end], kc, vc, start, backend)
+        return
     got = attention_with_kvcache(q[:, start:end], k[:, start:end], v[:, start:end], kc, vc, start, backend)
     allowed = torch.ones(end, end, dtype=torch.bool, device="cuda").tril().expand(B, end, end)
     check(

@@ -22,13 +22,15 @@ def test_h100_with_flash_attn():
     assert _attn(plan) == {
         "dense": "sdpa_cudnn",
         "packed": "flash_attn",
-        "decode": "triton",  # measured faster than FA2's kvcache kernel at batch 1 (attention_preferences)
+        "decode": "triton",  # measured faster than FA2's kvcache kernel at every batch (attention_preferences)
+        "prefill": "flash_attn",  # FA2 reads only each row's slots
         "noncausal": "sdpa_cudnn",
     }
     assert plan.attention["dense"].label == "SDPA/cuDNN"
     assert plan.attention["dense"].reason == "fastest dense causal on Hopper"
     assert plan.attention["packed"].label == "FlashAttention-2 2.8.3 varlen"
-    assert plan.attention["decode"].label == "Triton split-KV decode (prefill: SDPA/efficient)"
+    assert plan.attention["decode"].label == "Triton split-KV decode"
+    assert plan.attention["prefill"].label == "FlashAttention-2 2.8.3 kvcache"
     assert (plan.rms_norm.backend, plan.swiglu.backend) == ("triton", "triton")
     assert plan.optimizer.backend == "muon"
     assert plan.optimizer.label == "torch fused AdamW + Muon"
@@ -42,6 +44,7 @@ def test_h100_without_flash_attn_uses_flex_for_packed():
         "dense": "sdpa_cudnn",
         "packed": "flex",
         "decode": "triton",
+        "prefill": "sdpa_efficient",
         "noncausal": "sdpa_cudnn",
     }
     assert "flash-attn is not installed: `ghostvis install flash-attn`" in plan.attention["packed"].reason
@@ -57,6 +60,7 @@ def test_h100_packed_without_triton_falls_back_to_efficient_mask():
     # the masked per-row cache: SDPA's flash/cuDNN kernels take no mask
     assert plan.attention["decode"].backend == "sdpa_efficient"
     assert "The Triton decode kernel needs Triton" in plan.attention["decode"].reason
+    assert plan.attention["prefill"].backend == "sdpa_efficient"
 
 
 def test_decode_kernel_needs_a_power_of_two_head_dim():
@@ -74,6 +78,7 @@ def test_a100_and_4090_prefer_fa2_when_installed():
         "dense": "sdpa_flash",
         "packed": "flex",
         "decode": "triton",
+        "prefill": "sdpa_efficient",
         "noncausal": "sdpa_flash",
     }
     assert "`ghostvis install flash-attn`" in plan.attention["dense"].reason
@@ -92,6 +97,7 @@ def test_pre_ampere(profile, sm):
         "dense": "sdpa_efficient",
         "packed": "flex",
         "decode": "triton",
+        "prefill": "sdpa_efficient",
         "noncausal": "sdpa_efficient",
     }
     assert (
@@ -121,6 +127,7 @@ def test_blackwell():
         "dense": "sdpa_cudnn",
         "packed": "flex",
         "decode": "triton",
+        "prefill": "sdpa_efficient",
         "noncausal": "sdpa_cudnn",
     }
     assert "not built for Blackwell (sm100)" in plan.attention["dense"].reason

@@ -168,3 +168,15 @@ def test_padded_group_prefill_into_busy_rows_equals_single_prefills(model):
     assert batch.cache.cache_seqlens.tolist() == [9, len(prompts[5]), 5, 3]
     assert torch.equal(batch.cache.k[:, 1], k1)
     assert busy.shape == got[:1].shape
+
+
+def test_the_cache_routes_decode_steps_and_prefills_to_the_plans_two_choices():
+    from ghostvis_core.kv_cache import KVCache
+
+    cache = KVCache(2, 1, 8, 3, 16, torch.device("cpu"), "triton", "flash_attn")
+    assert cache.backend(1) == "triton"  # one new token in every row: a decode step
+    assert cache.backend(5) == "flash_attn"  # a prompt
+    assert cache.row(1).backend(1) == "triton" and cache.row(1).backend(2) == "flash_attn"
+    rows = cache.rows(torch.tensor([0, 2], dtype=torch.int32))
+    assert rows.backend(1) == "flash_attn"  # some rows of a running batch: a prefill, even of one token
+    assert (rows.decode_backend, rows.prefill_backend) == ("triton", "flash_attn")

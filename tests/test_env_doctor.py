@@ -56,7 +56,8 @@ def test_doctor_json_on_cpu_profile(use_profile, capsys):
     backends = data["backends"]
     assert backends["device_type"] == "cpu"
     assert {case: c["backend"] for case, c in backends["attention"].items()} == {
-        "dense": "sdpa_math", "packed": "sdpa_math", "decode": "sdpa_math", "noncausal": "sdpa_math",
+        "dense": "sdpa_math", "packed": "sdpa_math", "decode": "sdpa_math", "prefill": "sdpa_math",
+        "noncausal": "sdpa_math",
     }  # fmt: skip
     assert [backends[k]["backend"] for k in ("rms_norm", "swiglu", "optimizer", "inference")] == [
         "torch", "torch", "muon", "native",
