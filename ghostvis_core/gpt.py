@@ -418,17 +418,12 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
-        """Training FLOPs per token (nanochat): 6 * N_non_embedding + 12 * L * H * D * T.
+        """Training FLOPs per token at sequence length T (flops.py): when everything trains, nanochat's
+        6 * N_matmul + 12 * L * H * D * T, with lm_head counted (also when tied) and the embedding lookup not;
+        frozen layers cost what their backward still computes."""
+        from ghostvis_core.flops import gpt_flops_per_token
 
-        N_non_embedding counts lm_head (a real matmul, also when it is tied to the embedding) and drops the
-        embedding lookup; 12*L*H*D*T is attention's QK^T and AV (fwd + bwd) at full causal length T.
-        """
-        c = self.config
-        T = seq_len or c.sequence_len
-        n = self.num_params(exclude_embedding=True)
-        if c.tie_embeddings:
-            n += self.lm_head.weight.numel()
-        return 6.0 * n + 12.0 * c.n_layer * c.n_head * c.head_dim * T
+        return gpt_flops_per_token(self, seq_len or self.config.sequence_len)
 
     # -- forward -------------------------------------------------------------------------------------------
 

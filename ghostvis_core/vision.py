@@ -147,16 +147,12 @@ class VisionTower(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def flops_per_image(self) -> float:
-        """Training FLOPs per image: 6 * (matmul params) * P + 12 * L * P^2 * W (QK^T and AV, fwd + bwd).
+        """Training FLOPs per image (flops.tower_flops_per_image): when everything trains, 6 x the encoder's
+        matmul weights x P + 12 * L * P^2 * W for attention, and 4 x the patch conv's weights x P (pixels need
+        no gradient)."""
+        from ghostvis_core.flops import tower_flops_per_image
 
-        The patch conv is a (P, C*p*p) x (C*p*p, W) matmul per image, so its weights count like a linear's;
-        position embeddings, norms and biases are additions and are left out.
-        """
-        c = self.config
-        P = c.num_image_tokens
-        linears = (m for m in self.encoder.modules() if isinstance(m, nn.Linear))
-        matmul = self.embeddings.patch_embedding.weight.numel() + sum(lin.weight.numel() for lin in linears)
-        return 6.0 * matmul * P + 12.0 * c.num_layers * P * P * c.hidden_size
+        return tower_flops_per_image(self)
 
     def forward(self, pixel_values_NCSS: torch.Tensor, *, apply_post_norm: bool = False) -> torch.Tensor:
         """Features (N, P, W) of normalised pixels (N, C, S, S).

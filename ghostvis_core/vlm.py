@@ -176,14 +176,19 @@ class VLM(nn.Module):
         return self
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
-        """The language model's training FLOPs per token (the tower's are per image: flops_per_image)."""
-        return self.language_model.flops_per_token(seq_len)
+        """The language model's training FLOPs per token (the tower's are per image: flops_per_image); its
+        layers need input gradients when the tower, projector or token embedding trains (flops.py)."""
+        from ghostvis_core.flops import gpt_flops_per_token, needs_grad_after_tower
+
+        lm = self.language_model
+        return gpt_flops_per_token(lm, seq_len or lm.config.sequence_len, needs_grad_after_tower(self))
 
     def flops_per_image(self) -> float:
-        """Training FLOPs of one image through the tower and the projector (6 x matmul params x P tokens)."""
-        proj = sum(lin.weight.numel() for lin in (self.multi_modal_projector.linear_1,
-                                                   self.multi_modal_projector.linear_2))
-        return self.vision_tower.flops_per_image() + 6.0 * proj * self.config.num_image_tokens
+        """Training FLOPs of one image through the tower and the projector (flops.tower_flops_per_image)."""
+        from ghostvis_core.flops import tower_flops_per_image
+
+        proj = self.multi_modal_projector
+        return tower_flops_per_image(self.vision_tower, (proj.linear_1, proj.linear_2))
 
     # -- generation ----------------------------------------------------------------------------------------
 

@@ -262,12 +262,21 @@ def test_num_params_and_flops():
     total = c.n_layer * per_layer + c.n_embd + 2 * emb
     assert model.num_params() == total
     assert model.num_params(exclude_embedding=True) == total - emb
-    assert (
-        model.flops_per_token() == 6 * (total - emb) + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
-    )
+    matmul = c.n_layer * (per_layer - 2 * c.n_embd) + emb  # the layers' linears and lm_head, no norms
+    attn = 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
+    assert model.flops_per_token() == 6 * matmul + attn
     tied = cpu_gpt(tiny_config(tie_embeddings=True))
     assert tied.num_params() == total - emb
     assert tied.flops_per_token() == model.flops_per_token()
+    # frozen layers cost what backward still computes: with only the head training, no layer needs a
+    # gradient (forward only: 2N, attention's forward) and the head computes its weight gradient, not its
+    # input's (4N)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.lm_head.weight.requires_grad_(True)
+    assert model.flops_per_token() == 2 * (matmul - emb) + 4 * emb + attn / 3
+    model.model.embed_tokens.weight.requires_grad_(True)  # now every layer's input needs a gradient
+    assert model.flops_per_token() == 4 * (matmul - emb) + 6 * emb + attn
 
 
 # ---------------------------------------------------------------------------------------------------------

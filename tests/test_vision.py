@@ -110,8 +110,12 @@ def test_flops_per_image_counts_matmuls_and_attention():
     cfg = get_vision_config("tiny")
     tower = VisionTower(cfg, cpu_plan())
     P, W, F, L = cfg.num_image_tokens, cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
-    matmul = 3 * cfg.patch_size**2 * W + L * (4 * W * W + 2 * W * F)
-    assert tower.flops_per_image() == 6 * matmul * P + 12 * L * P * P * W
+    patch, encoder = 3 * cfg.patch_size**2 * W, L * (4 * W * W + 2 * W * F)
+    # the patch conv reads pixels, which need no gradient: forward and weight gradient only
+    assert tower.flops_per_image() == 4 * patch * P + 6 * encoder * P + 12 * L * P * P * W
+    for p in tower.parameters():  # frozen: the forward alone
+        p.requires_grad_(False)
+    assert tower.flops_per_image() == 2 * (patch + encoder) * P + 4 * L * P * P * W
 
 
 def test_normalize_pixels_maps_unit_range_to_minus_one_one():

@@ -216,3 +216,26 @@ def test_an_image_cut_across_rows_is_a_config_error():
     ids[0, :3] = IMAGE_ID
     with pytest.raises(ConfigError, match="row 0 holds 19 image tokens, not a multiple of 16"):
         model(ids, images(2))
+
+
+def test_flops_follow_what_trains_with_the_projector_alone_training():
+    """freeze=vision,llm (vision_pretrain's default): the tower runs forward only, the projector's first linear
+    computes its weight gradient but not its input's, and the frozen language model still carries the gradient back to the
+    projector (forward and input gradients: 4N, attention 3x its forward), lm_head included."""
+    from ghostvis_core.train.freeze import apply_freeze, parse_freeze
+
+    model = tiny_vlm()
+    full_token, full_image = model.flops_per_token(), model.flops_per_image()
+    apply_freeze(model, parse_freeze("vision,llm"))
+    tower, lm, c = model.vision_tower, model.language_model, model.config.text
+    P, W, L = tower.config.num_image_tokens, tower.config.hidden_size, tower.config.num_layers
+    enc = sum(m.weight.numel() for m in tower.encoder.modules() if isinstance(m, torch.nn.Linear))
+    patch = tower.embeddings.patch_embedding.weight.numel()
+    proj1, proj2 = (lin.weight.numel() for lin in (model.multi_modal_projector.linear_1,
+                                                    model.multi_modal_projector.linear_2))  # fmt: skip
+    # linear_1 reads the frozen tower's output (no input gradient); linear_2 reads linear_1's (6N)
+    assert model.flops_per_image() == 2 * (patch + enc) * P + 4 * L * P * P * W + (4 * proj1 + 6 * proj2) * P
+    lm_matmul = sum(m.weight.numel() for m in lm.modules() if isinstance(m, torch.nn.Linear))
+    attn = 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
+    assert model.flops_per_token() == 4 * lm_matmul + attn
+    assert model.flops_per_token() < full_token and model.flops_per_image() < full_image
