@@ -50,7 +50,7 @@ def serve(
     max_concurrent: int = typer.Option(512, "--max-concurrent", help="Requests in flight before 429."),
 ) -> None:
     """Serve a model over the OpenAI API (chat, completions, streaming, images) with a web chat at /."""
-    from ghostvis_core.backends import choose_native_only
+    from ghostvis_core.engine_choice import choose_native_only
     from ghostvis_core.errors import ConfigError
     from ghostvis_core.log import get_logger, setup_logging
     from ghostvis_core.serving import require_serve_extra

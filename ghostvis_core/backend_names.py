@@ -30,7 +30,7 @@ NormBackend = Literal["triton", "apex", "torch"]
 SwigluBackend = Literal["triton", "torch"]
 OptimizerRequest = Literal["auto", "muon", "adamw", "apex_adam"]
 OptimizerBackend = Literal["muon", "adamw", "apex_adam"]
-# `ghostvis infer/bench --backend`: the native engine or vLLM (backends.choose_inference decides auto).
+# `ghostvis infer/bench --backend`: the native engine or vLLM (engine_choice.choose_inference decides auto).
 InferenceRequest = Literal["native", "vllm", "auto"]
 InferenceBackend = Literal["native", "vllm"]
 Fp8Request = Literal["none", "tensorwise", "rowwise"]

@@ -18,8 +18,8 @@ from ghostvis_core.backends import (
     attention_unavailable,
     inference_run_facts,
     plan_run,
-    vllm_unavailable,
 )
+from ghostvis_core.engine_choice import vllm_unavailable
 from ghostvis_core.env import PROFILE_ENV_VAR, EnvFacts, format_cudnn_version
 from ghostvis_core.errors import ConfigError
 from ghostvis_core.hardware_limits import arch_unavailable

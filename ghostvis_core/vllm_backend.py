@@ -48,7 +48,7 @@ def resolve_vllm_model(path: str | os.PathLike) -> tuple[Path, Path | None]:
 
 def model_facts(folder: Path) -> tuple[str, int]:
     """("gpt" | "vlm", head_dim) of an HF folder's config.json or a step_NNNNNN's state.json (what
-    backends.vllm_model_unavailable checks)."""
+    engine_choice.vllm_model_unavailable checks)."""
     from ghostvis_core.export_checkpoint import is_hf_folder
 
     if not is_hf_folder(Path(folder)):
@@ -70,10 +70,11 @@ def model_facts(folder: Path) -> tuple[str, int]:
 
 
 def inference_choice(request: str, model: str | os.PathLike | None):
-    """backends.choose_inference with this machine's facts for `ghostvis infer/bench --backend`, logged with
+    """engine_choice.choose_inference with this machine's facts for `ghostvis infer/bench --backend`, logged with
     its reason; returns (Choice, the model path: an HF folder or a step_NNNNNN, None for native)."""
     from ghostvis_core.backend_names import INFERENCE_REQUESTS
-    from ghostvis_core.backends import choose_inference, default_device_type, vllm_unavailable
+    from ghostvis_core.backends import default_device_type
+    from ghostvis_core.engine_choice import choose_inference, vllm_unavailable
     from ghostvis_core.engine import resolve_step_dir
     from ghostvis_core.env import probe_env
     from ghostvis_core.export_checkpoint import is_hf_folder
@@ -278,7 +279,8 @@ def create_vllm_engine(path: str | os.PathLike, *, dtype: str = "auto", **engine
     GhostVis's defaults (max_model_len = the model's context, enforce_eager on CPU). Raises
     BackendUnavailableError with the fix when vLLM cannot run here or cannot serve this model.
     """
-    from ghostvis_core.backends import choose_inference, default_device_type, resolve_dtype
+    from ghostvis_core.backends import default_device_type, resolve_dtype
+    from ghostvis_core.engine_choice import choose_inference
     from ghostvis_core.env import probe_env
     from ghostvis_core.vllm_env import probe_vllm_env
 

@@ -1,4 +1,4 @@
-"""Which engine `--backend native|vllm|auto` gets (backends.choose_inference), what the doctor and the install
+"""Which engine `--backend native|vllm|auto` gets (engine_choice.choose_inference), what the doctor and the install
 plan say about a separate vLLM environment, and the one-message refusals; no vLLM needed (hand-built facts)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from helpers import make_env, run_cli
 
-from ghostvis_core.backends import choose_inference
+from ghostvis_core.engine_choice import choose_inference
 from ghostvis_core.doctor_checks import run_checks
 from ghostvis_core.errors import BackendUnavailableError, ConfigError
 from ghostvis_core.install_plan import plan_install
