@@ -68,6 +68,7 @@ def test_spans_cover_the_cache_and_fill_the_card(kernel):
     assert kernel.num_splits(64, 10, 384, cpu) == 7  # ceil(32 * 132 / 640)
     assert kernel.num_splits(256, 10, 384, cpu) == 2
     assert kernel.num_splits(8, 10, 4096, cpu) == 53  # ceil(32 * 132 / 80)
+    assert kernel.num_splits(1, 2, 8192, cpu) == kernel.MAX_SPLITS  # the combine's registers bound it
 
 
 def test_a_model_decodes_through_the_kernel_as_through_sdpa(kernel, monkeypatch):

@@ -41,6 +41,7 @@ BLOCK_N = 16  # cached tokens per loop iteration (module docstring: measured)
 NUM_WARPS = 2
 NUM_STAGES = 2
 PROGRAMS_PER_SM = 32
+MAX_SPLITS = 64  # the combine kernel holds every span's (D,) partial in registers: 64 x 128 fp32 per program
 
 
 @triton.jit
@@ -145,10 +146,10 @@ def _sm_count(device_index: int) -> int:
 
 def num_splits(batch: int, kv_heads: int, slots: int, device: torch.device, block_n: int = BLOCK_N) -> int:
     """Spans per (row, KV head): about PROGRAMS_PER_SM programs per SM, no more spans than a full row has
-    blocks."""
+    blocks, at most MAX_SPLITS."""
     sms = _sm_count(device.index or 0) if device.type == "cuda" else 132
     wanted = triton.cdiv(PROGRAMS_PER_SM * sms, batch * kv_heads)
-    return max(1, min(wanted, triton.cdiv(slots, block_n)))
+    return max(1, min(wanted, triton.cdiv(slots, block_n), MAX_SPLITS))
 
 
 def decode_attention_triton(q_BHD, k_new_BKD, v_new_BKD, k_cache_BSKD, v_cache_BSKD, cache_seqlens_B,
