@@ -16,6 +16,18 @@ bench_app = typer.Typer(
 console = Console()
 
 
+def _batch_sizes(text: str | None) -> list[int]:
+    """--hf-batch-sizes 64,128,256 -> [64, 128, 256]; a non-integer item is one message naming the flag."""
+    from ghostvis_core.errors import ConfigError
+
+    if not text:
+        return []
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--hf-batch-sizes takes integers separated by commas, e.g. 64,128,256 (got {text!r})") from None
+
+
 def _fmt(value: object, digits: int = 1) -> str:
     if value is None:
         return "-"
@@ -104,6 +116,9 @@ def inference(
     preset: str = typer.Option(None, "--preset", help="Random-weight model preset (default d20)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Rows decoded together."),
     compare: str = typer.Option(None, "--compare", help="hf: also time transformers' static-cache generate."),
+    hf_batch_sizes: str = typer.Option(None, "--hf-batch-sizes", metavar="B1,B2,...",
+                                       help="Batch sizes to time HF at (default: --batch-size); the ratio is "
+                                            "against its best."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float32."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only (errors too)."),
 ) -> None:
@@ -115,7 +130,8 @@ def inference(
 
     try:
         result = run_infer_bench(num_prompts, input_len, output_len, batch_size, model=model, preset=preset,
-                                 backend=backend, compare=compare, dtype=dtype)  # fmt: skip
+                                 backend=backend, compare=compare, dtype=dtype,
+                                 hf_batch_sizes=_batch_sizes(hf_batch_sizes))  # fmt: skip
     except GhostVisError as exc:
         if not as_json:
             raise

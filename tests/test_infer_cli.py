@@ -187,3 +187,36 @@ def test_the_default_max_tokens_fills_the_context_quietly(run_name, capsys, capl
         code, _, err = run_cli(["infer", "--prompt", "the red ball"], capsys)  # 256 default, 256-token context
     assert code == 0, err
     assert "does not fit" not in caplog.text and "does not fit" not in err
+
+
+def test_bench_compare_hf_over_several_batch_sizes_takes_hfs_best(capsys, monkeypatch):
+    """--hf-batch-sizes times HF at each size on the same prompts; the ratio is against the fastest."""
+    from ghostvis_core.bench import infer_bench
+
+    speeds = {1: 50.0, 3: 200.0, 2: 120.0}  # tok/s per HF batch size (the timing itself is stubbed)
+    seen = []
+
+    def fake_hf(model, prompts, output_len, batch_size):
+        seen.append((len(prompts), batch_size))
+        return {"elapsed_s": 1.0, "output_tokens_per_s": speeds[batch_size]}
+
+    monkeypatch.setattr(infer_bench, "hf_static_generate", fake_hf)
+    args = ["bench", "--num-prompts", "5", "--input-len", "8", "--output-len", "4", "--preset", "tiny",
+            "--batch-size", "2", "--compare", "hf", "--hf-batch-sizes", "1,3,2,3"]  # fmt: skip
+    code, out, err = run_cli(args + ["--json"], capsys)
+    assert code == 0, err
+    assert seen == [(5, 1), (5, 3), (5, 2)]  # every prompt at each size, a repeated size once
+    r = json.loads(out)
+    hf = r["compare"]["hf"]
+    assert (hf["batch_size"], hf["output_tokens_per_s"]) == (3, 200.0)
+    assert hf["ratio"] == pytest.approx(r["output_tokens_per_s"] / 200.0)
+    assert [x["batch_size"] for x in hf["runs"]] == [1, 3, 2]
+    code, out, _ = run_cli(args, capsys)
+    text = " ".join(out.split())  # the console wraps long lines
+    assert code == 0 and "batch 1 50.0, batch 3 200.0, batch 2 120.0" in text and "at batch 3 (its best)" in text
+    for bad, match in ((["--hf-batch-sizes", "64,x"], "integers separated by commas"),
+                       (["--hf-batch-sizes", "0"], "must all be >= 1")):  # fmt: skip
+        code, out, _ = run_cli(args[:-2] + bad + ["--json"], capsys)
+        assert code == 2 and match in json.loads(out)["error"]
+    code, out, _ = run_cli(["bench", "--preset", "tiny", "--hf-batch-sizes", "4", "--json"], capsys)
+    assert code == 2 and "pass --compare hf too" in json.loads(out)["error"]
