@@ -177,6 +177,9 @@ class OptimizerConfig:
     """fused: Polar Express over stacked same-shape matrices, compiled with the blocks, each rank
     orthogonalising its share (ghostvis_core/muon.py). reference: the previous eager Newton-Schulz version, kept
     to compare losses against."""
+    muon_coefficients: str = "polar_express"
+    """The fused Muon's iteration: polar_express (Amsel et al. 2025, as nanochat) or newton_schulz (torch.optim.Muon's
+    quintic, the reference's), so the implementation can be compared with the reference at equal math."""
     vision_lr: float | None = None
     """Learning rate of every vision-tower parameter of a VLM (Muon matrices included); None = lr / matrix_lr."""
     projector_lr: float | None = None
@@ -207,6 +210,8 @@ class OptimizerConfig:
         ):
             raise ConfigError(f"OptimizerConfig.betas must be two numbers in [0, 1), got {self.betas!r}")
         _check_choice("OptimizerConfig", "muon_impl", self.muon_impl, ("fused", "reference"))
+        _check_choice("OptimizerConfig", "muon_coefficients", self.muon_coefficients,
+                      ("polar_express", "newton_schulz"))
         if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
             raise ConfigError(f"OptimizerConfig.momentum must be in [0, 1), got {self.momentum!r}")
 

@@ -23,7 +23,7 @@ from ghostvis_core.backends import BackendPlan
 from ghostvis_core.config import OptimizerConfig
 from ghostvis_core.errors import BackendUnavailableError, CheckpointError, ConfigError
 from ghostvis_core.log import get_logger
-from ghostvis_core.muon import BatchedMuon, ReferenceMuon
+from ghostvis_core.muon import NEWTON_SCHULZ, POLAR_EXPRESS, BatchedMuon, ReferenceMuon
 
 
 class GhostVisOptimizer:
@@ -147,7 +147,8 @@ def _muon_kind(cfg: OptimizerConfig, plan: BackendPlan) -> str:
         return "reference: Newton-Schulz per shape, eager"
     how = "compiled" if plan.compiled else "eager"
     ranks = f", split over {plan.facts.world_size} ranks" if plan.facts.world_size > 1 else ""
-    return f"Polar Express per shape, {how}{ranks}"
+    iteration = {"polar_express": "Polar Express", "newton_schulz": "Newton-Schulz"}[cfg.muon_coefficients]
+    return f"{iteration} per shape, {how}{ranks}"
 
 
 def build_optimizer(
@@ -203,7 +204,8 @@ def build_optimizer(
             optimizers.append(ReferenceMuon(muon_groups, **kw))
         else:
             # compiled with the blocks (CUDA); several ranks split the orthogonalisation (muon.py)
-            optimizers.append(BatchedMuon(muon_groups, compile=plan.compiled,
+            coefficients = {"polar_express": POLAR_EXPRESS, "newton_schulz": NEWTON_SCHULZ}[cfg.muon_coefficients]
+            optimizers.append(BatchedMuon(muon_groups, compile=plan.compiled, ns_coefficients=coefficients,
                                           shard_across_ranks=plan.facts.world_size > 1, **kw))
     if adam_groups:
         if backend == "apex_adam":

@@ -9,7 +9,7 @@ import torch
 from plans import cpu_optimizer, cpu_plan
 
 from ghostvis_core.config import GPTConfig, OptimizerConfig
-from ghostvis_core.errors import CheckpointError
+from ghostvis_core.errors import CheckpointError, ConfigError
 from ghostvis_core.gpt import GPT
 from ghostvis_core.optim import split_params
 
@@ -129,3 +129,19 @@ def test_muon_with_newton_schulz_matches_torch_muon(impl):
         print(f"{impl} vs torch Muon {tuple(p.shape)}: max {diff:.2e}")
         assert diff < 2e-3
     assert opt_ours.state_dict()["state"].keys() == opt_ref.state_dict()["state"].keys()
+
+
+def test_the_fused_muons_iteration_is_a_setting():
+    """optim.muon_coefficients picks the fused Muon's iteration, so it can be compared with the reference's
+    Newton-Schulz at equal math; the description says which runs."""
+    from ghostvis_core.muon import NEWTON_SCHULZ, POLAR_EXPRESS, BatchedMuon
+
+    model = tiny()
+    for name, table, label in (("polar_express", POLAR_EXPRESS, "Polar Express"),
+                               ("newton_schulz", NEWTON_SCHULZ, "Newton-Schulz")):  # fmt: skip
+        opt, desc = cpu_optimizer(model, OptimizerConfig(backend="muon", muon_coefficients=name))
+        (muon,) = [o for o in opt.optimizers if isinstance(o, BatchedMuon)]
+        assert all(g["ns_coefficients"] == table for g in muon.param_groups)
+        assert f"Muon ({label} per shape" in desc
+    with pytest.raises(ConfigError, match="muon_coefficients"):
+        OptimizerConfig(backend="muon", muon_coefficients="quintic")
