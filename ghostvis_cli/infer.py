@@ -20,7 +20,7 @@ def infer(
         None, "--model", help="Run name or folder, a step_NNNNNN checkpoint, or an exported HF Llama folder "
         "(default: the newest chat run, else the newest base run)."
     ),  # fmt: skip
-    batch_file: str = typer.Option(None, "--batch-file", help="Prompts: .txt (one a line) or .jsonl ({\"prompt\"})."),
+    batch_file: str = typer.Option(None, "--batch-file", help="Prompts: .txt (one a line) or .jsonl ({\"prompt\", \"image\": optional, for vision runs})."),
     output: str = typer.Option(None, "--output", "-o", help="Results file (JSON lines) for --batch-file."),
     resume: bool = typer.Option(False, "--resume", help="Skip prompts whose results --output already holds."),
     chat: bool = typer.Option(False, "--chat", help="Interactive chat: streaming, history, /reset, /exit."),
@@ -78,8 +78,10 @@ def infer(
 
         choice, path = inference_choice(backend, model or model_path)
         if choice.backend == "vllm":
-            if chat or image is not None:
-                raise ConfigError(f"{'--chat' if chat else '--image'} is served by the native engine only; "
+            with_image = next((p for p in prompts or () if p.image is not None), None)
+            if chat or image is not None or with_image is not None:
+                what = "--chat" if chat else "--image" if image is not None else f"{with_image.where}: an image"
+                raise ConfigError(f"{what} is served by the native engine only; "
                                   "drop --backend vllm (or use --backend native)")
             _infer_vllm(path, prompt, prompts, output, resume, sampling, max_tokens, dtype, limit)
             return
@@ -106,13 +108,14 @@ def _run_batch(loaded, prompts, output, resume, sampling, max_tokens, batch_size
 
     from ghostvis_core.batch_io import ResultsFile
 
+    _check_images(loaded, prompts)  # before the results file is opened
     results = ResultsFile(output, resume)
     todo = [i for i in range(len(prompts)) if i not in results.done]
     if limit is not None:
         todo = todo[:limit]
     if resume and results.done:
         err_console.print(f"resuming {output}: {len(results.done)} done, {len(todo)} to go", highlight=False)
-    ids = [loaded.encode_prompt(prompts[i]) for i in todo]
+    ids = _engine_prompts(loaded, [prompts[i] for i in todo])
     generated = 0
     t0 = time.perf_counter()
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -122,8 +125,9 @@ def _run_batch(loaded, prompts, output, resume, sampling, max_tokens, batch_size
     def on_finish(c) -> None:
         nonlocal generated
         i = todo[c.index]
-        results.append({"index": i, "prompt": prompts[i], "text": c.text, "num_tokens": len(c.token_ids),
-                        "finish_reason": c.finish_reason})  # fmt: skip
+        image = {"image": prompts[i].image_field} if prompts[i].image is not None else {}
+        results.append({"index": i, "prompt": prompts[i].text, **image, "text": c.text,
+                        "num_tokens": len(c.token_ids), "finish_reason": c.finish_reason})  # fmt: skip
         generated += len(c.token_ids)
         tok_s = generated / max(time.perf_counter() - t0, 1e-9)
         progress.update(task, advance=1, description=f"generating {tok_s:,.0f} tok/s")
@@ -136,6 +140,25 @@ def _run_batch(loaded, prompts, output, resume, sampling, max_tokens, batch_size
     finally:
         results.close()
     err_console.print(f"{len(todo)} result(s) written to {output}", highlight=False)
+
+
+def _check_images(loaded, prompts: list) -> None:
+    """A batch-file line with an image on a run trained on text only: one message naming the line."""
+    from ghostvis_core.image_prompts import require_vision_run
+
+    with_image = next((p for p in prompts if p.image is not None), None)
+    if with_image is not None:
+        require_vision_run(loaded, f"{with_image.where}: image {with_image.image_field!r}")
+
+
+def _engine_prompts(loaded, prompts: list) -> list:
+    """The engine's prompts of batch-file lines: a vision run's through its chat template with each line's image
+    (image_prompts.batch_prompt), a text run's as --prompt encodes them."""
+    from ghostvis_core.image_prompts import batch_prompt
+
+    if loaded.data_format == "image-chat":
+        return [batch_prompt(loaded, p.text, p.image) for p in prompts]
+    return [loaded.encode_prompt(p.text) for p in prompts]
 
 
 def _infer_vllm(path, prompt, prompts, output, resume, sampling, max_tokens, dtype, limit) -> None:
@@ -158,10 +181,10 @@ def _infer_vllm(path, prompt, prompts, output, resume, sampling, max_tokens, dty
             err_console.print(f"resuming {output}: {len(results.done)} done, {len(todo)} to go", highlight=False)
         t0 = time.perf_counter()
         try:
-            outs = engine.generate_ids([engine.encode(prompts[i]) for i in todo], sampling, max_tokens,
+            outs = engine.generate_ids([engine.encode(prompts[i].text) for i in todo], sampling, max_tokens,
                                        seeds=[sampling.seed + i for i in todo])
             for i, o in zip(todo, outs, strict=True):
-                results.append({"index": i, "prompt": prompts[i], "text": engine.decode(o),
+                results.append({"index": i, "prompt": prompts[i].text, "text": engine.decode(o),
                                 "num_tokens": len(o["token_ids"]), "finish_reason": o["finish_reason"]})
         finally:
             results.close()

@@ -35,9 +35,9 @@ from ghostvis_core.errors import ConfigError
 from ghostvis_core.kv_cache import KVCache
 from ghostvis_core.log import get_logger
 from ghostvis_core.sampling import RowSampling, SamplingParams, sample_rows
-from ghostvis_core.scheduler import Completion, Prompt, Request, Scheduler
+from ghostvis_core.scheduler import Completion, LazyPrompt, Prompt, Request, Scheduler
 
-__all__ = ["Completion", "Engine", "Prompt"]
+__all__ = ["Completion", "Engine", "LazyPrompt", "Prompt"]
 
 
 class _DecodeGraph:
@@ -231,7 +231,7 @@ class Engine:
 
     def generate_many(
         self,
-        prompts: Sequence[Prompt],
+        prompts: Sequence[Prompt | LazyPrompt],
         sampling: SamplingParams,
         max_tokens: int,
         batch_size: int = 32,
@@ -243,7 +243,8 @@ class Engine:
         seeds: Sequence[int] | None = None,
         warn_capped: bool = True,
     ) -> list[Completion]:
-        """Completions of every prompt, in prompt order (continuous batching over `batch_size` rows).
+        """Completions of every prompt, in prompt order (continuous batching over `batch_size` rows). A
+        LazyPrompt is made when its request gets a row.
 
         on_text(index, new_text) streams each reply as it grows (needs a tokenizer); on_finish(completion) is
         called as each request ends (in finishing order). cache_len: slots per row (default: just enough for
@@ -258,7 +259,8 @@ class Engine:
             raise ConfigError(f"--batch-size must be >= 1 (got {batch_size})")
         if not prompts:
             return []
-        lengths = [p.shape[1] if isinstance(p, torch.Tensor) else len(p) for p in prompts]
+        lengths = [p.length if isinstance(p, LazyPrompt) else p.shape[1] if isinstance(p, torch.Tensor) else len(p)
+                   for p in prompts]  # fmt: skip
         budgets = self._budgets(lengths, max_tokens, warn_capped)
         need = max(n + b for n, b in zip(lengths, budgets, strict=True))
         cache_len = min(max(cache_len or 0, need), self.context_len)
@@ -277,7 +279,8 @@ class Engine:
         scheduler = Scheduler(self, B, cache_len, sync_every)
         for i, prompt in enumerate(prompts):
             text = None if on_text is None else (lambda delta, i=i: on_text(i, delta))
-            scheduler.submit(Request(prompt, lengths[i], budgets[i], replace(sampling, seed=seeds[i]), index=i,
+            made = prompt.make if isinstance(prompt, LazyPrompt) else prompt  # the scheduler calls a factory
+            scheduler.submit(Request(made, lengths[i], budgets[i], replace(sampling, seed=seeds[i]), index=i,
                                      on_text=text, on_finish=finished))  # fmt: skip
         scheduler.run_until_idle()
         return done

@@ -40,6 +40,26 @@ def image_prompt(loaded, ids: list[int], images: Sequence[str | Path]):
         return loaded.model.embed(torch.tensor([ids], device=pixels.device), pixels)
 
 
+def batch_prompt(loaded, text: str, image: Path | None):
+    """The engine prompt of one --batch-file line on a vision run: the chat ids of a user turn, and with an image
+    a LazyPrompt whose embeddings are made when the request gets a row (the tower runs in the scheduler's
+    thread, and no batch holds every image's features at once)."""
+    from ghostvis_core.scheduler import LazyPrompt
+
+    ids = chat_ids(loaded, [user_turn(text, image is not None)])
+    if image is None:
+        return ids
+    return LazyPrompt(lambda: image_prompt(loaded, ids, [image]), len(ids))
+
+
+def require_vision_run(loaded, what: str) -> None:
+    """One message when `what` (an image the user gave) meets a run trained on text only."""
+    if loaded.data_format != "image-chat":
+        raise ConfigError(f"{what}: run {loaded.checkpoint.parent} is a text model ({loaded.recipe}, "
+                          "trained on text only) and cannot see images; pick a vision run (vision_pretrain or an "
+                          "image chat_sft) or drop the image")
+
+
 def _pixels(loaded, images: Sequence[str | Path]) -> torch.Tensor:
     """(N, C, S, S) pixels of the images for the tower, on the model's device and in its dtype."""
     from ghostvis_core.data.images import load_image
@@ -58,10 +78,7 @@ def generate_vlm_text(loaded, prompt: str, max_new_tokens: int, sampling, image:
                       use_cache: bool = True, warn_capped: bool = True) -> str:  # fmt: skip
     """engine.generate_text for a vision run: one user turn (with `image` when given) through the engine;
     use_cache=False recomputes through VLM.generate (the reference path: greedy or top-k only)."""
-    if loaded.data_format != "image-chat":
-        raise ConfigError(f"--image {image}: run {loaded.checkpoint.parent} is a text model ({loaded.recipe}, "
-                          "trained on text only) and cannot see images; pick a vision run (vision_pretrain or an "
-                          "image chat_sft) or drop --image")
+    require_vision_run(loaded, f"--image {image}")
     if not prompt.strip():
         raise ConfigError("the prompt is empty: pass some text (--prompt TEXT)")
     if image is not None and not Path(image).is_file():

@@ -33,6 +33,16 @@ Prompt = Sequence[int] | torch.Tensor
 """Token ids, or prompt embeddings (1, T, C) in the model's dtype (a VLM prompt with image features in it)."""
 
 
+@dataclass(frozen=True)
+class LazyPrompt:
+    """A prompt made when its request gets a row, in the scheduler's thread: make() returns ids or embeddings
+    of `length` tokens (known up front: a VLM prompt's expanded ids, before its image goes through the tower).
+    A batch of image prompts then never holds every image's features at once."""
+
+    make: Callable[[], Prompt]
+    length: int
+
+
 @dataclass
 class Completion:
     """One finished request."""

@@ -220,3 +220,48 @@ def test_bench_compare_hf_over_several_batch_sizes_takes_hfs_best(capsys, monkey
         assert code == 2 and match in json.loads(out)["error"]
     code, out, _ = run_cli(["bench", "--preset", "tiny", "--hf-batch-sizes", "4", "--json"], capsys)
     assert code == 2 and "pass --compare hf too" in json.loads(out)["error"]
+
+
+def test_batch_file_with_images_answers_each_line_as_prompt_and_image_would(tmp_path, capsys):
+    """A vision run's jsonl batch: lines with an image (relative to the file's folder) and without one, batched
+    together, each result equal to `infer --prompt [--image]` on its own (greedy) and naming its image."""
+    from PIL import Image
+    from saved_runs import save_text_run, save_vlm_run
+
+    from ghostvis_core.engine import generate_text, load_for_inference
+
+    save_vlm_run("vis")
+    folder = tmp_path / "set"
+    (folder / "img").mkdir(parents=True)
+    for name, colour in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
+        Image.new("RGB", (40, 40), colour).save(folder / "img" / f"{name}.png")
+    lines = [{"prompt": "what colour is it?", "image": "img/red.png"}, {"prompt": "say something"},
+             {"prompt": "what colour is it?", "image": str(folder / "img" / "blue.png")}]  # fmt: skip
+    batch = folder / "q.jsonl"
+    batch.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "out.jsonl"
+    args = ["infer", "--model", "vis", "--batch-file", str(batch), "--max-tokens", "8", "--batch-size", "3"]
+    code, _, err = run_cli([*args, "--output", str(out)], capsys)
+    assert code == 0, err
+    got = sorted((json.loads(x) for x in out.read_text().splitlines()), key=lambda r: r["index"])
+    loaded = load_for_inference("vis")
+    want = [generate_text(loaded, x["prompt"], 8, image=folder / x["image"] if "image" in x else None) for x in lines]
+    assert [r["text"] for r in got] == want
+    assert [r.get("image") for r in got] == [x.get("image") for x in lines]
+    assert want[0] != want[2]  # the two images give two answers: each line's own image reached the model
+
+    # a missing image fails before the model loads, naming the line; an image on a text run is one message
+    (folder / "bad.jsonl").write_text('{"prompt": "hi"}\n{"prompt": "and this?", "image": "img/none.png"}\n')
+    code, _, err = run_cli(["infer", "--model", "vis", "--batch-file", str(folder / "bad.jsonl"), "--output",
+                            str(tmp_path / "o2.jsonl")], capsys)  # fmt: skip
+    assert code == 2 and "bad.jsonl:2: image 'img/none.png': no such file" in err and "Traceback" not in err
+    (folder / "img" / "broken.png").write_bytes(b"not a png")  # exists, so it fails when its row is prefilled
+    (folder / "broken.jsonl").write_text('{"prompt": "and this?", "image": "img/broken.png"}\n')
+    code, _, err = run_cli(["infer", "--model", "vis", "--batch-file", str(folder / "broken.jsonl"), "--output",
+                            str(tmp_path / "o4.jsonl")], capsys)  # fmt: skip
+    assert code == 2 and "broken.png" in err and "Traceback" not in err
+    save_text_run("txt", data_format="chat")
+    code, _, err = run_cli(["infer", "--model", "txt", "--batch-file", str(batch), "--output",
+                            str(tmp_path / "o3.jsonl")], capsys)  # fmt: skip
+    assert code == 2 and "q.jsonl:1: image 'img/red.png'" in err and "cannot see images" in err
+    assert not (tmp_path / "o3.jsonl").exists()  # checked before the results file is opened
