@@ -265,3 +265,16 @@ def test_batch_file_with_images_answers_each_line_as_prompt_and_image_would(tmp_
                             str(tmp_path / "o3.jsonl")], capsys)  # fmt: skip
     assert code == 2 and "q.jsonl:1: image 'img/red.png'" in err and "cannot see images" in err
     assert not (tmp_path / "o3.jsonl").exists()  # checked before the results file is opened
+
+
+def test_bench_on_a_vision_run_times_its_language_model(capsys):
+    """`ghostvis bench --model VISION_RUN`: random text prompts through the engine's language model (it had
+    crashed reading the VLM's config for a GPT's)."""
+    from saved_runs import save_vlm_run
+
+    save_vlm_run("vis")
+    args = ["bench", "--model", "vis", "--num-prompts", "3", "--input-len", "6", "--output-len", "5", "--json"]
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["output_tokens"] == 15 and "vis" in r["model"] and r["output_tokens_per_s"] > 0

@@ -92,7 +92,7 @@ def batch1_bandwidth(loaded, engine, prompts, output_len: int, cache_len: int) -
     done, _ = _timed(engine, prompts[:1], output_len, 1, cache_len)
     c = done[0]
     tok_s = (len(c.token_ids) - 1) / (c.latency_s - c.ttft_s)
-    nbytes = weight_bytes_per_token(loaded.model)
+    nbytes = weight_bytes_per_token(engine.model)
     read_gb_s = nbytes * tok_s / 1e9
     copy = copy_bandwidth()
     return {"decode_tokens_per_s": tok_s, "weight_bytes_per_token": nbytes, "weights_gb_s": read_gb_s,
@@ -178,7 +178,10 @@ def run_infer_bench(
         get_logger().info("--backend auto: the native engine (random --preset weights are not exported for vLLM)")
     backend = "native"
     loaded = load_for_inference(model, device, dtype) if model else random_model(preset or "d20", device, dtype)
-    m = loaded.model
+    m = getattr(loaded.model, "language_model", loaded.model)  # what the engine decodes through
+    if m is not loaded.model:
+        get_logger().info("a vision run: random text prompts decode through its language model (no images; "
+                          "the vision tower is not timed)")
     cache_len = input_len + output_len
     if cache_len > m.config.sequence_len:
         raise ConfigError(f"--input-len + --output-len = {cache_len} exceeds the model's context "
