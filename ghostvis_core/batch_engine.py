@@ -89,6 +89,8 @@ class Engine:
             raise ConfigError(f"CUDA-graph decode needs the model on CUDA; it is on {self.device.type}")
         self.cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
         self._batches: dict[tuple[int, int], _Batch] = {}
+        self.last_timing: dict | None = None
+        """Scheduler.timing() of the last generate_many."""
         self._banned = torch.tensor(sorted(set(banned_token_ids)), dtype=torch.long, device=self.device)
         # The plan decides (backends.inference_run_facts); dynamic=False: one specialisation per batch shape,
         # which is what a captured graph needs anyway; fullgraph: a graph break would split the step per layer
@@ -283,4 +285,5 @@ class Engine:
             scheduler.submit(Request(made, lengths[i], budgets[i], replace(sampling, seed=seeds[i]), index=i,
                                      on_text=text, on_finish=finished))  # fmt: skip
         scheduler.run_until_idle()
+        self.last_timing = scheduler.timing()
         return done

@@ -121,6 +121,10 @@ class Scheduler:
         self.decode_steps = 0
         self.row_steps = 0
         """Sum over decode steps of the rows busy in it: occupancy = row_steps / (decode_steps * batch_size)."""
+        # Where the loop thread's time goes, per decode chunk (timing()): queueing the chunk's steps on the device,
+        # waiting at its one host read, and the host work on its tokens; plus admissions (prefills, first tokens).
+        self.chunks = 0
+        self.launch_s = self.device_wait_s = self.host_s = self.admit_s = 0.0
 
     # -- submitting -----------------------------------------------------------------------------------------
 
@@ -131,6 +135,16 @@ class Scheduler:
             self._queue.append(request)
             self._wake.notify()
         return request
+
+    def timing(self) -> dict:
+        """Mean ms per decode chunk the loop thread spent queueing its steps (launch; when this is near the
+        device's time per chunk, the device waits on the host: a slow launch, or a thread holding the GIL),
+        waiting at its host read (device_wait: the device still working), and on its tokens (host); admission
+        ms in all. On CUDA the steps run asynchronously, so launch + device_wait is the chunk's wall time."""
+        n = max(self.chunks, 1)
+        return {"chunks": self.chunks, "steps_per_chunk": self.decode_steps / n,
+                "launch_ms_per_chunk": 1e3 * self.launch_s / n, "device_wait_ms_per_chunk": 1e3 * self.device_wait_s / n,
+                "host_ms_per_chunk": 1e3 * self.host_s / n, "admit_ms_total": 1e3 * self.admit_s}  # fmt: skip
 
     @property
     def queue_depth(self) -> int:
@@ -194,9 +208,11 @@ class Scheduler:
             for q in gone:
                 self._drop(q)
         free = [b for b, r in enumerate(self._rows) if r is None]
+        t_admit = time.perf_counter()
         while free and self._queue:  # a request can end at its first token: admit again until full
             self._admit([(b, self._queue.popleft()) for b in free[: len(self._queue)]])
             free = [b for b, r in enumerate(self._rows) if r is None]
+        self.admit_s += time.perf_counter() - t_admit
         busy = [(b, r) for b, r in enumerate(self._rows) if r is not None]
         if not busy:
             return
@@ -205,10 +221,13 @@ class Scheduler:
         try:
             step = self.engine.step_fn(batch, batch_mode(r.mode for _, r in busy))
             hist = torch.empty(self.batch_size, n_steps, dtype=torch.long, device=batch.tokens.device)
+            t0 = time.perf_counter()
             for s in range(n_steps):
                 step()
                 hist[:, s].copy_(batch.tokens)
+            t1 = time.perf_counter()
             host = hist.tolist()  # the one host sync of the chunk
+            t2 = time.perf_counter()
         except Exception as exc:  # a failed step leaves every busy row's state unknown: fail them all
             for b, _ in busy:
                 self._fail(b, exc)
@@ -218,6 +237,10 @@ class Scheduler:
         for b, _ in busy:
             if self._rows[b] is not None:
                 self._accept(b, host[b])
+        self.chunks += 1
+        self.launch_s += t1 - t0
+        self.device_wait_s += t2 - t1
+        self.host_s += time.perf_counter() - t2
 
     def _drop(self, request: Request) -> None:
         """A request cancelled before it got a row."""

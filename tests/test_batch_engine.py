@@ -180,3 +180,13 @@ def test_the_cache_routes_decode_steps_and_prefills_to_the_plans_two_choices():
     rows = cache.rows(torch.tensor([0, 2], dtype=torch.int32))
     assert rows.backend(1) == "flash_attn"  # some rows of a running batch: a prefill, even of one token
     assert (rows.decode_backend, rows.prefill_backend) == ("triton", "flash_attn")
+
+
+def test_the_loop_reports_where_its_time_goes_per_chunk(model):
+    """Scheduler.timing(): chunks and steps counted as the loop ran them (4 prompts at batch 2, 10 tokens each,
+    chunks of at most 4 steps: each wave of 2 rows takes 9 decode steps after the first token = 4 + 4 + 1)."""
+    engine = Engine(model)
+    engine.generate_many(_prompts(4), SamplingParams(), 10, batch_size=2, sync_every=4)
+    t = engine.last_timing
+    assert t["chunks"] == 6 and t["steps_per_chunk"] == pytest.approx(18 / 6)
+    assert t["launch_ms_per_chunk"] > 0 and t["host_ms_per_chunk"] >= 0 and t["admit_ms_total"] > 0

@@ -190,6 +190,7 @@ def run_infer_bench(
     prompts = torch.randint(0, m.config.vocab_size, (num_prompts, input_len), generator=g).tolist()
     engine = Engine(m)  # no stop tokens: every request makes output_len
     done, elapsed = _timed(engine, prompts, output_len, batch_size, cache_len)
+    scheduler_timing = engine.last_timing
     dev = m.lm_head.weight.device
     result = {
         "backend": backend, "model": str(loaded.checkpoint or loaded.recipe), "device": str(dev),
@@ -197,7 +198,7 @@ def run_infer_bench(
         "dtype": str(m.lm_head.weight.dtype).removeprefix("torch."), "cuda_graphs": engine.cuda_graphs,
         "compiled": bool(loaded.plan is not None and loaded.plan.compiled),
         "num_prompts": num_prompts, "input_len": input_len, "output_len": output_len, "batch_size": batch_size,
-        **summarize(done, elapsed, input_len), "batch1": None, "compare": None,
+        **summarize(done, elapsed, input_len), "scheduler": scheduler_timing, "batch1": None, "compare": None,
     }  # fmt: skip
     if dev.type == "cuda":
         result["batch1"] = batch1_bandwidth(loaded, engine, prompts, output_len, cache_len)

@@ -84,4 +84,5 @@ class ServerMetrics:
             "generated_tokens_total": generated,
             "tokens_per_s": (generated - g0) / (now - t0) if now > t0 else 0.0,
             "decode_steps_total": steps,
+            "scheduler": s.timing(),
         }
