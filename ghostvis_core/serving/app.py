@@ -175,16 +175,20 @@ def create_app(service: ServedModel, *, api_key: str | None = None) -> FastAPI:
             except RuntimeError:  # the event loop has closed (shutdown): nobody will read this request
                 handle["request"].cancel()
 
+        # Only what the response shows crosses to the event loop, each a wake-up of it from the scheduler's
+        # thread: a stream carries text (token ids without a tokenizer); a whole response needs only the end.
+        text = service.tokenizer is not None
+        on_text = (lambda t: put(("text", t))) if req.stream and text else None
+        on_tokens = (lambda ids: put(("tokens", ids))) if req.stream and not text else None
         try:
             handle["request"] = service.submit(
-                prepared, sampling, budget, on_text=lambda t: put(("text", t)),
-                on_tokens=lambda ids: put(("tokens", ids)), on_finish=lambda c: put(("done", c)),
-                on_error=lambda e: put(("error", e)),
+                prepared, sampling, budget, on_text=on_text, on_tokens=on_tokens,
+                on_finish=lambda c: put(("done", c)), on_error=lambda e: put(("error", e)),
             )  # fmt: skip
         except BaseException:
             metrics.in_flight -= 1
             raise
-        chunks = _Chunks(rid, kind, service.name, text=service.tokenizer is not None)
+        chunks = _Chunks(rid, kind, service.name, text=text)
 
         def close(completion) -> None:
             metrics.in_flight -= 1
@@ -280,9 +284,8 @@ async def _stream(events: asyncio.Queue, chunks: _Chunks, handle: dict, record: 
             what, value = await events.get()
             if what == "text":
                 yield chunks.chunk(value)
-            elif what == "tokens":
-                if not chunks.text:  # without a tokenizer the stream carries token ids
-                    yield chunks.chunk("", token_ids=value)
+            elif what == "tokens":  # without a tokenizer the stream carries token ids
+                yield chunks.chunk("", token_ids=value)
             elif what == "error":
                 record.status = 500
                 err = ApiError(500, f"generation failed ({type(value).__name__}); see the server log")
