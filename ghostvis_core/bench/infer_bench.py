@@ -275,6 +275,10 @@ def format_infer_bench(r: dict) -> str:
             "TTFT ms: mean {mean:,.1f}  p50 {p50:,.1f}  p99 {p99:,.1f}".format(**r["ttft_ms"]),
             "Request latency ms: p50 {p50:,.1f}  p90 {p90:,.1f}  p99 {p99:,.1f}".format(**r["latency_ms"]),
         ]
+    t = r.get("scheduler")
+    if t:
+        lines.append(f"Loop per decode chunk of {t['steps_per_chunk']:.1f} steps: queueing {t['launch_ms_per_chunk']:.2f} ms, "
+                     f"device wait {t['device_wait_ms_per_chunk']:.2f} ms, host {t['host_ms_per_chunk']:.2f} ms")
     if r["batch1"]:
         b = r["batch1"]
         lines.append(f"Batch-1 decode: {b['decode_tokens_per_s']:,.0f} tok/s x {b['weight_bytes_per_token'] / 1e9:.2f}"
