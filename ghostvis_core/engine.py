@@ -19,7 +19,7 @@ from ghostvis_core.backends import BackendPlan, inference_run_facts, log_plan, p
 from ghostvis_core.env import probe_env
 from ghostvis_core.errors import CheckpointError, ConfigError
 from ghostvis_core.log import get_logger
-from ghostvis_core.models import text_config
+from ghostvis_core.models import language_model, text_config
 from ghostvis_core.paths import runs_dir
 from ghostvis_core.tokenizer import Tokenizer
 
@@ -76,7 +76,7 @@ class LoadedModel:
         if self._engine is None:
             # A VLM's engine runs its language model; image features come in as prompt embeddings
             # (image_prompts.py), and the `<image>` placeholder, which only data places, is never generated.
-            lm = getattr(self.model, "language_model", self.model)
+            lm = language_model(self.model)
             banned = (self.model.config.image_token_id,) if lm is not self.model else ()
             self._engine = Engine(lm, self.tokenizer, stop_token_ids=self.stop_token_ids, banned_token_ids=banned)
         return self._engine

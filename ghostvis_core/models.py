@@ -41,6 +41,11 @@ def text_config(config: ModelConfig) -> GPTConfig:
     return config.text if isinstance(config, VLMConfig) else config
 
 
+def language_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The GPT of a model: a GPT itself, a VLM's text decoder (what the engine decodes through)."""
+    return getattr(model, "language_model", model)
+
+
 def build_model(config: ModelConfig, plan: BackendPlan) -> torch.nn.Module:
     """A freshly initialised model of `config`'s kind, built with `plan` (in the caller's device context)."""
     return _classes(model_kind_of(config))[0](config, plan)

@@ -17,6 +17,7 @@ import torch
 
 from ghostvis_core.batch_engine import Engine
 from ghostvis_core.errors import ConfigError, DataError
+from ghostvis_core.models import language_model
 from ghostvis_core.sampling import SamplingParams
 from ghostvis_core.scheduler import Completion, Request, Scheduler
 from ghostvis_core.serving.limits import ApiError, ServeLimits, image_pixels
@@ -41,8 +42,8 @@ class ServedModel:
     def __init__(self, model, tokenizer, name: str, *, is_chat: bool, stop_token_ids=(), batch_size: int = 8,
                  sync_every: int = 8, limits: ServeLimits | None = None, max_model_len: int | None = None):  # fmt: skip
         self.model = model
-        self.vlm = model if hasattr(model, "language_model") else None
-        self.lm = self.vlm.language_model if self.vlm is not None else model
+        self.lm = language_model(model)
+        self.vlm = model if self.lm is not model else None
         self.tokenizer = tokenizer
         self.name = name
         self.is_chat = is_chat

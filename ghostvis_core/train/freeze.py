@@ -88,7 +88,9 @@ def _llm_trainable_names(model: torch.nn.Module, n: int | None) -> set[str] | No
     """Parameter names llm:N keeps trainable (last n blocks, final norm, lm_head), or None without llm:N."""
     if n is None:
         return None
-    gpt = getattr(model, "language_model", model)
+    from ghostvis_core.models import language_model
+
+    gpt = language_model(model)
     prefix = "language_model." if gpt is not model else ""
     layers = gpt.model.layers
     if not 0 < n <= len(layers):

@@ -18,7 +18,7 @@ from ghostvis_core.atomic import write_json_atomic
 from ghostvis_core.backends import BackendPlan
 from ghostvis_core.checkpoint import TrainState
 from ghostvis_core.log import get_logger
-from ghostvis_core.models import ModelConfig, build_model, model_kind_of, text_config
+from ghostvis_core.models import ModelConfig, build_model, language_model, model_kind_of, text_config
 from ghostvis_core.train import launch, setup
 from ghostvis_core.train.config import TrainConfig
 from ghostvis_core.train.distributed import (
@@ -322,12 +322,12 @@ def load_start_weights(raw_model: torch.nn.Module, optimizer, start: setup.Start
     if start.resume_dir is not None:
         restore_model_and_optimizer(raw_model, optimizer, start.resume_dir, with_optimizer=True)
         return
-    language_model = getattr(raw_model, "language_model", raw_model)
+    lm = language_model(raw_model)
     if start.hf_text_weights is not None:
-        load_weights_into(language_model, start.hf_text_weights, start.init_dir)
+        load_weights_into(lm, start.hf_text_weights, start.init_dir)
         start.hf_text_weights = None  # the tensors are in the model now; do not keep a second copy
     elif start.init_dir is not None:
-        target = raw_model if start.base_kind == model_kind_of(raw_model.config) else language_model
+        target = raw_model if start.base_kind == model_kind_of(raw_model.config) else lm
         ckpt.load_model_weights(target, start.init_dir)
     if start.vision_weights is not None:
         load_weights_into(raw_model.vision_tower, start.vision_weights, "vision.init_from")
