@@ -78,7 +78,7 @@ def infer(
 
         choice, path = inference_choice(backend, model or model_path)
         if choice.backend == "vllm":
-            with_image = next((p for p in prompts or () if p.image is not None), None)
+            with_image = _first_image(prompts or [])
             if chat or image is not None or with_image is not None:
                 what = "--chat" if chat else "--image" if image is not None else f"{with_image.where}: an image"
                 raise ConfigError(f"{what} is served by the native engine only; "
@@ -142,11 +142,16 @@ def _run_batch(loaded, prompts, output, resume, sampling, max_tokens, batch_size
     err_console.print(f"{len(todo)} result(s) written to {output}", highlight=False)
 
 
+def _first_image(prompts: list):
+    """The first batch-file line with an image, or None."""
+    return next((p for p in prompts if p.image is not None), None)
+
+
 def _check_images(loaded, prompts: list) -> None:
     """A batch-file line with an image on a run trained on text only: one message naming the line."""
     from ghostvis_core.image_prompts import require_vision_run
 
-    with_image = next((p for p in prompts if p.image is not None), None)
+    with_image = _first_image(prompts)
     if with_image is not None:
         require_vision_run(loaded, f"{with_image.where}: image {with_image.image_field!r}")
 

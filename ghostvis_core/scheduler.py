@@ -146,6 +146,13 @@ class Scheduler:
                 "launch_ms_per_chunk": 1e3 * self.launch_s / n, "device_wait_ms_per_chunk": 1e3 * self.device_wait_s / n,
                 "host_ms_per_chunk": 1e3 * self.host_s / n, "admit_ms_total": 1e3 * self.admit_s}  # fmt: skip
 
+    @staticmethod
+    def format_timing(t: dict) -> str:
+        """One line of a timing() dict."""
+        return (f"loop per decode chunk of {t['steps_per_chunk']:.1f} steps: queueing {t['launch_ms_per_chunk']:.2f} ms, "
+                f"device wait {t['device_wait_ms_per_chunk']:.2f} ms, host {t['host_ms_per_chunk']:.2f} ms "
+                f"({t['chunks']} chunks; admissions {t['admit_ms_total']:,.0f} ms in all)")
+
     @property
     def queue_depth(self) -> int:
         return len(self._queue)

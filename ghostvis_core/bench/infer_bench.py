@@ -178,7 +178,9 @@ def run_infer_bench(
         get_logger().info("--backend auto: the native engine (random --preset weights are not exported for vLLM)")
     backend = "native"
     loaded = load_for_inference(model, device, dtype) if model else random_model(preset or "d20", device, dtype)
-    m = getattr(loaded.model, "language_model", loaded.model)  # what the engine decodes through
+    from ghostvis_core.models import language_model
+
+    m = language_model(loaded.model)  # what the engine decodes through
     if m is not loaded.model:
         get_logger().info("a vision run: random text prompts decode through its language model (no images; "
                           "the vision tower is not timed)")
@@ -275,10 +277,10 @@ def format_infer_bench(r: dict) -> str:
             "TTFT ms: mean {mean:,.1f}  p50 {p50:,.1f}  p99 {p99:,.1f}".format(**r["ttft_ms"]),
             "Request latency ms: p50 {p50:,.1f}  p90 {p90:,.1f}  p99 {p99:,.1f}".format(**r["latency_ms"]),
         ]
-    t = r.get("scheduler")
-    if t:
-        lines.append(f"Loop per decode chunk of {t['steps_per_chunk']:.1f} steps: queueing {t['launch_ms_per_chunk']:.2f} ms, "
-                     f"device wait {t['device_wait_ms_per_chunk']:.2f} ms, host {t['host_ms_per_chunk']:.2f} ms")
+    if r.get("scheduler"):
+        from ghostvis_core.scheduler import Scheduler
+
+        lines.append("Scheduler " + Scheduler.format_timing(r["scheduler"]))
     if r["batch1"]:
         b = r["batch1"]
         lines.append(f"Batch-1 decode: {b['decode_tokens_per_s']:,.0f} tok/s x {b['weight_bytes_per_token'] / 1e9:.2f}"

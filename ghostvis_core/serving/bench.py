@@ -121,11 +121,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name:>16} {s:>12,.1f} {b:>12,.1f} {s / b:>12.2f}")
     print(f"requests ok {served['requests_ok']}, failed {served['requests_failed']}; server mean batch occupancy "
           f"{served['server']['mean_batch_occupancy']:.2f}")
+    from ghostvis_core.scheduler import Scheduler
+
     for who, t in (("serve", served["server"].get("scheduler")), ("bench", offline.get("scheduler"))):
         if t:  # the loop thread's time per decode chunk (Scheduler.timing)
-            print(f"{who} loop, ms per chunk of {t['steps_per_chunk']:.1f} steps: launch {t['launch_ms_per_chunk']:.2f}, "
-                  f"device wait {t['device_wait_ms_per_chunk']:.2f}, host {t['host_ms_per_chunk']:.2f} "
-                  f"({t['chunks']} chunks; admissions {t['admit_ms_total']:,.0f} ms in all)")
+            print(f"{who} {Scheduler.format_timing(t)}")
 
 
 if __name__ == "__main__":
