@@ -4,12 +4,15 @@ errors, and `ghostvis bench --num-prompts` on CPU."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import pty
 import select
+import struct
 import subprocess
 import sys
+import termios
 import time
 
 import pytest
@@ -96,7 +99,10 @@ def _read_until(fd, needle: bytes, timeout: float = 60.0) -> bytes:
 def _chat(*args: str):
     """`ghostvis infer --chat ARGS` on a pseudo-terminal: yields (its fd, the process); killed if still running."""
     main, child = pty.openpty()
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # a wide terminal: Rich wraps its notes at the terminal's width (80 columns when it has none), and a long
+    # temporary image path would split the phrases the tests look for across lines
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 400, 0, 0))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "400"}
     proc = subprocess.Popen([sys.executable, "-m", "ghostvis_cli", "infer", "--chat", *args],
                             stdin=child, stdout=child, stderr=child, env=env, cwd=REPO)  # fmt: skip
     os.close(child)
