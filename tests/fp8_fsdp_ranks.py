@@ -5,11 +5,11 @@ Usage: python -m torch.distributed.run --standalone --nproc_per_node=2 tests/fp8
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
 import torch.distributed as dist
+from multirank import end_rank_process
 
 from ghostvis_core.backends import RunFacts, plan_run
 from ghostvis_core.config import GPTConfig, OptimizerConfig
@@ -46,13 +46,7 @@ def main() -> None:
     if rank == 0:
         torch.save({"losses": losses, "state": full,
                     "all_gather": capable.fp8.reason}, sys.argv[1])
-    dist.barrier()
-    dist.destroy_process_group()
-    # Skip interpreter finalisation: gloo's worker threads can still hold tensors there and abort the process
-    # ("terminate called without an active exception", SIGABRT) after every result is written (pytorch#179291).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    end_rank_process()  # multirank.py: the script's folder is first on its path
 
 
 def _capable_env():

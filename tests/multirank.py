@@ -13,6 +13,19 @@ from ghostvis_core.checkpoint import step_dir_name
 from ghostvis_core.train.metrics import read_metrics
 
 
+def end_rank_process() -> None:
+    """The last line of a gloo rank script, once its results are written: barrier, destroy the process group, and
+    leave without interpreter finalisation, where gloo's worker threads can still hold tensors and abort the
+    process ("terminate called without an active exception", SIGABRT; pytorch#179291)."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def torchrun_cmd(config: Path) -> list[str]:
     """2-rank standalone torchrun of recipes.base_train with a config file."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

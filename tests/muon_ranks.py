@@ -8,11 +8,11 @@ Usage: python -m torch.distributed.run --standalone --nproc_per_node=2 tests/muo
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
 import torch.distributed as dist
+from multirank import end_rank_process
 
 from ghostvis_core.muon import BatchedMuon
 
@@ -65,13 +65,7 @@ def main() -> None:
     out = {"ddp": replicated(shard=True), "fsdp": fsdp_sharded()}
     if dist.get_rank() == 0:
         torch.save(out, sys.argv[1])
-    dist.barrier()
-    dist.destroy_process_group()
-    # Skip interpreter finalisation: gloo's worker threads can still hold tensors there and abort the process
-    # ("terminate called without an active exception", SIGABRT) after every result is written (pytorch#179291).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    end_rank_process()  # multirank.py: the script's folder is first on its path
 
 
 if __name__ == "__main__":
