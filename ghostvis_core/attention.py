@@ -233,7 +233,18 @@ def _triton_decode_attention(
     attends; a custom op for the same reason as _flash_attn_kvcache."""
     from ghostvis_core.kernels.decode_attention_triton import decode_attention_triton
 
-    return decode_attention_triton(q[:, 0], k[:, 0], v[:, 0], k_cache, v_cache, cache_seqlens)[:, None]
+    return decode_attention_triton(q[:, 0], k[:, 0], v[:, 0], k_cache, v_cache, cache_seqlens,
+                                   pdl=_inductor_pdl(q.device))[:, None]  # fmt: skip
+
+
+def _inductor_pdl(device: torch.device) -> bool:
+    """Whether the compiled step around this call launches its kernels with programmatic dependent launch
+    (batch_engine.DECODE_INDUCTOR_OPTIONS, on Hopper and later): the decode kernel then does too, so each of
+    its two kernel boundaries overlaps a launch like the step's other ones."""
+    import torch._inductor.config as inductor_config
+
+    return (bool(inductor_config.triton.enable_pdl) and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] >= 9)  # fmt: skip
 
 
 @_triton_decode_attention.register_fake

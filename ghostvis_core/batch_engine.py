@@ -40,6 +40,14 @@ from ghostvis_core.scheduler import Completion, LazyPrompt, Prompt, Request, Sch
 __all__ = ["Completion", "Engine", "LazyPrompt", "Prompt"]
 
 
+DECODE_INDUCTOR_OPTIONS: dict = {
+    # gpt-fast's setting: the d20 batch-1 step went from 0.905 to 0.843 ms on an H200 (same call) for about
+    # 14 s more compile per graph, once (inductor caches the tuned configs on disk).
+    "coordinate_descent_tuning": True,
+}
+"""How inductor generates the compiled decode step (docs/BENCHMARKS.md has the measurements)."""
+
+
 class _DecodeGraph:
     """One decode step captured in a CUDA graph (warmed up on a side stream first, as CUDA graphs require)."""
 
@@ -78,8 +86,12 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer=None, *, stop_token_ids: Sequence[int] = (), cuda_graphs: bool | None = None,
-                 prefill_tokens: int = 8192, banned_token_ids: Sequence[int] = ()):  # fmt: skip
+                 prefill_tokens: int = 8192, banned_token_ids: Sequence[int] = (),
+                 inductor_options: dict | None = None):  # fmt: skip
         self.model = model
+        self.inductor_options = {**DECODE_INDUCTOR_OPTIONS, **(inductor_options or {})}
+        """Inductor settings the compiled step is generated under (DECODE_INDUCTOR_OPTIONS; a benchmark may
+        override them)."""
         self.prefill_tokens = prefill_tokens
         self.tokenizer = tokenizer
         self.stop_token_ids = frozenset(stop_token_ids)
@@ -100,16 +112,16 @@ class Engine:
         self._step_impl = self._compiled_step() if compiled else self._decode_step
 
     def _compiled_step(self) -> Callable[[_Batch, str], None]:
-        """The decode step compiled with inductor's coordinate-descent tuning of its generated kernels (as
-        gpt-fast does): the d20 batch-1 step went from 0.905 to 0.843 ms on an H200 (same call) for about 14 s
-        more compile per graph, once (inductor caches the tuned configs on disk). Every call of the step goes
-        through the patch, graphed or not, so each compile of it uses the same kernels."""
+        """The decode step compiled under self.inductor_options (DECODE_INDUCTOR_OPTIONS). Every call of the
+        step goes through the patch, graphed or not, so each compile of it uses the same kernels, and the
+        custom-op kernels inside it (attention._triton_decode_attention) read the same PDL setting."""
         import torch._inductor.config as inductor_config
 
         step = torch.compile(self._decode_step, dynamic=False, fullgraph=True)
+        options = self.inductor_options
 
         def tuned(batch: _Batch, mode: str) -> None:
-            with inductor_config.patch(coordinate_descent_tuning=True):
+            with inductor_config.patch(options):
                 step(batch, mode)
 
         return tuned

@@ -2,7 +2,7 @@
 flash_attn_with_kvcache over its split counts, on the decode shapes of a preset.
 
     python -m ghostvis_core.bench.decode_attention [--preset d20] [--rows 1:200 64:200 64:320 256:256]
-        [--slots 384] [--top 8] [--json]
+        [--slots 384] [--top 8] [--defaults-only] [--json]
 
 Each --rows entry is BATCH:CACHED (tokens already in each row's cache); every row of the batch holds that many.
 One call attends one new token per row and writes its K/V, exactly as a decode step does. Time: median of CUDA-
@@ -54,22 +54,27 @@ def _time_ms(fn, device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def triton_configs(device) -> list[dict]:
+def triton_configs(device, defaults_only: bool = False) -> list[dict]:
+    """The sweep's Triton settings; defaults_only: the kernel's own tile, with its span combine in the split
+    kernel or in a second one, each launched with and without programmatic dependent launch."""
     if device.type != "cuda":
-        return [{}]
+        return [{}, {"combine_in_split": False}]
+    if defaults_only:
+        return [dict(combine_in_split=c, pdl=pdl) for c, pdl in itertools.product((True, False), (False, True))]
     return [dict(block_n=b, num_warps=w, num_stages=s, splits=p)
             for b, w, s, p in itertools.product(BLOCK_N, NUM_WARPS, NUM_STAGES, SPLITS)]  # fmt: skip
 
 
-def sweep_rows(batch: int, cached: int, slots: int, heads: int, kv_heads: int, head_dim: int, device) -> list[dict]:
-    """Every Triton setting and every flash-attn split count on one shape; rows sorted fastest first."""
+def sweep_rows(batch: int, cached: int, slots: int, heads: int, kv_heads: int, head_dim: int, device,
+               defaults_only: bool = False) -> list[dict]:  # fmt: skip
+    """Every Triton setting (triton_configs) and every flash-attn split count on one shape; fastest first."""
     from ghostvis_core.kernels.decode_attention_triton import decode_attention_triton
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     q, k_new, v_new, k_cache, v_cache, lens = _inputs(batch, cached, slots, heads, kv_heads, head_dim, device, dtype)
     nbytes = batch * kv_heads * (cached + 1) * head_dim * 2 * k_cache.element_size()
     rows = []
-    for cfg in triton_configs(device):
+    for cfg in triton_configs(device, defaults_only):
         kw = {k: v for k, v in cfg.items() if k != "splits"}
         ms = _time_ms(lambda: decode_attention_triton(q, k_new, v_new, k_cache, v_cache, lens, cfg.get("splits"),
                                                       **kw), device)  # fmt: skip
@@ -100,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", nargs="+", default=["1:200", "64:200", "64:320", "256:256"], help="BATCH:CACHED")
     p.add_argument("--slots", type=int, default=384)
     p.add_argument("--top", type=int, default=8, help="rows printed per shape (all with --json)")
+    p.add_argument("--defaults-only", action="store_true",
+                   help="only the kernel's own tile: span combine in-kernel or not, with and without PDL")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     cfg = get_preset(a.preset)
@@ -114,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
               f"x {out['head_dim']}")  # fmt: skip
     for spec in a.rows:
         batch, cached = (int(x) for x in spec.split(":"))
-        rows = sweep_rows(batch, cached, a.slots, cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head, device)
+        rows = sweep_rows(batch, cached, a.slots, cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head, device,
+                          a.defaults_only)
         shape = {"batch": batch, "cached": cached, "slots": a.slots, "rows": rows}
         if a.json:
             print(json.dumps(shape), flush=True)

@@ -1,13 +1,14 @@
 """Time one decode step of the native engine per variant: fused projections or not, each decode attention backend.
 
     python -m ghostvis_core.bench.decode_step [--preset d20] [--batch 1 64] [--cached 200] [--slots 384]
-        [--attn auto flash_attn] [--unfused] [--census] [--json]
+        [--attn auto flash_attn] [--unfused] [--pdl default|on|off ...] [--census] [--json]
 
 Random weights, the plan's dtype (bf16 on CUDA). Each row builds the engine's static batch of --slots cache
 slots per row with --cached tokens already cached, then replays the decode step (compiled and CUDA-graph
 captured on CUDA, as `ghostvis bench` runs it) 100 times: ms per step, tok/s = batch / step. --attn names the
 decode attention request (auto: the plan's choice). --unfused adds rows with the q|k|v and gate|up weights
-kept apart (the pre-fusion step). --census adds a profiler kernel count and the largest kernels of the compiled
+kept apart (the pre-fusion step). --pdl times the step generated with programmatic dependent launch (Hopper
+and later) as the engine sets it, forced on, or forced off, in the order given. --census adds a profiler kernel count and the largest kernels of the compiled
 step run without its graph. On the CPU it runs eagerly (a smoke run: no graph, no compile).
 """
 
@@ -35,12 +36,13 @@ def _set_fused(model, on: bool, saved: list) -> None:
         block.mlp.gate_up_weight = gate_up if on else None
 
 
-def time_step(model, batch_size: int, slots: int, cached: int, census: bool) -> dict:
-    """ms per replayed decode step of a (batch_size, slots) batch holding `cached` tokens per row."""
+def time_step(model, batch_size: int, slots: int, cached: int, census: bool, pdl: bool | None = None) -> dict:
+    """ms per replayed decode step of a (batch_size, slots) batch holding `cached` tokens per row; pdl: the
+    step generated with programmatic dependent launch on or off (None: the engine's default)."""
     from ghostvis_core.batch_engine import Engine
 
     torch._dynamo.reset()  # each row compiles its own step
-    engine = Engine(model)
+    engine = Engine(model, inductor_options=None if pdl is None else {"triton.enable_pdl": pdl})
     batch = engine.batch(batch_size, slots)
     device = batch.tokens.device
     row: dict = {"batch": batch_size, "decode": model.plan.attention["decode"].label}
@@ -87,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slots", type=int, default=384, help="cache slots per row")
     p.add_argument("--attn", nargs="+", default=["auto", "flash_attn"], help="decode attention requests")
     p.add_argument("--unfused", action="store_true", help="also time the step with unfused projections")
+    p.add_argument("--pdl", nargs="+", choices=["default", "on", "off"], default=["default"],
+                   help="programmatic dependent launch in the step: the engine's setting, on, off")
     p.add_argument("--census", action="store_true", help="profile the kernels of each step (CUDA)")
     p.add_argument("--device", default=None, help="cuda | cpu (default: this machine's GPU, else CPU)")
     p.add_argument("--json", action="store_true")
@@ -112,13 +116,14 @@ def _rows(args) -> list[dict]:
         saved: list = []
         for fused in (True, False) if args.unfused else (True,):
             _set_fused(model, fused, saved)
-            for batch_size in args.batch:
-                row = {"attn": attn, "fused": fused, **time_step(model, batch_size, args.slots, args.cached,
-                                                                 args.census)}  # fmt: skip
+            for pdl, batch_size in ((pdl, b) for pdl in args.pdl for b in args.batch):
+                on = {"default": None, "on": True, "off": False}[pdl]
+                row = {"attn": attn, "fused": fused, "pdl": pdl,
+                       **time_step(model, batch_size, args.slots, args.cached, args.census, on)}  # fmt: skip
                 rows.append(row)
                 if not args.json:
-                    print(f"{attn:>10} fused={fused!s:5} B={batch_size:4d}  {row['ms_per_step']:8.3f} ms/step "
-                          f"{row['tokens_per_s']:10,.0f} tok/s  ({row['decode']})", flush=True)  # fmt: skip
+                    print(f"{attn:>10} fused={fused!s:5} pdl={pdl:7} B={batch_size:4d}  {row['ms_per_step']:8.3f} "
+                          f"ms/step {row['tokens_per_s']:10,.0f} tok/s  ({row['decode']})", flush=True)  # fmt: skip
                     for name, ms, count in row.get("largest", []):
                         print(f"    {ms:8.3f} ms  x{count:4.0f}  {name}")
         del model

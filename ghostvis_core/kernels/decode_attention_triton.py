@@ -58,17 +58,19 @@ def _max(x, axis: tl.constexpr):
 
 @triton.jit
 def _decode_split_kernel(
-    Q, KN, VN, KC, VC, LENS, OUT, LSE,
+    Q, KN, VN, KC, VC, LENS, OUT, LSE, Y, TICKETS,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
     stride_cb, stride_cs, stride_ch,
-    stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+    stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_yb, stride_yh,
     S, scale,
     SPLITS: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-    DIRECT: tl.constexpr,
+    DIRECT: tl.constexpr, COMBINE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     kh = tl.program_id(1).to(tl.int64)
     sp = tl.program_id(2)
+    if PDL:  # launched early (programmatic dependent launch): wait for the kernel that wrote q, k_new, v_new
+        tl.extra.cuda.gdc_wait()
     new_slot = tl.minimum(tl.load(LENS + b), S - 1)  # the new token's slot; slots below it are cached
     # Spans over this row's new_slot + 1 tokens: SPLITS * split_len > new_slot, so some span holds the new token.
     # (integer division, not tl.cdiv: see _sum)
@@ -112,15 +114,39 @@ def _decode_split_kernel(
         denom = denom * alpha + p
         acc = acc * alpha[:, None] + p[:, None] * vn.to(tl.float32)[None, :]
         m = m_new
+    if PDL:  # the next kernel may launch now; it waits for this whole grid before it reads the output
+        tl.extra.cuda.gdc_launch_dependents()
     has = denom > 0
     out = acc / tl.where(has, denom, 1.0)[:, None]
-    out_ptrs = OUT + b * stride_ob + heads[:, None] * stride_oh + sp * stride_os + d[None, :]
-    if DIRECT:  # one span: this is the answer, in the output's dtype (no combine kernel)
-        tl.store(out_ptrs, out.to(OUT.dtype.element_ty), mask=g_ok[:, None])
+    y_ptrs = Y + b * stride_yb + heads[:, None] * stride_yh + d[None, :]
+    if DIRECT:  # one span: this is the answer, in the output's dtype (no combine)
+        tl.store(y_ptrs, out.to(Y.dtype.element_ty), mask=g_ok[:, None])
     else:
         lse = tl.where(has, m + tl.log(tl.where(has, denom, 1.0)), float("-inf"))
-        tl.store(out_ptrs, out, mask=g_ok[:, None])
+        tl.store(OUT + b * stride_ob + heads[:, None] * stride_oh + sp * stride_os + d[None, :], out,
+                 mask=g_ok[:, None])  # fmt: skip
         tl.store(LSE + b * stride_lb + heads * stride_lh + sp, lse, mask=g_ok)
+        if COMBINE:
+            # The last span of (b, kh) to finish combines them all. The barrier puts every thread's stores
+            # before the ticket's release; the acq_rel ticket orders the last program's loads after every
+            # other program's stores; .cg loads skip L1. The last program resets the ticket for the next call.
+            tl.debug_barrier()
+            ticket_ptr = TICKETS + b * tl.num_programs(1) + kh
+            if tl.atomic_add(ticket_ptr, 1, sem="acq_rel") == SPLITS - 1:
+                lse_ptrs = LSE + b * stride_lb + heads * stride_lh
+                top = tl.load(lse_ptrs, mask=g_ok, other=0.0, cache_modifier=".cg")  # span 0 is never empty
+                for j in range(1, SPLITS):
+                    top = tl.maximum(top, tl.load(lse_ptrs + j, mask=g_ok, other=0.0, cache_modifier=".cg"))
+                acc = tl.full([BLOCK_G, D], 0.0, tl.float32)
+                wsum = tl.full([BLOCK_G], 0.0, tl.float32)
+                for j in range(SPLITS):
+                    w = tl.exp(tl.load(lse_ptrs + j, mask=g_ok, other=0.0, cache_modifier=".cg") - top)
+                    o = tl.load(OUT + b * stride_ob + heads[:, None] * stride_oh + j * stride_os + d[None, :],
+                                mask=g_ok[:, None], other=0.0, cache_modifier=".cg")  # fmt: skip
+                    acc += w[:, None] * o
+                    wsum += w
+                tl.store(y_ptrs, (acc / wsum[:, None]).to(Y.dtype.element_ty), mask=g_ok[:, None])
+                tl.atomic_xchg(ticket_ptr, 0, sem="relaxed")
 
 
 @triton.jit
@@ -152,11 +178,28 @@ def num_splits(batch: int, kv_heads: int, slots: int, device: torch.device, bloc
     return max(1, min(wanted, triton.cdiv(slots, block_n), MAX_SPLITS))
 
 
+_TICKETS: dict[tuple[int, int, int], torch.Tensor] = {}
+
+
+def _tickets(device: torch.device, batch: int, kv_heads: int) -> torch.Tensor:
+    """The per-(row, KV head) span counters of the in-kernel combine: zeros, made once per shape and device and
+    kept (each call's last span puts its counter back to 0), so a captured graph replays with no memset.
+    One decode call at a time per device uses them, as the engine's steps run."""
+    key = (device.index or 0, batch, kv_heads)
+    if key not in _TICKETS:
+        _TICKETS[key] = torch.zeros(batch, kv_heads, dtype=torch.int32, device=device)
+    return _TICKETS[key]
+
+
 def decode_attention_triton(q_BHD, k_new_BKD, v_new_BKD, k_cache_BSKD, v_cache_BSKD, cache_seqlens_B,
                             splits: int | None = None, *, block_n: int = BLOCK_N, num_warps: int = NUM_WARPS,
-                            num_stages: int = NUM_STAGES) -> torch.Tensor:  # fmt: skip
+                            num_stages: int = NUM_STAGES, combine_in_split: bool = True,
+                            pdl: bool = False) -> torch.Tensor:  # fmt: skip
     """Write each row's new K/V at its slot and attend to slots [0, len_b] (module docstring); (B, H, D).
-    block_n, num_warps, num_stages: the split kernel's tile and launch settings (defaults as measured)."""
+    block_n, num_warps, num_stages: the split kernel's tile and launch settings (defaults as measured).
+    combine_in_split: the last span of each (row, KV head) combines the spans (else a second kernel does).
+    pdl: launch with programmatic dependent launch (Hopper and later, CUDA), overlapping this kernel's launch
+    with the tail of the one before, as the compiled step's own kernels do when it is on (batch_engine)."""
     B, H, D = q_BHD.shape
     S, K = k_cache_BSKD.shape[1], k_cache_BSKD.shape[2]
     G = H // K
@@ -165,22 +208,25 @@ def decode_attention_triton(q_BHD, k_new_BKD, v_new_BKD, k_cache_BSKD, v_cache_B
     assert v_cache_BSKD.stride() == k_cache_BSKD.stride()
     splits = splits or num_splits(B, K, S, q_BHD.device, block_n)
     y = torch.empty(B, H, D, dtype=q_BHD.dtype, device=q_BHD.device)
+    combine = splits > 1 and combine_in_split
     if splits == 1:  # the split kernel writes y itself
         out, lse = y[:, :, None], y.new_empty(0, 0, 0, dtype=torch.float32)
     else:
         out = torch.empty(B, H, splits, D, dtype=torch.float32, device=q_BHD.device)
         lse = torch.empty(B, H, splits, dtype=torch.float32, device=q_BHD.device)
+    tickets = _tickets(q_BHD.device, B, K) if combine else cache_seqlens_B  # unused when not combining
+    launch = {"launch_pdl": True} if pdl else {}
     _decode_split_kernel[(B, K, splits)](
-        q_BHD, k_new_BKD, v_new_BKD, k_cache_BSKD, v_cache_BSKD, cache_seqlens_B, out, lse,
+        q_BHD, k_new_BKD, v_new_BKD, k_cache_BSKD, v_cache_BSKD, cache_seqlens_B, out, lse, y, tickets,
         q_BHD.stride(0), q_BHD.stride(1), k_new_BKD.stride(0), k_new_BKD.stride(1),
         v_new_BKD.stride(0), v_new_BKD.stride(1),
         k_cache_BSKD.stride(0), k_cache_BSKD.stride(1), k_cache_BSKD.stride(2),
-        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), y.stride(0), y.stride(1),
         S, D**-0.5,
-        SPLITS=splits, G=G, BLOCK_G=triton.next_power_of_2(G), D=D, BLOCK=block_n, DIRECT=splits == 1, num_warps=num_warps,
-        num_stages=num_stages,
+        SPLITS=splits, G=G, BLOCK_G=triton.next_power_of_2(G), D=D, BLOCK=block_n, DIRECT=splits == 1,
+        COMBINE=combine, PDL=pdl, num_warps=num_warps, num_stages=num_stages, **launch,
     )  # fmt: skip
-    if splits == 1:
+    if splits == 1 or combine:
         return y
     _combine_kernel[(B, H)](
         out, lse, y, out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
