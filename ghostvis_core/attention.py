@@ -239,7 +239,7 @@ def _triton_decode_attention(
 
 def _inductor_pdl(device: torch.device) -> bool:
     """Whether the compiled step around this call launches its kernels with programmatic dependent launch
-    (batch_engine.DECODE_INDUCTOR_OPTIONS, on Hopper and later): the decode kernel then does too, so each of
+    (batch_engine.decode_inductor_options, on Hopper and later): the decode kernel then does too, so each of
     its two kernel boundaries overlaps a launch like the step's other ones."""
     import torch._inductor.config as inductor_config
 

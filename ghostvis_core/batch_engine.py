@@ -40,12 +40,19 @@ from ghostvis_core.scheduler import Completion, LazyPrompt, Prompt, Request, Sch
 __all__ = ["Completion", "Engine", "LazyPrompt", "Prompt"]
 
 
-DECODE_INDUCTOR_OPTIONS: dict = {
-    # gpt-fast's setting: the d20 batch-1 step went from 0.905 to 0.843 ms on an H200 (same call) for about
-    # 14 s more compile per graph, once (inductor caches the tuned configs on disk).
-    "coordinate_descent_tuning": True,
-}
-"""How inductor generates the compiled decode step (docs/BENCHMARKS.md has the measurements)."""
+PDL_MAX_BATCH = 1
+"""Largest batch whose step is generated with programmatic dependent launch (each kernel's launch overlaps the
+tail of the one before; Hopper and later). Graphed d20 step on an H200, off -> on, two calls each: batch 1
+0.837 / 0.811 -> 0.784 / 0.774 ms, batch 64 1.503 / 1.519 -> 1.572 / 1.549 ms (docs/BENCHMARKS.md)."""
+
+
+def decode_inductor_options(batch_size: int) -> dict:
+    """How inductor generates the compiled decode step of a batch of `batch_size` rows (the one place).
+
+    coordinate_descent_tuning, gpt-fast's setting: the d20 batch-1 step went from 0.905 to 0.843 ms on an H200
+    (same call) for about 14 s more compile per graph, once (inductor caches the tuned configs on disk).
+    triton.enable_pdl: PDL_MAX_BATCH. Each batch shape compiles its own graph, so each gets its own setting."""
+    return {"coordinate_descent_tuning": True, "triton.enable_pdl": batch_size <= PDL_MAX_BATCH}
 
 
 class _DecodeGraph:
@@ -89,9 +96,8 @@ class Engine:
                  prefill_tokens: int = 8192, banned_token_ids: Sequence[int] = (),
                  inductor_options: dict | None = None):  # fmt: skip
         self.model = model
-        self.inductor_options = {**DECODE_INDUCTOR_OPTIONS, **(inductor_options or {})}
-        """Inductor settings the compiled step is generated under (DECODE_INDUCTOR_OPTIONS; a benchmark may
-        override them)."""
+        self.inductor_overrides = dict(inductor_options or {})
+        """Inductor settings over decode_inductor_options (a benchmark comparing variants sets them)."""
         self.prefill_tokens = prefill_tokens
         self.tokenizer = tokenizer
         self.stop_token_ids = frozenset(stop_token_ids)
@@ -112,16 +118,16 @@ class Engine:
         self._step_impl = self._compiled_step() if compiled else self._decode_step
 
     def _compiled_step(self) -> Callable[[_Batch, str], None]:
-        """The decode step compiled under self.inductor_options (DECODE_INDUCTOR_OPTIONS). Every call of the
-        step goes through the patch, graphed or not, so each compile of it uses the same kernels, and the
-        custom-op kernels inside it (attention._triton_decode_attention) read the same PDL setting."""
+        """The decode step compiled under decode_inductor_options. Every call of the step goes through the
+        patch, graphed or not, so each compile of it uses the same kernels, and the custom-op kernels inside it
+        (attention._triton_decode_attention) read the same PDL setting."""
         import torch._inductor.config as inductor_config
 
         step = torch.compile(self._decode_step, dynamic=False, fullgraph=True)
-        options = self.inductor_options
+        overrides = self.inductor_overrides
 
         def tuned(batch: _Batch, mode: str) -> None:
-            with inductor_config.patch(options):
+            with inductor_config.patch({**decode_inductor_options(batch.tokens.shape[0]), **overrides}):
                 step(batch, mode)
 
         return tuned

@@ -74,8 +74,8 @@ def inference_choice(request: str, model: str | os.PathLike | None):
     its reason; returns (Choice, the model path: an HF folder or a step_NNNNNN, None for native)."""
     from ghostvis_core.backend_names import INFERENCE_REQUESTS
     from ghostvis_core.backends import default_device_type
-    from ghostvis_core.engine_choice import choose_inference, vllm_unavailable
     from ghostvis_core.engine import resolve_step_dir
+    from ghostvis_core.engine_choice import choose_inference, vllm_unavailable
     from ghostvis_core.env import probe_env
     from ghostvis_core.export_checkpoint import is_hf_folder
     from ghostvis_core.vllm_env import probe_vllm_env

@@ -73,7 +73,6 @@ def test_decode_attention_sweep_runs_the_kernel_on_cpu(capsys):
     head, shapes = lines[0], lines[1:]
     assert head["device"] == "cpu" and head["copy_gb_s"] is None
     assert [(s["batch"], s["cached"]) for s in shapes] == [(2, 5), (1, 0)]
-    for s in shapes:  # the kernel's defaults, its spans combined in the split kernel and in a second kernel
-        assert sorted(r.get("combine_in_split", True) for r in s["rows"]) == [False, True]
-        for row in s["rows"]:
-            assert row["kernel"] == "triton" and row["ms"] > 0 and row["gb_s"] >= 0
+    for s in shapes:
+        (row,) = s["rows"]
+        assert row["kernel"] == "triton" and row["ms"] > 0 and row["gb_s"] >= 0

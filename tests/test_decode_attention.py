@@ -46,25 +46,22 @@ CASES = [  # B, H, K, D, S, lengths, spans (None: the kernel's choice)
 ]
 
 
-@pytest.mark.parametrize("combine", ["in_split", "kernel"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_decode_matches_float64_and_writes_the_cache(kernel, case, dtype, combine):
+def test_decode_matches_float64_and_writes_the_cache(kernel, case, dtype):
     B, H, K, D, S, lengths, spans = case
     g = torch.Generator().manual_seed(B * S)
     q, k_new, v_new = (torch.randn(B, n, D, generator=g).to(dtype) for n in (H, K, K))
     k_cache, v_cache = (torch.randn(B, S, K, D, generator=g).to(dtype) for _ in range(2))
     lens = torch.tensor(lengths, dtype=torch.int32)
     want, k_want, v_want = _reference(q, k_new, v_new, k_cache, v_cache, lens)
-    in_split = combine == "in_split"
-    for call in range(2):  # the second call finds the span tickets the first one left at zero
-        got = kernel.decode_attention_triton(q, k_new, v_new, k_cache, v_cache, lens, splits=spans,
-                                             combine_in_split=in_split)  # fmt: skip
+    for _ in range(2):  # the second call finds the span tickets the first one left at zero
+        got = kernel.decode_attention_triton(q, k_new, v_new, k_cache, v_cache, lens, splits=spans)
         assert got.dtype == dtype and got.shape == (B, H, D)
         tol = 2e-6 if dtype == torch.float32 else 1e-2  # bf16: the output's own rounding (fp32 math inside)
         torch.testing.assert_close(got.double(), want, rtol=0, atol=tol)
         assert torch.equal(k_cache, k_want) and torch.equal(v_cache, v_want)
-        if in_split and (spans or kernel.num_splits(B, K, S, q.device)) > 1:
+        if (spans or kernel.num_splits(B, K, S, q.device)) > 1:
             assert not kernel._tickets(q.device, B, K).any()
 
 
@@ -74,7 +71,7 @@ def test_spans_cover_the_cache_and_fill_the_card(kernel):
     assert kernel.num_splits(64, 10, 384, cpu) == 7  # ceil(32 * 132 / 640)
     assert kernel.num_splits(256, 10, 384, cpu) == 2
     assert kernel.num_splits(8, 10, 4096, cpu) == 53  # ceil(32 * 132 / 80)
-    assert kernel.num_splits(1, 2, 8192, cpu) == kernel.MAX_SPLITS  # the combine's registers bound it
+    assert kernel.num_splits(1, 2, 8192, cpu) == kernel.MAX_SPLITS  # the last span's serial combine bounds it
 
 
 def test_a_model_decodes_through_the_kernel_as_through_sdpa(kernel, monkeypatch):

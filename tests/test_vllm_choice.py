@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from helpers import make_env, run_cli
 
-from ghostvis_core.engine_choice import choose_inference
 from ghostvis_core.doctor_checks import run_checks
+from ghostvis_core.engine_choice import choose_inference
 from ghostvis_core.errors import BackendUnavailableError, ConfigError
 from ghostvis_core.install_plan import plan_install
 from ghostvis_core.vllm_env import VllmEnvStatus, probe_vllm_env, record_vllm_venv, vllm_venv

@@ -14,6 +14,7 @@ measured in the same run. On the CPU (a smoke run) only the Triton interpreter's
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import sys
@@ -55,12 +56,12 @@ def _time_ms(fn, device) -> float:
 
 
 def triton_configs(device, defaults_only: bool = False) -> list[dict]:
-    """The sweep's Triton settings; defaults_only: the kernel's own tile, with its span combine in the split
-    kernel or in a second one, each launched with and without programmatic dependent launch."""
+    """The sweep's Triton settings; defaults_only: the kernel's own tile, launched with and without
+    programmatic dependent launch."""
     if device.type != "cuda":
-        return [{}, {"combine_in_split": False}]
+        return [{}]
     if defaults_only:
-        return [dict(combine_in_split=c, pdl=pdl) for c, pdl in itertools.product((True, False), (False, True))]
+        return [dict(pdl=False), dict(pdl=True)]
     return [dict(block_n=b, num_warps=w, num_stages=s, splits=p)
             for b, w, s, p in itertools.product(BLOCK_N, NUM_WARPS, NUM_STAGES, SPLITS)]  # fmt: skip
 
@@ -76,8 +77,8 @@ def sweep_rows(batch: int, cached: int, slots: int, heads: int, kv_heads: int, h
     rows = []
     for cfg in triton_configs(device, defaults_only):
         kw = {k: v for k, v in cfg.items() if k != "splits"}
-        ms = _time_ms(lambda: decode_attention_triton(q, k_new, v_new, k_cache, v_cache, lens, cfg.get("splits"),
-                                                      **kw), device)  # fmt: skip
+        ms = _time_ms(functools.partial(decode_attention_triton, q, k_new, v_new, k_cache, v_cache, lens,
+                                        cfg.get("splits"), **kw), device)  # fmt: skip
         rows.append({"kernel": "triton", **cfg, "ms": ms})
     if device.type == "cuda":
         try:
@@ -87,8 +88,8 @@ def sweep_rows(batch: int, cached: int, slots: int, heads: int, kv_heads: int, h
         else:
             q4, kn4, vn4 = q[:, None], k_new[:, None], v_new[:, None]
             for n in FA_SPLITS:
-                ms = _time_ms(lambda: flash_attn_with_kvcache(q4, k_cache, v_cache, k=kn4, v=vn4, cache_seqlens=lens,
-                                                              causal=True, num_splits=n), device)  # fmt: skip
+                ms = _time_ms(functools.partial(flash_attn_with_kvcache, q4, k_cache, v_cache, k=kn4, v=vn4,
+                                                cache_seqlens=lens, causal=True, num_splits=n), device)  # fmt: skip
                 rows.append({"kernel": "flash_attn", "splits": n, "ms": ms})
     for r in rows:
         if "ms" in r:
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slots", type=int, default=384)
     p.add_argument("--top", type=int, default=8, help="rows printed per shape (all with --json)")
     p.add_argument("--defaults-only", action="store_true",
-                   help="only the kernel's own tile: span combine in-kernel or not, with and without PDL")
+                   help="only the kernel's own tile, with and without programmatic dependent launch")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     cfg = get_preset(a.preset)

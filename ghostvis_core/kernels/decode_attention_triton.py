@@ -12,11 +12,14 @@ is static (a CUDA graph replays it at every length) while every span of a long r
 surplus programs exit at once. A program keeps an online softmax (running max m, sum denom, accumulator acc)
 over its span in fp32 and stores acc / denom with lse = m + log denom.
 The span holding slot L_b also folds in the new token from registers and writes it to the cache, so no
-program ever reads a slot another program writes. A second kernel combines the spans:
+program ever reads a slot another program writes. The last program of a (row, KV head) to finish (a ticket
+counter, taken with an atomic add after its partial is stored) combines the spans:
 
     out = sum_s exp(lse_s - max lse) out_s / sum_s exp(lse_s - max lse)
 
-With one span the split kernel writes the output itself and the combine is skipped.
+so no second kernel runs: on an H200, 4.82 against 5.40 us at batch 1 (200 cached, 24 spans), 27.8 against
+29.3 us at batch 64 and 107.1 against 108.3 us at batch 256, CUDA-graph replays. With one span the split
+kernel writes the output itself and takes no ticket.
 
 Tiles, measured on an H200 (d20 decode shapes: 10 heads of 128, 384 slots, bf16; `python -m
 ghostvis_core.bench.decode_attention`, docs/BENCHMARKS.md): 16 slots per iteration under 2 warps beat 64 under 4
@@ -41,7 +44,7 @@ BLOCK_N = 16  # cached tokens per loop iteration (module docstring: measured)
 NUM_WARPS = 2
 NUM_STAGES = 2
 PROGRAMS_PER_SM = 32
-MAX_SPLITS = 64  # the combine kernel holds every span's (D,) partial in registers: 64 x 128 fp32 per program
+MAX_SPLITS = 64  # the last program reads every span's (D,) partial in turn: a bound on that serial tail
 
 
 @triton.jit
@@ -64,7 +67,7 @@ def _decode_split_kernel(
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_yb, stride_yh,
     S, scale,
     SPLITS: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-    DIRECT: tl.constexpr, COMBINE: tl.constexpr, PDL: tl.constexpr,
+    DIRECT: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     kh = tl.program_id(1).to(tl.int64)
@@ -126,43 +129,26 @@ def _decode_split_kernel(
         tl.store(OUT + b * stride_ob + heads[:, None] * stride_oh + sp * stride_os + d[None, :], out,
                  mask=g_ok[:, None])  # fmt: skip
         tl.store(LSE + b * stride_lb + heads * stride_lh + sp, lse, mask=g_ok)
-        if COMBINE:
-            # The last span of (b, kh) to finish combines them all. The barrier puts every thread's stores
-            # before the ticket's release; the acq_rel ticket orders the last program's loads after every
-            # other program's stores; .cg loads skip L1. The last program resets the ticket for the next call.
-            tl.debug_barrier()
-            ticket_ptr = TICKETS + b * tl.num_programs(1) + kh
-            if tl.atomic_add(ticket_ptr, 1, sem="acq_rel") == SPLITS - 1:
-                lse_ptrs = LSE + b * stride_lb + heads * stride_lh
-                top = tl.load(lse_ptrs, mask=g_ok, other=0.0, cache_modifier=".cg")  # span 0 is never empty
-                for j in range(1, SPLITS):
-                    top = tl.maximum(top, tl.load(lse_ptrs + j, mask=g_ok, other=0.0, cache_modifier=".cg"))
-                acc = tl.full([BLOCK_G, D], 0.0, tl.float32)
-                wsum = tl.full([BLOCK_G], 0.0, tl.float32)
-                for j in range(SPLITS):
-                    w = tl.exp(tl.load(lse_ptrs + j, mask=g_ok, other=0.0, cache_modifier=".cg") - top)
-                    o = tl.load(OUT + b * stride_ob + heads[:, None] * stride_oh + j * stride_os + d[None, :],
-                                mask=g_ok[:, None], other=0.0, cache_modifier=".cg")  # fmt: skip
-                    acc += w[:, None] * o
-                    wsum += w
-                tl.store(y_ptrs, (acc / wsum[:, None]).to(Y.dtype.element_ty), mask=g_ok[:, None])
-                tl.atomic_xchg(ticket_ptr, 0, sem="relaxed")
-
-
-@triton.jit
-def _combine_kernel(OUT, LSE, Y, stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_yb, stride_yh,
-                    SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, D: tl.constexpr):  # fmt: skip
-    b = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1).to(tl.int64)
-    s = tl.arange(0, BLOCK_S)
-    s_ok = s < SPLITS
-    d = tl.arange(0, D)
-    lse = tl.load(LSE + b * stride_lb + h * stride_lh + s, mask=s_ok, other=float("-inf"))
-    w = tl.exp(lse - _max(lse, 0))  # empty spans: lse = -inf, weight 0; span 0 is never empty
-    o = tl.load(OUT + b * stride_ob + h * stride_oh + s[:, None] * stride_os + d[None, :], mask=s_ok[:, None],
-                other=0.0)  # fmt: skip
-    y = _sum(w[:, None] * o, 0) / _sum(w, 0)
-    tl.store(Y + b * stride_yb + h * stride_yh + d, y.to(Y.dtype.element_ty))
+        # The last span of (b, kh) to finish combines them all. The barrier puts every thread's stores
+        # before the ticket's release; the acq_rel ticket orders the last program's loads after every
+        # other program's stores; .cg loads skip L1. The last program resets the ticket for the next call.
+        tl.debug_barrier()
+        ticket_ptr = TICKETS + b * tl.num_programs(1) + kh
+        if tl.atomic_add(ticket_ptr, 1, sem="acq_rel") == SPLITS - 1:
+            lse_ptrs = LSE + b * stride_lb + heads * stride_lh
+            top = tl.load(lse_ptrs, mask=g_ok, other=0.0, cache_modifier=".cg")  # span 0 is never empty
+            for j in range(1, SPLITS):
+                top = tl.maximum(top, tl.load(lse_ptrs + j, mask=g_ok, other=0.0, cache_modifier=".cg"))
+            acc = tl.full([BLOCK_G, D], 0.0, tl.float32)
+            wsum = tl.full([BLOCK_G], 0.0, tl.float32)
+            for j in range(SPLITS):
+                w = tl.exp(tl.load(lse_ptrs + j, mask=g_ok, other=0.0, cache_modifier=".cg") - top)
+                o = tl.load(OUT + b * stride_ob + heads[:, None] * stride_oh + j * stride_os + d[None, :],
+                            mask=g_ok[:, None], other=0.0, cache_modifier=".cg")  # fmt: skip
+                acc += w[:, None] * o
+                wsum += w
+            tl.store(y_ptrs, (acc / wsum[:, None]).to(Y.dtype.element_ty), mask=g_ok[:, None])
+            tl.atomic_xchg(ticket_ptr, 0, sem="relaxed")
 
 
 @functools.lru_cache(maxsize=16)
@@ -193,11 +179,9 @@ def _tickets(device: torch.device, batch: int, kv_heads: int) -> torch.Tensor:
 
 def decode_attention_triton(q_BHD, k_new_BKD, v_new_BKD, k_cache_BSKD, v_cache_BSKD, cache_seqlens_B,
                             splits: int | None = None, *, block_n: int = BLOCK_N, num_warps: int = NUM_WARPS,
-                            num_stages: int = NUM_STAGES, combine_in_split: bool = True,
-                            pdl: bool = False) -> torch.Tensor:  # fmt: skip
+                            num_stages: int = NUM_STAGES, pdl: bool = False) -> torch.Tensor:  # fmt: skip
     """Write each row's new K/V at its slot and attend to slots [0, len_b] (module docstring); (B, H, D).
     block_n, num_warps, num_stages: the split kernel's tile and launch settings (defaults as measured).
-    combine_in_split: the last span of each (row, KV head) combines the spans (else a second kernel does).
     pdl: launch with programmatic dependent launch (Hopper and later, CUDA), overlapping this kernel's launch
     with the tail of the one before, as the compiled step's own kernels do when it is on (batch_engine)."""
     B, H, D = q_BHD.shape
@@ -208,13 +192,12 @@ def decode_attention_triton(q_BHD, k_new_BKD, v_new_BKD, k_cache_BSKD, v_cache_B
     assert v_cache_BSKD.stride() == k_cache_BSKD.stride()
     splits = splits or num_splits(B, K, S, q_BHD.device, block_n)
     y = torch.empty(B, H, D, dtype=q_BHD.dtype, device=q_BHD.device)
-    combine = splits > 1 and combine_in_split
-    if splits == 1:  # the split kernel writes y itself
-        out, lse = y[:, :, None], y.new_empty(0, 0, 0, dtype=torch.float32)
+    if splits == 1:  # the split kernel writes y itself: no partials, no tickets
+        out, lse, tickets = y[:, :, None], y.new_empty(0, 0, 0, dtype=torch.float32), cache_seqlens_B
     else:
         out = torch.empty(B, H, splits, D, dtype=torch.float32, device=q_BHD.device)
         lse = torch.empty(B, H, splits, dtype=torch.float32, device=q_BHD.device)
-    tickets = _tickets(q_BHD.device, B, K) if combine else cache_seqlens_B  # unused when not combining
+        tickets = _tickets(q_BHD.device, B, K)
     launch = {"launch_pdl": True} if pdl else {}
     _decode_split_kernel[(B, K, splits)](
         q_BHD, k_new_BKD, v_new_BKD, k_cache_BSKD, v_cache_BSKD, cache_seqlens_B, out, lse, y, tickets,
@@ -223,13 +206,7 @@ def decode_attention_triton(q_BHD, k_new_BKD, v_new_BKD, k_cache_BSKD, v_cache_B
         k_cache_BSKD.stride(0), k_cache_BSKD.stride(1), k_cache_BSKD.stride(2),
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), y.stride(0), y.stride(1),
         S, D**-0.5,
-        SPLITS=splits, G=G, BLOCK_G=triton.next_power_of_2(G), D=D, BLOCK=block_n, DIRECT=splits == 1,
-        COMBINE=combine, PDL=pdl, num_warps=num_warps, num_stages=num_stages, **launch,
-    )  # fmt: skip
-    if splits == 1 or combine:
-        return y
-    _combine_kernel[(B, H)](
-        out, lse, y, out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-        y.stride(0), y.stride(1), SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits), D=D,
+        SPLITS=splits, G=G, BLOCK_G=triton.next_power_of_2(G), D=D, BLOCK=block_n, DIRECT=splits == 1, PDL=pdl,
+        num_warps=num_warps, num_stages=num_stages, **launch,
     )  # fmt: skip
     return y
