@@ -193,3 +193,21 @@ def test_compiled_update_is_one_graph_and_matches_eager():
     for a, b in zip(run(False), run(True), strict=True):
         print(f"compiled vs eager: max {(a - b).abs().max():.1e}")
         torch.testing.assert_close(a, b, atol=1e-2, rtol=0)
+
+
+def test_cpu_iterations_run_in_fp32_and_match_a_float64_polar_express():
+    """On a CPU the stacked updates are fp32 (bf16 GEMMs are emulated on CPUs without bf16 matrix units, about
+    50x slower), and the fp32 iteration matches float64 far inside the bf16 tolerance above."""
+    from ghostvis_core.muon import momentum_stack, update_dtype
+
+    assert update_dtype(torch.device("cpu")) == torch.float32
+    g = torch.Generator().manual_seed(3)
+    grads = [torch.randn(16, 48, generator=g) for _ in range(3)]
+    bufs = [torch.zeros(16, 48) for _ in range(3)]
+    U = momentum_stack(grads, bufs, 0, 3, 0.95, nesterov=True)
+    assert U.dtype == torch.float32 and U.shape == (3, 16, 48)
+    ours = orthogonalize(U, POLAR_EXPRESS, POLAR_EXPRESS_SAFETY).double()
+    ref = orthogonalize(U.double(), POLAR_EXPRESS, POLAR_EXPRESS_SAFETY)
+    rel = ((ours - ref).norm() / ref.norm()).item()
+    print(f"fp32 vs float64 relative error {rel:.2e}")
+    assert rel < 1e-4
