@@ -61,6 +61,25 @@ def test_compiled_graph_decode_equals_uncompiled_eager_in_fp32():
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
 
 
+def test_engine_step_with_pdl_gives_the_greedy_tokens_of_the_step_without():
+    """fp32, so fusion's rounding cannot flip a greedy pick: the compiled, graphed step generated with
+    programmatic dependent launch forced on against forced off, mixed prompt lengths, batch 4 of 6."""
+    from ghostvis_core.batch_engine import Engine
+    from ghostvis_core.bench.infer_bench import random_model
+    from ghostvis_core.sampling import SamplingParams
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs Hopper or later")
+    loaded = random_model("tiny", "cuda", "float32")
+    assert loaded.plan.compiled
+    runs = []
+    for pdl in (False, True):
+        torch._dynamo.reset()
+        engine = Engine(loaded.model, inductor_options={"triton.enable_pdl": pdl})
+        runs.append([c.token_ids for c in engine.generate_many(_prompts(), SamplingParams(), 40, batch_size=4)])
+    assert runs[0] == runs[1]
+    assert all(len(t) == 40 for t in runs[1])
+
 def test_bench_runs_on_cuda_with_bandwidth_and_hf_ratio():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     args = ["bench", "--num-prompts", "16", "--input-len", "32", "--output-len", "32", "--preset", "tiny",

@@ -1,7 +1,7 @@
 """The Triton decode kernel on CUDA (run with `pytest -m gpu`): replayed in a CUDA graph (its last span combines
 the spans, and the span tickets must come back to zero for the next replay), launched with and without
-programmatic dependent launch, against the float64 reference; and the engine's compiled step generated with
-PDL on gives the greedy tokens it gives with PDL off."""
+programmatic dependent launch, against the float64 reference (the engine's step with PDL:
+test_batch_engine_gpu.py)."""
 
 from __future__ import annotations
 
@@ -56,23 +56,3 @@ def test_graphed_decode_kernel_matches_float64(case, pdl):
         torch.testing.assert_close(y.cpu().double(), want, rtol=0, atol=1e-2)  # bf16 output rounding
     assert torch.equal(args[3].cpu(), k_want) and torch.equal(args[4].cpu(), v_want)
 
-
-def test_engine_step_with_pdl_gives_the_greedy_tokens_of_the_step_without():
-    """fp32, so fusion's rounding cannot flip a greedy pick; mixed prompt lengths, batch 4 of 6 prompts."""
-    from ghostvis_core.batch_engine import Engine
-    from ghostvis_core.bench.infer_bench import random_model
-    from ghostvis_core.sampling import SamplingParams
-
-    if not _pdl_capable():
-        pytest.skip("programmatic dependent launch needs Hopper or later")
-    loaded = random_model("tiny", "cuda", "float32")
-    assert loaded.plan.compiled
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 4096, (n,), generator=g).tolist() for n in (5, 17, 9, 30, 12, 3)]
-    runs = []
-    for pdl in (False, True):
-        torch._dynamo.reset()
-        engine = Engine(loaded.model, inductor_options={"triton.enable_pdl": pdl})
-        runs.append([c.token_ids for c in engine.generate_many(prompts, SamplingParams(), 40, batch_size=4)])
-    assert runs[0] == runs[1]
-    assert all(len(t) == 40 for t in runs[1])

@@ -8,13 +8,14 @@ slots per row with --cached tokens already cached, then replays the decode step 
 captured on CUDA, as `ghostvis bench` runs it) 100 times: ms per step, tok/s = batch / step. --attn names the
 decode attention request (auto: the plan's choice). --unfused adds rows with the q|k|v and gate|up weights
 kept apart (the pre-fusion step). --pdl times the step generated with programmatic dependent launch (Hopper
-and later) as the engine sets it, forced on, or forced off, in the order given. --census adds a profiler kernel count and the largest kernels of the compiled
-step run without its graph. On the CPU it runs eagerly (a smoke run: no graph, no compile).
+and later) as the engine sets it, forced on, or forced off, in the order given. --census adds a profiler kernel
+count and the largest kernels of the compiled step run without its graph. On the CPU it runs eagerly (a smoke run: no graph, no compile).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -116,7 +117,7 @@ def _rows(args) -> list[dict]:
         saved: list = []
         for fused in (True, False) if args.unfused else (True,):
             _set_fused(model, fused, saved)
-            for pdl, batch_size in ((pdl, b) for pdl in args.pdl for b in args.batch):
+            for pdl, batch_size in itertools.product(args.pdl, args.batch):
                 on = {"default": None, "on": True, "off": False}[pdl]
                 row = {"attn": attn, "fused": fused, "pdl": pdl,
                        **time_step(model, batch_size, args.slots, args.cached, args.census, on)}  # fmt: skip
