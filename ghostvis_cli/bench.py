@@ -120,6 +120,9 @@ def inference(
                                        help="Batch sizes to time HF at (default: --batch-size); the ratio is "
                                             "against its best."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float32."),
+    kv_cache_dtype: str = typer.Option("auto", "--kv-cache-dtype",
+                                       help="auto (the model's dtype) | fp8 (e4m3, per-token scales: half the "
+                                            "cache bytes; sm89+ GPUs)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only (errors too)."),
 ) -> None:
     """Offline inference throughput: requests/s, tokens/s, TTFT and latency percentiles, batch-1 bandwidth."""
@@ -131,7 +134,8 @@ def inference(
     try:
         result = run_infer_bench(num_prompts, input_len, output_len, batch_size, model=model, preset=preset,
                                  backend=backend, compare=compare, dtype=dtype,
-                                 hf_batch_sizes=_batch_sizes(hf_batch_sizes))  # fmt: skip
+                                 hf_batch_sizes=_batch_sizes(hf_batch_sizes),
+                                 kv_cache_dtype=kv_cache_dtype)  # fmt: skip
     except GhostVisError as exc:
         if not as_json:
             raise

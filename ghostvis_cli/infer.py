@@ -39,6 +39,8 @@ def infer(
     dtype: str = typer.Option(
         "auto", "--dtype", help="bfloat16 | float16 | float32 | auto (bf16 on CUDA, fp32 on CPU)."
     ),
+    kv_cache_dtype: str = typer.Option("auto", "--kv-cache-dtype", help="auto (the model's dtype) | fp8 (e4m3 "
+                                       "with per-token scales: half the cache bytes; sm89+ GPUs)."),
     model_path: str = typer.Option(None, "--model_path", "--run", "--checkpoint", hidden=True),
     batch_file_alias: str = typer.Option(None, "--batch_file", hidden=True),
     max_tokens_alias: int = typer.Option(None, "--max_tokens", "--max-new-tokens", hidden=True),
@@ -83,10 +85,14 @@ def infer(
                 what = "--chat" if chat else "--image" if image is not None else f"{with_image.where}: an image"
                 raise ConfigError(f"{what} is served by the native engine only; "
                                   "drop --backend vllm (or use --backend native)")
+            if kv_cache_dtype != "auto":
+                raise ConfigError("--kv-cache-dtype sets the native engine's cache; drop it with --backend vllm")
             _infer_vllm(path, prompt, prompts, output, resume, sampling, max_tokens, dtype, limit)
             return
     # A one-shot prompt runs the decode step uncompiled: compiling takes longer than a short answer saves.
     loaded = load_for_inference(model or model_path, dtype=dtype, compile=False if prompt is not None else None)
+    loaded.kv_cache_dtype = kv_cache_dtype
+    loaded.engine  # noqa: B018 (built now: a cache storage this machine cannot decode from fails before any work)
     console.print(f"model: {loaded.checkpoint} ({loaded.recipe})", highlight=False, markup=False, soft_wrap=True)
     if chat:
         from ghostvis_cli.infer_chat import chat_loop

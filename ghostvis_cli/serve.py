@@ -33,6 +33,8 @@ def serve(
     api_key: str = typer.Option(None, "--api-key", envvar=API_KEY_ENV, show_envvar=True,
                                 help="Require 'Authorization: Bearer KEY' on every route but /health."),
     dtype: str = typer.Option("auto", "--dtype", help="bfloat16 | float16 | float32 | auto."),
+    kv_cache_dtype: str = typer.Option("auto", "--kv-cache-dtype", help="auto (the model's dtype) | fp8 (e4m3 "
+                                       "with per-token scales: half the cache bytes; sm89+ GPUs)."),
     served_model_name: str = typer.Option(None, "--served-model-name", help="Model id in the API (default: "
                                           "the run's name)."),
     max_batch_size: int = typer.Option(None, "--max-batch-size", help="Rows decoded together (default: 64 on "
@@ -72,11 +74,12 @@ def serve(
         err_console.print(f"[yellow]warning:[/] serving on {host} with no API key: anyone who can reach this "
                           f"address can use the model; pass --api-key KEY (or set {API_KEY_ENV})", highlight=False)
     service = build_service(model, preset, dtype, served_model_name, max_batch_size, sync_every, limits,
-                            max_model_len)
+                            max_model_len, kv_cache_dtype)
     run_server(service, host, port, api_key or None)
 
 
-def build_service(model, preset, dtype, name, max_batch_size, sync_every, limits, max_model_len=None):
+def build_service(model, preset, dtype, name, max_batch_size, sync_every, limits, max_model_len=None,
+                  kv_cache_dtype="auto"):
     """The ServedModel of a run (or a preset's random weights)."""
     from ghostvis_core.engine import load_for_inference
     from ghostvis_core.serving.service import ServedModel
@@ -90,7 +93,8 @@ def build_service(model, preset, dtype, name, max_batch_size, sync_every, limits
     on_cuda = next(loaded.model.parameters()).device.type == "cuda"
     rows = max_batch_size or (64 if on_cuda else 8)
     return ServedModel.from_loaded(loaded, name or (f"random-{preset}" if preset else None), batch_size=rows,
-                                   sync_every=sync_every, limits=limits, max_model_len=max_model_len)  # fmt: skip
+                                   sync_every=sync_every, limits=limits, max_model_len=max_model_len,
+                                   kv_cache_dtype=kv_cache_dtype)  # fmt: skip
 
 
 def run_server(service, host: str, port: int, api_key: str | None) -> None:

@@ -252,6 +252,24 @@ def _(q, k, v, k_cache, v_cache, cache_seqlens):
     return q.new_empty(q.shape)
 
 
+@torch.library.custom_op("ghostvis::triton_decode_attention_fp8",
+                         mutates_args=("k_cache", "v_cache", "k_scale", "v_scale"))  # fmt: skip
+def _triton_decode_attention_fp8(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor,
+) -> torch.Tensor:  # fmt: skip
+    """_triton_decode_attention over an fp8 e4m3 cache and its per-token scales (kv_cache.py)."""
+    from ghostvis_core.kernels.decode_attention_triton import decode_attention_triton
+
+    return decode_attention_triton(q[:, 0], k[:, 0], v[:, 0], k_cache, v_cache, cache_seqlens,
+                                   pdl=_inductor_pdl(q.device), k_scale_BSK=k_scale, v_scale_BSK=v_scale)[:, None]
+
+
+@_triton_decode_attention_fp8.register_fake
+def _(q, k, v, k_cache, v_cache, cache_seqlens, k_scale, v_scale):
+    return q.new_empty(q.shape)
+
+
 @torch.library.custom_op("ghostvis::flash_attn_kvcache", mutates_args=("k_cache", "v_cache"))
 def _flash_attn_kvcache(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -281,11 +299,17 @@ def attention_with_kvcache(
     cache_seqlens: torch.Tensor | int,
     backend: str,
     cache_batch_idx: torch.Tensor | None = None,
+    k_scale_BSK: torch.Tensor | None = None,
+    v_scale_BSK: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Append k/v of each row b at its slots [len_b, len_b + T) and attend causally to slots [0, len_b + T).
 
     cache_batch_idx: int32 (B,), the cache row of each query row (None: row b is cache row b); a batched
     prefill into some rows of a running batch passes them.
+
+    k_scale_BSK, v_scale_BSK: an fp8 e4m3 cache's per-token scales (kv_cache.py). The Triton decode kernel reads
+    such a cache directly; the SDPA path stores quantize_fp8 of the new k/v and attends over the dequantized
+    rows (a copy of the cache in q's dtype: right for prefill, slow for a decode loop).
 
     cache_seqlens: int32 (B,) per-row lengths on the device (an int means every row has that length). Shapes
     never depend on the lengths, so a decode step is capturable in a CUDA graph: flash_attn reads cache_seqlens
@@ -298,6 +322,9 @@ def attention_with_kvcache(
     S = k_cache_BSKD.shape[1]
     if isinstance(cache_seqlens, int):
         cache_seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q_BTHD.device)
+    fp8 = k_scale_BSK is not None
+    if fp8 and backend not in ("triton", "sdpa_efficient", "sdpa_math"):  # kv_cache.fp8_cache_backends routes
+        raise ValueError(f"an fp8 KV cache cannot be served by {backend}")
     if backend == "flash_attn":
         # Writes k/v into the cache in place at each row's length; causal aligns each row's new tokens last.
         return _flash_attn_kvcache(
@@ -306,6 +333,9 @@ def attention_with_kvcache(
     if backend == "triton":
         if T != 1 or cache_batch_idx is not None:  # KVCache.backend routes these to the plan's prefill choice
             raise ValueError(f"the Triton decode kernel takes one new token per row of the whole batch (got T={T})")
+        if fp8:
+            return _triton_decode_attention_fp8(q_BTHD, k_BTKD, v_BTKD, k_cache_BSKD, v_cache_BSKD, cache_seqlens,
+                                                k_scale_BSK, v_scale_BSK)  # fmt: skip
         return _triton_decode_attention(q_BTHD, k_BTKD, v_BTKD, k_cache_BSKD, v_cache_BSKD, cache_seqlens)
     lens = cache_seqlens.to(torch.long)
     q_pos = lens[:, None] + torch.arange(T, device=q_BTHD.device)  # (B, T) slot of each new token
@@ -314,10 +344,22 @@ def attention_with_kvcache(
     else:
         rows = cache_batch_idx.to(torch.long)[:, None].expand(B, T)
     slots = q_pos.clamp(max=S - 1)
-    k_cache_BSKD[rows, slots] = k_BTKD
-    v_cache_BSKD[rows, slots] = v_BTKD
+    if fp8:
+        from ghostvis_core.kv_cache import dequantize_fp8, quantize_fp8
+
+        (k8, ks), (v8, vs) = quantize_fp8(k_BTKD), quantize_fp8(v_BTKD)
+        k_cache_BSKD[rows, slots], k_scale_BSK[rows, slots] = k8, ks
+        v_cache_BSKD[rows, slots], v_scale_BSK[rows, slots] = v8, vs
+    else:
+        k_cache_BSKD[rows, slots] = k_BTKD
+        v_cache_BSKD[rows, slots] = v_BTKD
     if cache_batch_idx is not None:  # attend to those rows only (a gather: prefill, not the decode loop)
         k_cache_BSKD, v_cache_BSKD = k_cache_BSKD[rows[:, 0]], v_cache_BSKD[rows[:, 0]]
+        if fp8:
+            k_scale_BSK, v_scale_BSK = k_scale_BSK[rows[:, 0]], v_scale_BSK[rows[:, 0]]
+    if fp8:
+        k_cache_BSKD = dequantize_fp8(k_cache_BSKD, k_scale_BSK, q_BTHD.dtype)
+        v_cache_BSKD = dequantize_fp8(v_cache_BSKD, v_scale_BSK, q_BTHD.dtype)
     H, D = q_BTHD.shape[2:]
     K = k_cache_BSKD.shape[2]
     G = H // K

@@ -32,7 +32,7 @@ from dataclasses import replace
 import torch
 
 from ghostvis_core.errors import ConfigError
-from ghostvis_core.kv_cache import KVCache
+from ghostvis_core.kv_cache import KVCache, check_kv_cache_dtype
 from ghostvis_core.log import get_logger
 from ghostvis_core.sampling import RowSampling, SamplingParams, sample_rows
 from ghostvis_core.scheduler import Completion, LazyPrompt, Prompt, Request, Scheduler
@@ -76,8 +76,8 @@ class _DecodeGraph:
 class _Batch:
     """Static device state of one (batch size, cache length): the cache, each row's next token and sampling."""
 
-    def __init__(self, model, batch_size: int, cache_len: int):
-        self.cache: KVCache = model.new_kv_cache(batch_size, cache_len)
+    def __init__(self, model, batch_size: int, cache_len: int, kv_cache_dtype: str = "auto"):
+        self.cache: KVCache = model.new_kv_cache(batch_size, cache_len, kv_cache_dtype=kv_cache_dtype)
         device = self.cache.device
         self.tokens = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.sampling = RowSampling.empty(batch_size, device)
@@ -89,13 +89,15 @@ class Engine:
 
     stop_token_ids end a request (not part of its reply) unless sampling.ignore_eos. banned_token_ids are never
     generated (a VLM's `<image>` placeholder, which only data places). cuda_graphs: None = on when the model is
-    on CUDA (eager on CPU); True on CPU is an error.
+    on CUDA (eager on CPU); True on CPU is an error. kv_cache_dtype: auto (the model's dtype) or fp8 (e4m3 with
+    per-token scales, kv_cache.py: half the cache bytes per step; refused where no decode kernel reads it).
     """
 
     def __init__(self, model, tokenizer=None, *, stop_token_ids: Sequence[int] = (), cuda_graphs: bool | None = None,
                  prefill_tokens: int = 8192, banned_token_ids: Sequence[int] = (),
-                 inductor_options: dict | None = None):  # fmt: skip
+                 inductor_options: dict | None = None, kv_cache_dtype: str = "auto"):  # fmt: skip
         self.model = model
+        self.kv_cache_dtype = kv_cache_dtype
         self.inductor_overrides = dict(inductor_options or {})
         """Inductor settings over decode_inductor_options (a benchmark comparing variants sets them)."""
         self.prefill_tokens = prefill_tokens
@@ -109,11 +111,13 @@ class Engine:
         self._batches: dict[tuple[int, int], _Batch] = {}
         self.last_timing: dict | None = None
         """Scheduler.timing() of the last generate_many."""
+        plan = getattr(model, "plan", None)
+        if plan is not None:  # refuse an fp8 cache here, before any prompt is read
+            check_kv_cache_dtype(kv_cache_dtype, self.device, plan.attention["decode"].backend)
         self._banned = torch.tensor(sorted(set(banned_token_ids)), dtype=torch.long, device=self.device)
         # The plan decides (backends.inference_run_facts); dynamic=False: one specialisation per batch shape,
         # which is what a captured graph needs anyway; fullgraph: a graph break would split the step per layer
         # (flash-attn's kvcache call is a custom op for that reason, attention._flash_attn_kvcache).
-        plan = getattr(model, "plan", None)
         compiled = plan is not None and plan.compiled
         self._step_impl = self._compiled_step() if compiled else self._decode_step
 
@@ -169,7 +173,7 @@ class Engine:
         """The static state of (batch_size, cache_len), made on first use and kept with its graphs."""
         key = (batch_size, cache_len)
         if key not in self._batches:
-            self._batches[key] = _Batch(self.model, batch_size, cache_len)
+            self._batches[key] = _Batch(self.model, batch_size, cache_len, self.kv_cache_dtype)
         return self._batches[key]
 
     def prefill(self, cache: KVCache, prompt: Prompt) -> torch.Tensor:

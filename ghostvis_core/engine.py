@@ -66,6 +66,8 @@ class LoadedModel:
     """TrainState.data_format of the checkpoint: "text", "chat" or "image-chat"."""
     plan: BackendPlan | None = None
     """The inference plan the model was built with (dtype and backends)."""
+    kv_cache_dtype: str = "auto"
+    """The engine's KV cache storage, auto or fp8 (kv_cache.py); set before the engine is first used."""
     _engine: object = None
 
     @property
@@ -78,7 +80,8 @@ class LoadedModel:
             # (image_prompts.py), and the `<image>` placeholder, which only data places, is never generated.
             lm = language_model(self.model)
             banned = (self.model.config.image_token_id,) if lm is not self.model else ()
-            self._engine = Engine(lm, self.tokenizer, stop_token_ids=self.stop_token_ids, banned_token_ids=banned)
+            self._engine = Engine(lm, self.tokenizer, stop_token_ids=self.stop_token_ids, banned_token_ids=banned,
+                                  kv_cache_dtype=self.kv_cache_dtype)
         return self._engine
 
     @property

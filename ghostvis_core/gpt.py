@@ -33,7 +33,7 @@ from ghostvis_core.config import GPTConfig
 from ghostvis_core.constants import IGNORE_INDEX
 from ghostvis_core.errors import ConfigError
 from ghostvis_core.kernels.dispatch import rms_norm_fn, swiglu_fn
-from ghostvis_core.kv_cache import KVCache
+from ghostvis_core.kv_cache import KVCache, check_kv_cache_dtype, fp8_cache_backends
 from ghostvis_core.sampling import filter_logits
 
 __all__ = ["GPT", "GPTConfig", "KVCache", "linear_cross_entropy"]
@@ -224,10 +224,11 @@ class Attention(nn.Module):
             y = attention(q, k, v, ctx)
         else:
             k_cache, v_cache = cache.layer(layer)
-            dt = k_cache.dtype  # no-op casts unless the activations' dtype is not the plan's (no autocast)
+            k_scale, v_scale = cache.layer_scales(layer)
+            dt = cache.dtype  # no-op casts unless the activations' dtype is not the plan's (no autocast)
             y = attention_with_kvcache(
                 q.to(dt), k.to(dt), v.to(dt), k_cache, v_cache, cache.cache_seqlens, cache.backend(T),
-                cache.batch_idx,
+                cache.batch_idx, k_scale, v_scale,
             ).to(x_BTC.dtype)
         return self.o_proj(y.reshape(B, T, self.n_head * self.head_dim))
 
@@ -482,17 +483,22 @@ class GPT(nn.Module):
     # -- decode --------------------------------------------------------------------------------------------
 
     def new_kv_cache(
-        self, batch_size: int, max_len: int, device: torch.device | str | None = None
+        self, batch_size: int, max_len: int, device: torch.device | str | None = None, kv_cache_dtype: str = "auto"
     ) -> KVCache:
-        """An empty KV cache for `batch_size` rows of up to `max_len` tokens each, in the parameters' dtype."""
+        """An empty KV cache for `batch_size` rows of up to `max_len` tokens each, in the parameters' dtype
+        (kv_cache_dtype auto) or in fp8 e4m3 with per-token scales (fp8; kv_cache.py)."""
         device = torch.device(device) if device is not None else self.lm_head.weight.device
         self._check_device(device)
         c = self.config
         decode, prefill = self.plan.attention["decode"].backend, self.plan.attention["prefill"].backend
+        check_kv_cache_dtype(kv_cache_dtype, device, decode)
+        if kv_cache_dtype == "fp8":
+            decode, prefill = fp8_cache_backends(decode, prefill, device)
         # The plan's compute dtype: the parameters' in inference, the autocast dtype in a training process
         # (whose fp32 parameters make bf16 keys under autocast); both kernels were chosen for it.
         dtype = getattr(torch, self.plan.dtype)
-        return KVCache(c.n_layer, c.n_kv_head, c.head_dim, batch_size, max_len, device, decode, prefill, dtype)
+        return KVCache(c.n_layer, c.n_kv_head, c.head_dim, batch_size, max_len, device, decode, prefill, dtype,
+                       kv_cache_dtype)
 
     def forward_with_cache(
         self,

@@ -7,6 +7,18 @@ lengths share a batch, a row's next token goes to slot cache_seqlens[b] and gets
 The tensors never move or change shape after construction, so a decode step that reads and writes them can be
 captured once in a CUDA graph and replayed (gpt-fast's static cache); the lengths live on the device so no step
 needs the host.
+
+fp8 storage (kv_cache_dtype="fp8", vLLM's spelling): k and v hold float8 e4m3 with one fp32 scale per (token,
+KV head), k_scale and v_scale (L, B, S, K):
+
+    scale = max(amax_D |x|, FP8_MIN_AMAX) / 448;   x8 = e4m3(clamp(x / scale, -448, 448));   x ~ x8 * scale
+
+Per-token scales need no calibration and keep each head's vector at e4m3's relative precision (3 mantissa
+bits, a rounding error of at most 2^-4 of each element, usually far less of a dot product); the scales add 4
+bytes per 128-byte head vector of D = 128. The cache then reads half the bytes of bf16 per decode step, which at
+large batches is what bounds a step (docs/BENCHMARKS.md), and holds twice the tokens in the same memory. The
+Triton decode kernel quantizes the new token and reads the cache in fp8; every other path quantizes on write
+and attends over the dequantized rows (attention.attention_with_kvcache).
 """
 
 from __future__ import annotations
@@ -14,6 +26,57 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+from ghostvis_core.errors import ConfigError
+
+KV_CACHE_DTYPES = ("auto", "fp8")
+"""auto: the model's compute dtype; fp8: float8 e4m3 with per-token scales (module docstring)."""
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+FP8_MIN_AMAX = 1e-6
+"""An all-zero vector (an empty row's garbage, a zero-initialised model) gets this amax, so its scale is never 0."""
+FP8_MIN_SM = (8, 9)
+"""float8 e4m3 loads and converts in Triton need Ada or Hopper (sm89+)."""
+
+
+def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., D) -> (..., D) e4m3 and (...,) fp32 scales with x ~ x8 * scale (module docstring). The Triton decode
+    kernel quantizes its new token with the same operations (round-to-nearest divisions), so a token written
+    by a prefill and one written by a decode step are stored alike."""
+    xf = x.float()
+    scale = xf.abs().amax(-1).clamp(min=FP8_MIN_AMAX) / FP8_MAX
+    x8 = (xf / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return x8, scale
+
+
+def dequantize_fp8(x8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x8 * scale in `dtype` (the product in fp32, as the decode kernel computes it)."""
+    return (x8.float() * scale[..., None]).to(dtype)
+
+
+def check_kv_cache_dtype(kv_cache_dtype: str, device: torch.device, decode_backend: str) -> None:
+    """Refuse a cache storage this machine cannot decode from, with the fix (the one place for that rule)."""
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ConfigError(f"--kv-cache-dtype {kv_cache_dtype!r}: expected one of {', '.join(KV_CACHE_DTYPES)}")
+    if kv_cache_dtype != "fp8" or device.type != "cuda":
+        return  # CPU: the SDPA path attends over the dequantized rows (slow, exact to the stored values)
+    sm = torch.cuda.get_device_capability(device)
+    if sm < FP8_MIN_SM:
+        raise ConfigError(f"--kv-cache-dtype fp8 needs an sm89+ GPU (Ada, Hopper) for its decode kernel; this "
+                          f"one is sm{sm[0]}{sm[1]}. Fix: drop --kv-cache-dtype (the cache stays in the model's "
+                          f"dtype)")
+    if decode_backend != "triton":
+        raise ConfigError(f"--kv-cache-dtype fp8 decodes through the Triton decode kernel, but this run's plan "
+                          f"decodes with {decode_backend} (the Triton kernel cannot serve it here: see `ghostvis "
+                          f"doctor`). Fix: drop --kv-cache-dtype")
+
+
+def fp8_cache_backends(decode: str, prefill: str, device: torch.device) -> tuple[str, str]:
+    """The (decode, prefill) backends over an fp8 cache: the Triton decode kernel reads it directly; flash-attn
+    writes only its own dtype, so prefill (and decode off CUDA) attend through SDPA over dequantized rows."""
+    sdpa = "sdpa_efficient" if device.type == "cuda" else "sdpa_math"
+    return (decode if decode == "triton" else sdpa,
+            prefill if prefill in ("sdpa_efficient", "sdpa_math") else sdpa)  # fmt: skip
 
 
 @dataclass
@@ -33,18 +96,30 @@ class KVCache:
     decode_backend: str
     prefill_backend: str
     dtype: torch.dtype = torch.float32
+    """The compute dtype of keys and values (what attention returns); the storage is `storage`."""
+    storage: str = "auto"
+    """auto: k and v in `dtype`; fp8: e4m3 with per-token scales (module docstring)."""
     k: torch.Tensor = field(default=None, repr=False)  # type: ignore[assignment]
     v: torch.Tensor = field(default=None, repr=False)  # type: ignore[assignment]
     cache_seqlens: torch.Tensor = field(default=None, repr=False)  # type: ignore[assignment]
+    k_scale: torch.Tensor | None = field(default=None, repr=False)
+    """fp8 storage: (L, B, S, K) fp32 scales of k (None otherwise); v_scale likewise."""
+    v_scale: torch.Tensor | None = field(default=None, repr=False)
     batch_idx: torch.Tensor | None = field(default=None, repr=False)
     """int32 (n,): the rows of k/v this view writes and reads (a batched prefill into some rows of a running
     batch, see `rows`); None: rows 0..batch_size-1."""
 
     def __post_init__(self) -> None:
         shape = (self.n_layer, self.batch_size, self.max_len, self.n_kv_head, self.head_dim)
+        if self.storage not in KV_CACHE_DTYPES:
+            raise ConfigError(f"KV cache storage {self.storage!r}: expected one of {', '.join(KV_CACHE_DTYPES)}")
         if self.k is None:
-            self.k = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            self.v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            store = FP8 if self.storage == "fp8" else self.dtype
+            self.k = torch.zeros(shape, dtype=store, device=self.device)
+            self.v = torch.zeros(shape, dtype=store, device=self.device)
+            if self.storage == "fp8":
+                self.k_scale = torch.ones(shape[:-1], dtype=torch.float32, device=self.device)
+                self.v_scale = torch.ones(shape[:-1], dtype=torch.float32, device=self.device)
         if self.cache_seqlens is None:
             self.cache_seqlens = torch.zeros(self.batch_size, dtype=torch.int32, device=self.device)
 
@@ -57,6 +132,17 @@ class KVCache:
         """Cache tensors (B, S, K, D) of layer i."""
         return self.k[i], self.v[i]
 
+    def layer_scales(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+        """fp8 storage: the scales (B, S, K) of layer i's k and v; (None, None) otherwise."""
+        if self.k_scale is None:
+            return None, None
+        return self.k_scale[i], self.v_scale[i]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the cache tensors hold (keys, values and fp8 scales)."""
+        tensors = [self.k, self.v] + ([self.k_scale, self.v_scale] if self.k_scale is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
     @property
     def pos(self) -> int:
         """The longest row's length (a host sync: for checks and tests, never in the decode loop)."""
@@ -66,8 +152,14 @@ class KVCache:
         """A one-row view sharing storage: a prefill into it fills row b of this cache (continuous batching)."""
         return KVCache(
             self.n_layer, self.n_kv_head, self.head_dim, 1, self.max_len, self.device, self.decode_backend,
-            self.prefill_backend, self.dtype, self.k[:, b : b + 1], self.v[:, b : b + 1], self.cache_seqlens[b : b + 1],
+            self.prefill_backend, self.dtype, self.storage, self.k[:, b : b + 1], self.v[:, b : b + 1],
+            self.cache_seqlens[b : b + 1], *self._scale_rows(slice(b, b + 1)),
         )  # fmt: skip
+
+    def _scale_rows(self, rows: slice) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self.k_scale is None:
+            return None, None
+        return self.k_scale[:, rows], self.v_scale[:, rows]
 
     def rows(self, idx: torch.Tensor) -> KVCache:
         """A view of rows idx (int32 (n,), on the device) with lengths of its own, all 0: a prefill of n prompts
@@ -77,5 +169,5 @@ class KVCache:
         lens = torch.zeros(n, dtype=torch.int32, device=self.device)
         return KVCache(
             self.n_layer, self.n_kv_head, self.head_dim, n, self.max_len, self.device, self.decode_backend,
-            self.prefill_backend, self.dtype, self.k, self.v, lens, idx,
+            self.prefill_backend, self.dtype, self.storage, self.k, self.v, lens, self.k_scale, self.v_scale, idx,
         )  # fmt: skip

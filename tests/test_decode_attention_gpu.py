@@ -56,3 +56,49 @@ def test_graphed_decode_kernel_matches_float64(case, pdl):
         torch.testing.assert_close(y.cpu().double(), want, rtol=0, atol=1e-2)  # bf16 output rounding
     assert torch.equal(args[3].cpu(), k_want) and torch.equal(args[4].cpu(), v_want)
 
+
+
+@pytest.mark.parametrize("pdl", [False, True], ids=["launch", "pdl"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_graphed_fp8_decode_kernel_matches_float64_and_stores_like_quantize(case, pdl):
+    """An fp8 e4m3 cache (kv_cache.py): the hardware's fp32 -> e4m3 cast of the rounded value, the folded
+    scales, and the stored new token equal to torch's quantize_fp8 bit for bit."""
+    from test_kv_cache_fp8 import _reference as fp8_reference
+
+    from ghostvis_core.kernels.decode_attention_triton import decode_attention_triton
+    from ghostvis_core.kv_cache import quantize_fp8
+
+    if pdl and not _pdl_capable():
+        pytest.skip("programmatic dependent launch needs Hopper or later")
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("float8 e4m3 in Triton needs sm89+")
+    B, H, K, D, S, lengths, spans = case
+    g = torch.Generator().manual_seed(B * S + 7)
+    q, k_new, v_new = (torch.randn(B, n, D, generator=g).bfloat16() for n in (H, K, K))
+    (k8, ks), (v8, vs) = (quantize_fp8(3 * torch.randn(B, S, K, D, generator=g)) for _ in range(2))
+    lens = torch.tensor(lengths, dtype=torch.int32)
+    want, stored = fp8_reference(q, k_new, v_new, k8, v8, ks, vs, lens)
+    args = [t.cuda() for t in (q, k_new, v_new, k8, v8, lens)]
+    scales = [ks.cuda(), vs.cuda()]
+
+    def call():
+        return decode_attention_triton(*args, splits=spans, pdl=pdl, k_scale_BSK=scales[0], v_scale_BSK=scales[1])
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = call()
+    for _ in range(3):
+        y.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(y.cpu().double(), want, rtol=0, atol=5e-2)  # bf16 output of values ~3
+    got = (args[3], args[4], scales[0], scales[1])
+    for got_t, want_t in zip(got, stored, strict=True):
+        got_t = got_t.cpu()
+        assert torch.equal(got_t.view(torch.uint8) if got_t.dtype.itemsize == 1 else got_t,
+                           want_t.view(torch.uint8) if want_t.dtype.itemsize == 1 else want_t)  # fmt: skip

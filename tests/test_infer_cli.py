@@ -166,6 +166,19 @@ def test_bench_num_prompts_json_on_cpu(capsys):
     assert code == 2 and "--num-prompts must be >= 1" in json.loads(out)["error"]
 
 
+def test_bench_with_an_fp8_kv_cache_on_cpu_and_a_bad_cache_dtype(capsys):
+    args = ["bench", "--num-prompts", "4", "--input-len", "8", "--output-len", "6", "--preset", "tiny",
+            "--batch-size", "2", "--kv-cache-dtype", "fp8"]
+    code, out, err = run_cli(args + ["--json"], capsys)
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["kv_cache_dtype"] == "fp8" and r["output_tokens"] == 24
+    code, out, err = run_cli(args, capsys)
+    assert code == 0 and "KV cache fp8 e4m3 (per-token scales)" in out, err
+    code, out, _ = run_cli(args[:-1] + ["int8", "--json"], capsys)
+    assert code == 2 and "--kv-cache-dtype 'int8': expected one of auto, fp8" in json.loads(out)["error"]
+
+
 def test_bench_compare_hf_warms_up_every_batch_shape_before_timing(capsys, monkeypatch):
     from transformers import LlamaForCausalLM
 

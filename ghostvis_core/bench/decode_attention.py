@@ -2,13 +2,15 @@
 flash_attn_with_kvcache over its split counts, on the decode shapes of a preset.
 
     python -m ghostvis_core.bench.decode_attention [--preset d20] [--rows 1:200 64:200 64:320 256:256]
-        [--slots 384] [--top 8] [--defaults-only] [--json]
+        [--slots 384] [--top 8] [--defaults-only] [--fp8] [--json]
 
 Each --rows entry is BATCH:CACHED (tokens already in each row's cache); every row of the batch holds that many.
 One call attends one new token per row and writes its K/V, exactly as a decode step does. Time: median of CUDA-
 graph replays (triton.testing.do_bench_cudagraph), so launch overhead is what a captured step pays. GB/s counts
 the K and V bytes the call must read, B * K * (cached + 1) * D * 2 tensors * element size, against a device copy
 measured in the same run. On the CPU (a smoke run) only the Triton interpreter's defaults run, timed by the clock.
+--fp8 adds the kernel's own tile over an fp8 e4m3 cache (kv_cache.py), with and without PDL: its bytes are one
+per element plus one fp32 scale per (token, KV head).
 """
 
 from __future__ import annotations
@@ -67,8 +69,9 @@ def triton_configs(device, defaults_only: bool = False) -> list[dict]:
 
 
 def sweep_rows(batch: int, cached: int, slots: int, heads: int, kv_heads: int, head_dim: int, device,
-               defaults_only: bool = False) -> list[dict]:  # fmt: skip
-    """Every Triton setting (triton_configs) and every flash-attn split count on one shape; fastest first."""
+               defaults_only: bool = False, fp8: bool = False) -> list[dict]:  # fmt: skip
+    """Every Triton setting (triton_configs) and every flash-attn split count on one shape; fastest first.
+    fp8: also the kernel's defaults over the same cache quantized to e4m3 (kernel "triton_fp8")."""
     from ghostvis_core.kernels.decode_attention_triton import decode_attention_triton
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -79,7 +82,16 @@ def sweep_rows(batch: int, cached: int, slots: int, heads: int, kv_heads: int, h
         kw = {k: v for k, v in cfg.items() if k != "splits"}
         ms = _time_ms(functools.partial(decode_attention_triton, q, k_new, v_new, k_cache, v_cache, lens,
                                         cfg.get("splits"), **kw), device)  # fmt: skip
-        rows.append({"kernel": "triton", **cfg, "ms": ms})
+        rows.append({"kernel": "triton", **cfg, "ms": ms, "bytes": nbytes})
+    if fp8:
+        from ghostvis_core.kv_cache import quantize_fp8
+
+        (k8, ks), (v8, vs) = quantize_fp8(k_cache), quantize_fp8(v_cache)
+        fp8_bytes = batch * kv_heads * (cached + 1) * 2 * (head_dim + 4)
+        for cfg in triton_configs(device, defaults_only=True):
+            ms = _time_ms(functools.partial(decode_attention_triton, q, k_new, v_new, k8, v8, lens, None,
+                                            k_scale_BSK=ks, v_scale_BSK=vs, **cfg), device)  # fmt: skip
+            rows.append({"kernel": "triton_fp8", **cfg, "ms": ms, "bytes": fp8_bytes})
     if device.type == "cuda":
         try:
             from flash_attn import flash_attn_with_kvcache
@@ -90,10 +102,10 @@ def sweep_rows(batch: int, cached: int, slots: int, heads: int, kv_heads: int, h
             for n in FA_SPLITS:
                 ms = _time_ms(functools.partial(flash_attn_with_kvcache, q4, k_cache, v_cache, k=kn4, v=vn4,
                                                 cache_seqlens=lens, causal=True, num_splits=n), device)  # fmt: skip
-                rows.append({"kernel": "flash_attn", "splits": n, "ms": ms})
+                rows.append({"kernel": "flash_attn", "splits": n, "ms": ms, "bytes": nbytes})
     for r in rows:
         if "ms" in r:
-            r["gb_s"] = round(gb_per_s(nbytes, r["ms"]), 1)
+            r["gb_s"] = round(gb_per_s(r.pop("bytes"), r["ms"]), 1)
             r["ms"] = round(r["ms"], 5)
     return sorted(rows, key=lambda r: r.get("ms", float("inf")))
 
@@ -108,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=8, help="rows printed per shape (all with --json)")
     p.add_argument("--defaults-only", action="store_true",
                    help="only the kernel's own tile, with and without programmatic dependent launch")
+    p.add_argument("--fp8", action="store_true", help="add the kernel's defaults over an fp8 e4m3 cache")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     cfg = get_preset(a.preset)
@@ -123,14 +136,15 @@ def main(argv: list[str] | None = None) -> int:
     for spec in a.rows:
         batch, cached = (int(x) for x in spec.split(":"))
         rows = sweep_rows(batch, cached, a.slots, cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head, device,
-                          a.defaults_only)
+                          a.defaults_only, a.fp8)
         shape = {"batch": batch, "cached": cached, "slots": a.slots, "rows": rows}
         if a.json:
             print(json.dumps(shape), flush=True)
             continue
         print(f"\nbatch {batch}, {cached} cached of {a.slots} slots")
         fa = [r for r in rows if r["kernel"] == "flash_attn" and "ms" in r]
-        for r in rows[: a.top] + [r for r in fa[:1] if r not in rows[: a.top]]:
+        extra = fa[:1] + [r for r in rows if r["kernel"] == "triton_fp8"][:1]
+        for r in rows[: a.top] + [r for r in extra if r not in rows[: a.top]]:
             print("  " + "  ".join(f"{k}={v}" for k, v in r.items()), flush=True)
     return 0
 

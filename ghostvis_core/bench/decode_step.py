@@ -1,14 +1,16 @@
 """Time one decode step of the native engine per variant: fused projections or not, each decode attention backend.
 
     python -m ghostvis_core.bench.decode_step [--preset d20] [--batch 1 64] [--cached 200] [--slots 384]
-        [--attn auto flash_attn] [--unfused] [--pdl default|on|off ...] [--census] [--json]
+        [--attn auto flash_attn] [--unfused] [--pdl default|on|off ...] [--kv-cache-dtype auto fp8]
+        [--census] [--json]
 
 Random weights, the plan's dtype (bf16 on CUDA). Each row builds the engine's static batch of --slots cache
 slots per row with --cached tokens already cached, then replays the decode step (compiled and CUDA-graph
 captured on CUDA, as `ghostvis bench` runs it) 100 times: ms per step, tok/s = batch / step. --attn names the
 decode attention request (auto: the plan's choice). --unfused adds rows with the q|k|v and gate|up weights
 kept apart (the pre-fusion step). --pdl times the step generated with programmatic dependent launch (Hopper
-and later) as the engine sets it, forced on, or forced off, in the order given. --census adds a profiler kernel
+and later) as the engine sets it, forced on, or forced off, in the order given. --kv-cache-dtype times the
+step over each cache storage (fp8: e4m3 with per-token scales, kv_cache.py). --census adds a profiler kernel
 count and the largest kernels of the compiled step run without its graph. On the CPU it runs eagerly (a smoke run: no graph, no compile).
 """
 
@@ -37,13 +39,15 @@ def _set_fused(model, on: bool, saved: list) -> None:
         block.mlp.gate_up_weight = gate_up if on else None
 
 
-def time_step(model, batch_size: int, slots: int, cached: int, census: bool, pdl: bool | None = None) -> dict:
+def time_step(model, batch_size: int, slots: int, cached: int, census: bool, pdl: bool | None = None,
+              kv_cache_dtype: str = "auto") -> dict:
     """ms per replayed decode step of a (batch_size, slots) batch holding `cached` tokens per row; pdl: the
     step generated with programmatic dependent launch on or off (None: the engine's default)."""
     from ghostvis_core.batch_engine import Engine
 
     torch._dynamo.reset()  # each row compiles its own step
-    engine = Engine(model, inductor_options=None if pdl is None else {"triton.enable_pdl": pdl})
+    engine = Engine(model, inductor_options=None if pdl is None else {"triton.enable_pdl": pdl},
+                    kv_cache_dtype=kv_cache_dtype)
     batch = engine.batch(batch_size, slots)
     device = batch.tokens.device
     row: dict = {"batch": batch_size, "decode": model.plan.attention["decode"].label}
@@ -92,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unfused", action="store_true", help="also time the step with unfused projections")
     p.add_argument("--pdl", nargs="+", choices=["default", "on", "off"], default=["default"],
                    help="programmatic dependent launch in the step: the engine's setting, on, off")
+    p.add_argument("--kv-cache-dtype", nargs="+", choices=["auto", "fp8"], default=["auto"],
+                   help="KV cache storage of each row (in the order given)")
     p.add_argument("--census", action="store_true", help="profile the kernels of each step (CUDA)")
     p.add_argument("--device", default=None, help="cuda | cpu (default: this machine's GPU, else CPU)")
     p.add_argument("--json", action="store_true")
@@ -117,13 +123,13 @@ def _rows(args) -> list[dict]:
         saved: list = []
         for fused in (True, False) if args.unfused else (True,):
             _set_fused(model, fused, saved)
-            for pdl, batch_size in itertools.product(args.pdl, args.batch):
+            for kv, pdl, batch_size in itertools.product(args.kv_cache_dtype, args.pdl, args.batch):
                 on = {"default": None, "on": True, "off": False}[pdl]
-                row = {"attn": attn, "fused": fused, "pdl": pdl,
-                       **time_step(model, batch_size, args.slots, args.cached, args.census, on)}  # fmt: skip
+                row = {"attn": attn, "fused": fused, "pdl": pdl, "kv_cache_dtype": kv,
+                       **time_step(model, batch_size, args.slots, args.cached, args.census, on, kv)}  # fmt: skip
                 rows.append(row)
                 if not args.json:
-                    print(f"{attn:>10} fused={fused!s:5} pdl={pdl:7} B={batch_size:4d}  {row['ms_per_step']:8.3f} "
+                    print(f"{attn:>10} fused={fused!s:5} pdl={pdl:7} kv={kv:4} B={batch_size:4d}  {row['ms_per_step']:8.3f} "
                           f"ms/step {row['tokens_per_s']:10,.0f} tok/s  ({row['decode']})", flush=True)  # fmt: skip
                     for name, ms, count in row.get("largest", []):
                         print(f"    {ms:8.3f} ms  x{count:4.0f}  {name}")

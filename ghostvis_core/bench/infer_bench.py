@@ -144,9 +144,11 @@ def hf_static_generate(model, prompts: list[list[int]], output_len: int, batch_s
 def run_infer_bench(
     num_prompts: int, input_len: int, output_len: int, batch_size: int = 64, *, model: str | None = None,
     preset: str | None = None, backend: str = "native", compare: str | None = None, dtype: str = "auto",
-    device: str | None = None, seed: int = 0, hf_batch_sizes: Sequence[int] = (),
+    device: str | None = None, seed: int = 0, hf_batch_sizes: Sequence[int] = (), kv_cache_dtype: str = "auto",
 ) -> dict:  # fmt: skip
     """Run the benchmark; returns the JSON-able result (see `format_infer_bench`).
+
+    kv_cache_dtype: the native engine's cache storage, auto or fp8 (kv_cache.py); HF's run keeps its own cache.
 
     hf_batch_sizes: the batch sizes HF's generate is timed at with --compare hf (default: batch_size); the
     ratio is against the fastest of them, HF's best batched throughput on the same prompts."""
@@ -167,6 +169,8 @@ def run_infer_bench(
         raise ConfigError("pass --model RUN or --preset NAME, not both")
     from ghostvis_core.vllm_backend import inference_choice
 
+    if kv_cache_dtype != "auto" and backend == "vllm":
+        raise ConfigError("--kv-cache-dtype sets the native engine's cache; drop it with --backend vllm")
     if backend == "vllm" and not model:
         raise ConfigError("--backend vllm benchmarks an exported model: pass --model RUN (random --preset "
                           "weights run on the native engine)")
@@ -190,7 +194,7 @@ def run_infer_bench(
                           f"{m.config.sequence_len}")  # fmt: skip
     g = torch.Generator().manual_seed(seed)
     prompts = torch.randint(0, m.config.vocab_size, (num_prompts, input_len), generator=g).tolist()
-    engine = Engine(m)  # no stop tokens: every request makes output_len
+    engine = Engine(m, kv_cache_dtype=kv_cache_dtype)  # no stop tokens: every request makes output_len
     done, elapsed = _timed(engine, prompts, output_len, batch_size, cache_len)
     scheduler_timing = engine.last_timing
     dev = m.lm_head.weight.device
@@ -200,7 +204,7 @@ def run_infer_bench(
         "dtype": str(m.lm_head.weight.dtype).removeprefix("torch."), "cuda_graphs": engine.cuda_graphs,
         "compiled": bool(loaded.plan is not None and loaded.plan.compiled),
         "num_prompts": num_prompts, "input_len": input_len, "output_len": output_len, "batch_size": batch_size,
-        **summarize(done, elapsed, input_len), "scheduler": scheduler_timing, "batch1": None, "compare": None,
+        "kv_cache_dtype": kv_cache_dtype, **summarize(done, elapsed, input_len), "scheduler": scheduler_timing, "batch1": None, "compare": None,
     }  # fmt: skip
     if dev.type == "cuda":
         result["batch1"] = batch1_bandwidth(loaded, engine, prompts, output_len, cache_len)
@@ -265,7 +269,8 @@ def format_infer_bench(r: dict) -> str:
     lines = [
         "=== Benchmark Results ===",
         f"Backend: {r['backend']} ({engine}), {r['device_name']}, {r['dtype']}, model {r['model']}",
-        f"Prompts: {r['num_prompts']} x {r['input_len']} tokens in, {r['output_len']} out{batch}",
+        f"Prompts: {r['num_prompts']} x {r['input_len']} tokens in, {r['output_len']} out{batch}"
+        + (", KV cache fp8 e4m3 (per-token scales)" if r.get("kv_cache_dtype") == "fp8" else ""),
         f"Throughput: {r['output_tokens_per_s']:,.1f} tokens/sec (output)",
         f"Latency: {r['latency_ms_per_prompt']:,.2f} ms/prompt",
         f"Requests/s: {r['requests_per_s']:,.2f}   total tokens/s: {r['total_tokens_per_s']:,.1f}",

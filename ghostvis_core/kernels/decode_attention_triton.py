@@ -30,6 +30,12 @@ Many small programs keep more loads in flight than a few pipelined ones.
 Why not flash_attn_with_kvcache at decode: it runs its prefill tiles (64 query rows) for a single query row.
 Here the G query heads of a KV head share each K/V load, with no tensor-core tile to fill.
 
+fp8 caches (kv_cache.py, kv_cache_dtype="fp8"): the caches hold float8 e4m3 and k_scale, v_scale (B, S, K)
+one fp32 scale per token and KV head. The scales fold into the math instead of a dequantized tile:
+s_j = (q . k8_j) * ks_j * D**-0.5 and acc += sum_j (p_j * vs_j) v8_j. The new token is quantized as
+kv_cache.quantize_fp8 does (amax over D, round-to-nearest divisions) and folded in from its stored fp8 value,
+so this step sees exactly what later steps will read.
+
 Layouts: q (B, H, D); k_new, v_new (B, K, D); caches (B, S, K, D) with unit stride on D; cache_seqlens int32
 (B,). D a power of two (a head dim of 64, 128, ...).
 """
@@ -45,6 +51,8 @@ NUM_WARPS = 2
 NUM_STAGES = 2
 PROGRAMS_PER_SM = 32
 MAX_SPLITS = 64  # the last program reads every span's (D,) partial in turn: a bound on that serial tail
+FP8_MAX = tl.constexpr(448.0)  # kv_cache.FP8_MAX
+FP8_MIN_AMAX = tl.constexpr(1e-6)  # kv_cache.FP8_MIN_AMAX
 
 
 @triton.jit
@@ -60,14 +68,36 @@ def _max(x, axis: tl.constexpr):
 
 
 @triton.jit
+def _round_e4m3(y):
+    """y (fp32, |y| <= 448) rounded to the nearest e4m3 value, ties to even, in fp32: the cast that follows is
+    then exact. (The Triton CPU interpreter's fp32 -> e4m3 cast drops a carry into the exponent, 124.7 -> 64,
+    so the CPU tests could not check the kernel's stored values against torch's cast without this.)
+    The grid step at |y| in [2^e, 2^(e+1)) is 2^(e-3) (3 mantissa bits), and 2^-9 below e4m3's smallest
+    normal 2^-6; adding and taking away 1.5 * 2^23 rounds y / step to an integer, ties to even."""
+    e = tl.maximum(((y.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
+    step = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)
+    inv_step = ((127 - (e - 3)) << 23).to(tl.float32, bitcast=True)
+    return ((y * inv_step + 12582912.0) - 12582912.0) * step
+
+
+@triton.jit
+def _quantize(x, D: tl.constexpr):
+    """(D,) fp32 -> e4m3 values and their fp32 scale, as kv_cache.quantize_fp8."""
+    amax = tl.maximum(_max(tl.abs(x), 0), FP8_MIN_AMAX)
+    scale = tl.div_rn(amax, FP8_MAX)
+    y = tl.minimum(tl.maximum(tl.div_rn(x, scale), -FP8_MAX), FP8_MAX)
+    return _round_e4m3(y).to(tl.float8e4nv), scale
+
+
+@triton.jit
 def _decode_split_kernel(
-    Q, KN, VN, KC, VC, LENS, OUT, LSE, Y, TICKETS,
+    Q, KN, VN, KC, VC, LENS, OUT, LSE, Y, TICKETS, KS, VS,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
-    stride_cb, stride_cs, stride_ch,
+    stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, stride_sh,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_yb, stride_yh,
     S, scale,
     SPLITS: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-    DIRECT: tl.constexpr, PDL: tl.constexpr,
+    DIRECT: tl.constexpr, PDL: tl.constexpr, FP8: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     kh = tl.program_id(1).to(tl.int64)
@@ -91,31 +121,51 @@ def _decode_split_kernel(
     acc = tl.full([BLOCK_G, D], 0.0, tl.float32)
     cache_row = KC + b * stride_cb + kh * stride_ch
     vcache_row = VC + b * stride_cb + kh * stride_ch
+    kscale_row = KS + b * stride_sb + kh * stride_sh
+    vscale_row = VS + b * stride_sb + kh * stride_sh
     for n0 in range(start, end, BLOCK):
         n = n0 + tl.arange(0, BLOCK)
         n_ok = n < end
         offs = n[:, None].to(tl.int64) * stride_cs + d[None, :]
         k = tl.load(cache_row + offs, mask=n_ok[:, None], other=0.0).to(tl.float32)  # (BLOCK, D)
         s = _sum(q[:, None, :] * k[None, :, :], 2)  # (BLOCK_G, BLOCK)
+        if FP8:
+            s = s * tl.load(kscale_row + n * stride_ss, mask=n_ok, other=0.0)[None, :]
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, _max(s, 1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
         v = tl.load(vcache_row + offs, mask=n_ok[:, None], other=0.0).to(tl.float32)
         denom = denom * alpha + _sum(p, 1)
-        acc = acc * alpha[:, None] + _sum(p[:, :, None] * v[None, :, :], 1)
+        if FP8:
+            pv = p * tl.load(vscale_row + n * stride_ss, mask=n_ok, other=0.0)[None, :]
+        else:
+            pv = p
+        acc = acc * alpha[:, None] + _sum(pv[:, :, None] * v[None, :, :], 1)
         m = m_new
     if (new_slot >= start) & (new_slot < start + split_len):
         kn = tl.load(KN + b * stride_kb + kh * stride_kh + d)
         vn = tl.load(VN + b * stride_vb + kh * stride_vh + d)
-        tl.store(cache_row + new_slot * stride_cs + d, kn)
-        tl.store(vcache_row + new_slot * stride_cs + d, vn)
-        s = _sum(q * kn.to(tl.float32)[None, :], 1)  # (BLOCK_G,)
+        if FP8:  # store e4m3 and the scale; fold in the stored value (module docstring)
+            kn8, ks = _quantize(kn.to(tl.float32), D)
+            vn8, vs = _quantize(vn.to(tl.float32), D)
+            tl.store(cache_row + new_slot * stride_cs + d, kn8)
+            tl.store(vcache_row + new_slot * stride_cs + d, vn8)
+            tl.store(kscale_row + new_slot * stride_ss, ks)
+            tl.store(vscale_row + new_slot * stride_ss, vs)
+            s = _sum(q * kn8.to(tl.float32)[None, :], 1) * ks  # (BLOCK_G,)
+            vn_f = vn8.to(tl.float32)
+        else:
+            tl.store(cache_row + new_slot * stride_cs + d, kn)
+            tl.store(vcache_row + new_slot * stride_cs + d, vn)
+            s = _sum(q * kn.to(tl.float32)[None, :], 1)  # (BLOCK_G,)
+            vn_f = vn.to(tl.float32)
+            vs = 1.0
         m_new = tl.maximum(m, s)
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new)
         denom = denom * alpha + p
-        acc = acc * alpha[:, None] + p[:, None] * vn.to(tl.float32)[None, :]
+        acc = acc * alpha[:, None] + (p * vs)[:, None] * vn_f[None, :]
         m = m_new
     if PDL:  # the next kernel may launch now; it waits for this whole grid before it reads the output
         tl.extra.cuda.gdc_launch_dependents()
@@ -179,8 +229,10 @@ def _tickets(device: torch.device, batch: int, kv_heads: int) -> torch.Tensor:
 
 def decode_attention_triton(q_BHD, k_new_BKD, v_new_BKD, k_cache_BSKD, v_cache_BSKD, cache_seqlens_B,
                             splits: int | None = None, *, block_n: int = BLOCK_N, num_warps: int = NUM_WARPS,
-                            num_stages: int = NUM_STAGES, pdl: bool = False) -> torch.Tensor:  # fmt: skip
+                            num_stages: int = NUM_STAGES, pdl: bool = False, k_scale_BSK=None,
+                            v_scale_BSK=None) -> torch.Tensor:  # fmt: skip
     """Write each row's new K/V at its slot and attend to slots [0, len_b] (module docstring); (B, H, D).
+    k_scale_BSK, v_scale_BSK: the fp32 scales of fp8 e4m3 caches (both or neither).
     block_n, num_warps, num_stages: the split kernel's tile and launch settings (defaults as measured).
     pdl: launch with programmatic dependent launch (Hopper and later, CUDA), overlapping this kernel's launch
     with the tail of the one before, as the compiled step's own kernels do when it is on (batch_engine)."""
@@ -190,6 +242,13 @@ def decode_attention_triton(q_BHD, k_new_BKD, v_new_BKD, k_cache_BSKD, v_cache_B
     assert H % K == 0 and D & (D - 1) == 0, (H, K, D)
     assert all(t.stride(-1) == 1 for t in (q_BHD, k_new_BKD, v_new_BKD, k_cache_BSKD)), "unit stride on D"
     assert v_cache_BSKD.stride() == k_cache_BSKD.stride()
+    fp8 = k_scale_BSK is not None
+    assert fp8 == (v_scale_BSK is not None) == (k_cache_BSKD.dtype == torch.float8_e4m3fn), "fp8 cache and scales"
+    if fp8:
+        assert v_scale_BSK.stride() == k_scale_BSK.stride()
+        ks, vs, sstride = k_scale_BSK, v_scale_BSK, k_scale_BSK.stride()
+    else:  # unused pointers (FP8 is a constexpr: the loads are compiled out)
+        ks, vs, sstride = cache_seqlens_B, cache_seqlens_B, (0, 0, 0)
     splits = splits or num_splits(B, K, S, q_BHD.device, block_n)
     y = torch.empty(B, H, D, dtype=q_BHD.dtype, device=q_BHD.device)
     if splits == 1:  # the split kernel writes y itself: no partials, no tickets
@@ -200,13 +259,13 @@ def decode_attention_triton(q_BHD, k_new_BKD, v_new_BKD, k_cache_BSKD, v_cache_B
         tickets = _tickets(q_BHD.device, B, K)
     launch = {"launch_pdl": True} if pdl else {}
     _decode_split_kernel[(B, K, splits)](
-        q_BHD, k_new_BKD, v_new_BKD, k_cache_BSKD, v_cache_BSKD, cache_seqlens_B, out, lse, y, tickets,
+        q_BHD, k_new_BKD, v_new_BKD, k_cache_BSKD, v_cache_BSKD, cache_seqlens_B, out, lse, y, tickets, ks, vs,
         q_BHD.stride(0), q_BHD.stride(1), k_new_BKD.stride(0), k_new_BKD.stride(1),
         v_new_BKD.stride(0), v_new_BKD.stride(1),
-        k_cache_BSKD.stride(0), k_cache_BSKD.stride(1), k_cache_BSKD.stride(2),
+        k_cache_BSKD.stride(0), k_cache_BSKD.stride(1), k_cache_BSKD.stride(2), *sstride,
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), y.stride(0), y.stride(1),
         S, D**-0.5,
-        SPLITS=splits, G=G, BLOCK_G=triton.next_power_of_2(G), D=D, BLOCK=block_n, DIRECT=splits == 1, PDL=pdl,
+        SPLITS=splits, G=G, BLOCK_G=triton.next_power_of_2(G), D=D, BLOCK=block_n, DIRECT=splits == 1, PDL=pdl, FP8=fp8,
         num_warps=num_warps, num_stages=num_stages, **launch,
     )  # fmt: skip
     return y

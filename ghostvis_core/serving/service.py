@@ -37,10 +37,12 @@ class ServedModel:
 
     model: a GPT or a VLM; tokenizer None for a random-weight benchmark model (token-id prompts only).
     max_model_len: cache slots per row, prompt and reply together (default and most: the model's context).
+    kv_cache_dtype: the engine's cache storage, auto or fp8 (kv_cache.py).
     """
 
     def __init__(self, model, tokenizer, name: str, *, is_chat: bool, stop_token_ids=(), batch_size: int = 8,
-                 sync_every: int = 8, limits: ServeLimits | None = None, max_model_len: int | None = None):  # fmt: skip
+                 sync_every: int = 8, limits: ServeLimits | None = None, max_model_len: int | None = None,
+                 kv_cache_dtype: str = "auto"):  # fmt: skip
         self.model = model
         self.lm = language_model(model)
         self.vlm = model if self.lm is not model else None
@@ -49,7 +51,8 @@ class ServedModel:
         self.is_chat = is_chat
         self.limits = limits or ServeLimits()
         banned = (self.vlm.config.image_token_id,) if self.vlm is not None else ()
-        self.engine = Engine(self.lm, tokenizer, stop_token_ids=stop_token_ids, banned_token_ids=banned)
+        self.engine = Engine(self.lm, tokenizer, stop_token_ids=stop_token_ids, banned_token_ids=banned,
+                             kv_cache_dtype=kv_cache_dtype)
         self.context_len = self.lm.config.sequence_len
         if max_model_len is not None:
             if not 2 <= max_model_len <= self.context_len:
