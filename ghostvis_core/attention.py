@@ -347,16 +347,20 @@ def attention_with_kvcache(
     if fp8:
         from ghostvis_core.kv_cache import dequantize_fp8, quantize_fp8
 
+        # scattered and gathered as bytes: indexing kernels do not all take float8 dtypes
         (k8, ks), (v8, vs) = quantize_fp8(k_BTKD), quantize_fp8(v_BTKD)
-        k_cache_BSKD[rows, slots], k_scale_BSK[rows, slots] = k8, ks
-        v_cache_BSKD[rows, slots], v_scale_BSK[rows, slots] = v8, vs
+        k_cache_BSKD.view(torch.uint8)[rows, slots], k_scale_BSK[rows, slots] = k8.view(torch.uint8), ks
+        v_cache_BSKD.view(torch.uint8)[rows, slots], v_scale_BSK[rows, slots] = v8.view(torch.uint8), vs
     else:
         k_cache_BSKD[rows, slots] = k_BTKD
         v_cache_BSKD[rows, slots] = v_BTKD
     if cache_batch_idx is not None:  # attend to those rows only (a gather: prefill, not the decode loop)
-        k_cache_BSKD, v_cache_BSKD = k_cache_BSKD[rows[:, 0]], v_cache_BSKD[rows[:, 0]]
         if fp8:
             k_scale_BSK, v_scale_BSK = k_scale_BSK[rows[:, 0]], v_scale_BSK[rows[:, 0]]
+            k_cache_BSKD = k_cache_BSKD.view(torch.uint8)[rows[:, 0]].view(k_cache_BSKD.dtype)
+            v_cache_BSKD = v_cache_BSKD.view(torch.uint8)[rows[:, 0]].view(v_cache_BSKD.dtype)
+        else:
+            k_cache_BSKD, v_cache_BSKD = k_cache_BSKD[rows[:, 0]], v_cache_BSKD[rows[:, 0]]
     if fp8:
         k_cache_BSKD = dequantize_fp8(k_cache_BSKD, k_scale_BSK, q_BTHD.dtype)
         v_cache_BSKD = dequantize_fp8(v_cache_BSKD, v_scale_BSK, q_BTHD.dtype)

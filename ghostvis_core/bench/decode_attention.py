@@ -9,8 +9,9 @@ One call attends one new token per row and writes its K/V, exactly as a decode s
 graph replays (triton.testing.do_bench_cudagraph), so launch overhead is what a captured step pays. GB/s counts
 the K and V bytes the call must read, B * K * (cached + 1) * D * 2 tensors * element size, against a device copy
 measured in the same run. On the CPU (a smoke run) only the Triton interpreter's defaults run, timed by the clock.
---fp8 adds the kernel's own tile over an fp8 e4m3 cache (kv_cache.py), with and without PDL: its bytes are one
-per element plus one fp32 scale per (token, KV head).
+--fp8 adds the kernel over an fp8 e4m3 cache (kv_cache.py), its bytes one per element plus one fp32 scale per
+(token, KV head): with --defaults-only its own tile with and without PDL, otherwise every BLOCK_N x NUM_WARPS
+(the bf16 kernel then runs its defaults only, as the reference).
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def sweep_rows(batch: int, cached: int, slots: int, heads: int, kv_heads: int, h
     q, k_new, v_new, k_cache, v_cache, lens = _inputs(batch, cached, slots, heads, kv_heads, head_dim, device, dtype)
     nbytes = batch * kv_heads * (cached + 1) * head_dim * 2 * k_cache.element_size()
     rows = []
-    for cfg in triton_configs(device, defaults_only):
+    for cfg in triton_configs(device, defaults_only or fp8):
         kw = {k: v for k, v in cfg.items() if k != "splits"}
         ms = _time_ms(functools.partial(decode_attention_triton, q, k_new, v_new, k_cache, v_cache, lens,
                                         cfg.get("splits"), **kw), device)  # fmt: skip
@@ -88,7 +89,10 @@ def sweep_rows(batch: int, cached: int, slots: int, heads: int, kv_heads: int, h
 
         (k8, ks), (v8, vs) = quantize_fp8(k_cache), quantize_fp8(v_cache)
         fp8_bytes = batch * kv_heads * (cached + 1) * 2 * (head_dim + 4)
-        for cfg in triton_configs(device, defaults_only=True):
+        fp8_cfgs = triton_configs(device, defaults_only=True)
+        if not defaults_only and device.type == "cuda":
+            fp8_cfgs = [dict(block_n=b, num_warps=w) for b, w in itertools.product(BLOCK_N, (1, *NUM_WARPS))]
+        for cfg in fp8_cfgs:
             ms = _time_ms(functools.partial(decode_attention_triton, q, k_new, v_new, k8, v8, lens, None,
                                             k_scale_BSK=ks, v_scale_BSK=vs, **cfg), device)  # fmt: skip
             rows.append({"kernel": "triton_fp8", **cfg, "ms": ms, "bytes": fp8_bytes})

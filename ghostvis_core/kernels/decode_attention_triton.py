@@ -49,6 +49,8 @@ import triton.language as tl
 BLOCK_N = 16  # cached tokens per loop iteration (module docstring: measured)
 NUM_WARPS = 2
 NUM_STAGES = 2
+FP8_BLOCK_N = 16  # the same tiles over an fp8 cache (not yet tuned: docs/BENCHMARKS.md)
+FP8_NUM_WARPS = 2
 PROGRAMS_PER_SM = 32
 MAX_SPLITS = 64  # the last program reads every span's (D,) partial in turn: a bound on that serial tail
 FP8_MAX = tl.constexpr(448.0)  # kv_cache.FP8_MAX
@@ -228,12 +230,13 @@ def _tickets(device: torch.device, batch: int, kv_heads: int) -> torch.Tensor:
 
 
 def decode_attention_triton(q_BHD, k_new_BKD, v_new_BKD, k_cache_BSKD, v_cache_BSKD, cache_seqlens_B,
-                            splits: int | None = None, *, block_n: int = BLOCK_N, num_warps: int = NUM_WARPS,
+                            splits: int | None = None, *, block_n: int | None = None, num_warps: int | None = None,
                             num_stages: int = NUM_STAGES, pdl: bool = False, k_scale_BSK=None,
                             v_scale_BSK=None) -> torch.Tensor:  # fmt: skip
     """Write each row's new K/V at its slot and attend to slots [0, len_b] (module docstring); (B, H, D).
     k_scale_BSK, v_scale_BSK: the fp32 scales of fp8 e4m3 caches (both or neither).
-    block_n, num_warps, num_stages: the split kernel's tile and launch settings (defaults as measured).
+    block_n, num_warps, num_stages: the split kernel's tile and launch settings (None: BLOCK_N, NUM_WARPS, or
+    FP8_BLOCK_N, FP8_NUM_WARPS over an fp8 cache).
     pdl: launch with programmatic dependent launch (Hopper and later, CUDA), overlapping this kernel's launch
     with the tail of the one before, as the compiled step's own kernels do when it is on (batch_engine)."""
     B, H, D = q_BHD.shape
@@ -243,6 +246,8 @@ def decode_attention_triton(q_BHD, k_new_BKD, v_new_BKD, k_cache_BSKD, v_cache_B
     assert all(t.stride(-1) == 1 for t in (q_BHD, k_new_BKD, v_new_BKD, k_cache_BSKD)), "unit stride on D"
     assert v_cache_BSKD.stride() == k_cache_BSKD.stride()
     fp8 = k_scale_BSK is not None
+    block_n = block_n or (FP8_BLOCK_N if fp8 else BLOCK_N)
+    num_warps = num_warps or (FP8_NUM_WARPS if fp8 else NUM_WARPS)
     assert fp8 == (v_scale_BSK is not None) == (k_cache_BSKD.dtype == torch.float8_e4m3fn), "fp8 cache and scales"
     if fp8:
         assert v_scale_BSK.stride() == k_scale_BSK.stride()
