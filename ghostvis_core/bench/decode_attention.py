@@ -10,8 +10,8 @@ graph replays (triton.testing.do_bench_cudagraph), so launch overhead is what a 
 the K and V bytes the call must read, B * K * (cached + 1) * D * 2 tensors * element size, against a device copy
 measured in the same run. On the CPU (a smoke run) only the Triton interpreter's defaults run, timed by the clock.
 --fp8 adds the kernel over an fp8 e4m3 cache (kv_cache.py), its bytes one per element plus one fp32 scale per
-(token, KV head): with --defaults-only its own tile with and without PDL, otherwise tiles of 16-64 slots, 2 or 4
-warps, and FP8_VEC 0 or 8 (the bf16 kernel then runs its defaults only, as the reference).
+(token, KV head): with --defaults-only its own tile with and without PDL, otherwise tiles of 16-128 slots under 2
+or 4 warps (the bf16 kernel then runs its defaults only, as the reference).
 """
 
 from __future__ import annotations
@@ -91,8 +91,7 @@ def sweep_rows(batch: int, cached: int, slots: int, heads: int, kv_heads: int, h
         fp8_bytes = batch * kv_heads * (cached + 1) * 2 * (head_dim + 4)
         fp8_cfgs = triton_configs(device, defaults_only=True)
         if not defaults_only and device.type == "cuda":
-            fp8_cfgs = [dict(block_n=b, num_warps=w, vec=v)
-                        for b, w, v in itertools.product(BLOCK_N[:3], NUM_WARPS[:2], (0, 8))]  # fmt: skip
+            fp8_cfgs = [dict(block_n=b, num_warps=w) for b, w in itertools.product(BLOCK_N, NUM_WARPS[:2])]
         for cfg in fp8_cfgs:
             ms = _time_ms(functools.partial(decode_attention_triton, q, k_new, v_new, k8, v8, lens, None,
                                             k_scale_BSK=ks, v_scale_BSK=vs, **cfg), device)  # fmt: skip
