@@ -99,7 +99,8 @@ def test_fp8_cache_graphed_batched_equals_one_by_one_and_follows_the_full_cache(
     alone = [engine.generate_many([p], SamplingParams(), 40, batch_size=1)[0].token_ids for p in prompts]
     assert together == alone
     full = [c.token_ids for c in Engine(loaded.model).generate_many(prompts, SamplingParams(), 40, batch_size=4)]
-    first = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), 40) for x, y in zip(together, full)]
+    first = [next((i for i, (a, b) in enumerate(zip(x, y, strict=True)) if a != b), 40)
+             for x, y in zip(together, full, strict=True)]
     assert sum(first) / len(first) >= 10, first  # tokens before the first difference, on average
 
 
