@@ -36,6 +36,15 @@ def test_prompt_names_the_model_first(run_name, capsys):
     assert first.startswith("model: ") and "inf" in first and "step_" in first
 
 
+def test_prompt_through_an_fp8_kv_cache_and_a_bad_cache_dtype(run_name, capsys):
+    code, out, err = run_cli(["infer", "--prompt", "the red ball", "--max-tokens", "5", "--kv-cache-dtype", "fp8"],
+                             capsys)  # fmt: skip
+    assert code == 0, err
+    assert out.splitlines()[0].startswith("model: ") and len(out.splitlines()) >= 2
+    code, _, err = run_cli(["infer", "--prompt", "the red ball", "--kv-cache-dtype", "fp4"], capsys)
+    assert code == 2 and "--kv-cache-dtype 'fp4': expected one of auto, fp8" in err and "Traceback" not in err
+
+
 def test_batch_file_resume_gives_the_uninterrupted_file(run_name, tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("the red ball\n\nblue box\na cat\nthe dog runs\nfive\n")
