@@ -58,10 +58,14 @@ def dequantize_fp8(x8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     return (x8.float() * scale[..., None]).to(dtype)
 
 
-def check_kv_cache_dtype(kv_cache_dtype: str, device: torch.device, decode_backend: str) -> None:
-    """Refuse a cache storage this machine cannot decode from, with the fix (the one place for that rule)."""
+def _check_kv_cache_name(kv_cache_dtype: str) -> None:
     if kv_cache_dtype not in KV_CACHE_DTYPES:
         raise ConfigError(f"--kv-cache-dtype {kv_cache_dtype!r}: expected one of {', '.join(KV_CACHE_DTYPES)}")
+
+
+def check_kv_cache_dtype(kv_cache_dtype: str, device: torch.device, decode_backend: str) -> None:
+    """Refuse a cache storage this machine cannot decode from, with the fix (the one place for that rule)."""
+    _check_kv_cache_name(kv_cache_dtype)
     if kv_cache_dtype != "fp8" or device.type != "cuda":
         return  # CPU: the SDPA path attends over the dequantized rows (slow, exact to the stored values)
     sm = torch.cuda.get_device_capability(device)
@@ -115,8 +119,7 @@ class KVCache:
 
     def __post_init__(self) -> None:
         shape = (self.n_layer, self.batch_size, self.max_len, self.n_kv_head, self.head_dim)
-        if self.storage not in KV_CACHE_DTYPES:
-            raise ConfigError(f"KV cache storage {self.storage!r}: expected one of {', '.join(KV_CACHE_DTYPES)}")
+        _check_kv_cache_name(self.storage)
         if self.k is None:
             store = FP8 if self.storage == "fp8" else self.dtype
             self.k = torch.zeros(shape, dtype=store, device=self.device)

@@ -85,3 +85,13 @@ def _fresh_private_caches():
         os.environ.pop("GHOSTVIS_DEBUG", None)
     else:
         os.environ["GHOSTVIS_DEBUG"] = saved_debug
+
+
+@pytest.fixture(scope="module")
+def decode_kernel():
+    """The Triton decode kernel's module compiled for the Triton CPU interpreter (skipped without Triton)."""
+    pytest.importorskip("triton")
+    from helpers import triton_interpreted
+
+    with triton_interpreted("ghostvis_core.kernels.decode_attention_triton") as (module,):
+        yield module

@@ -6,19 +6,9 @@ import math
 
 import pytest
 import torch
-from helpers import triton_interpreted
 from test_gpt import V, randomized, tiny_config
 
 pytest.importorskip("triton")
-
-_MODULE = "ghostvis_core.kernels.decode_attention_triton"
-
-
-@pytest.fixture(scope="module")
-def kernel():
-    """The kernel module compiled for the Triton CPU interpreter."""
-    with triton_interpreted(_MODULE) as (module,):
-        yield module
 
 
 def _reference(q, k_new, v_new, k_cache, v_cache, lens):
@@ -48,7 +38,7 @@ CASES = [  # B, H, K, D, S, lengths, spans (None: the kernel's choice)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_decode_matches_float64_and_writes_the_cache(kernel, case, dtype):
+def test_decode_matches_float64_and_writes_the_cache(decode_kernel, case, dtype):
     B, H, K, D, S, lengths, spans = case
     g = torch.Generator().manual_seed(B * S)
     q, k_new, v_new = (torch.randn(B, n, D, generator=g).to(dtype) for n in (H, K, K))
@@ -56,29 +46,29 @@ def test_decode_matches_float64_and_writes_the_cache(kernel, case, dtype):
     lens = torch.tensor(lengths, dtype=torch.int32)
     want, k_want, v_want = _reference(q, k_new, v_new, k_cache, v_cache, lens)
     for _ in range(2):  # the second call finds the span tickets the first one left at zero
-        got = kernel.decode_attention_triton(q, k_new, v_new, k_cache, v_cache, lens, splits=spans)
+        got = decode_kernel.decode_attention_triton(q, k_new, v_new, k_cache, v_cache, lens, splits=spans)
         assert got.dtype == dtype and got.shape == (B, H, D)
         tol = 2e-6 if dtype == torch.float32 else 1e-2  # bf16: the output's own rounding (fp32 math inside)
         torch.testing.assert_close(got.double(), want, rtol=0, atol=tol)
         assert torch.equal(k_cache, k_want) and torch.equal(v_cache, v_want)
-        if (spans or kernel.num_splits(B, K, S, q.device)) > 1:
-            assert not kernel._tickets(q.device, B, K).any()
+        if (spans or decode_kernel.num_splits(B, K, S, q.device)) > 1:
+            assert not decode_kernel._tickets(q.device, B, K).any()
 
 
-def test_spans_cover_the_cache_and_fill_the_card(kernel):
+def test_spans_cover_the_cache_and_fill_the_card(decode_kernel):
     cpu = torch.device("cpu")  # counted as a 132-SM card
-    assert kernel.num_splits(1, 10, 384, cpu) == 24  # 384 slots / 16: every span of a full row one block
-    assert kernel.num_splits(64, 10, 384, cpu) == 7  # ceil(32 * 132 / 640)
-    assert kernel.num_splits(256, 10, 384, cpu) == 2
-    assert kernel.num_splits(8, 10, 4096, cpu) == 53  # ceil(32 * 132 / 80)
-    assert kernel.num_splits(1, 2, 8192, cpu) == kernel.MAX_SPLITS  # the last span's serial combine bounds it
+    assert decode_kernel.num_splits(1, 10, 384, cpu) == 24  # 384 slots / 16: every span of a full row one block
+    assert decode_kernel.num_splits(64, 10, 384, cpu) == 7  # ceil(32 * 132 / 640)
+    assert decode_kernel.num_splits(256, 10, 384, cpu) == 2
+    assert decode_kernel.num_splits(8, 10, 4096, cpu) == 53  # ceil(32 * 132 / 80)
+    assert decode_kernel.num_splits(1, 2, 8192, cpu) == decode_kernel.MAX_SPLITS  # the last span's serial combine bounds it
 
 
-def test_a_model_decodes_through_the_kernel_as_through_sdpa(kernel, monkeypatch):
+def test_a_model_decodes_through_the_kernel_as_through_sdpa(decode_kernel, monkeypatch):
     import ghostvis_core.attention as attention
 
     monkeypatch.setattr(attention, "_triton_decode_attention",
-                        lambda q, k, v, kc, vc, lens: kernel.decode_attention_triton(q[:, 0], k[:, 0], v[:, 0], kc,
+                        lambda q, k, v, kc, vc, lens: decode_kernel.decode_attention_triton(q[:, 0], k[:, 0], v[:, 0], kc,
                                                                                      vc, lens)[:, None])  # fmt: skip
     # fused projections: v reaches the kernel as a strided view of the q|k|v product, as when serving
     model = randomized(tiny_config(n_head=4, n_kv_head=2), seed=2).eval().fuse_projections_()

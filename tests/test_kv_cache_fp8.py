@@ -7,21 +7,10 @@ import math
 
 import pytest
 import torch
-from helpers import triton_interpreted
 from test_gpt import V, randomized, tiny_config
 
 from ghostvis_core.errors import ConfigError
 from ghostvis_core.kv_cache import FP8, FP8_MAX, KVCache, check_kv_cache_dtype, dequantize_fp8, quantize_fp8
-
-pytest.importorskip("triton")
-
-_MODULE = "ghostvis_core.kernels.decode_attention_triton"
-
-
-@pytest.fixture(scope="module")
-def kernel():
-    with triton_interpreted(_MODULE) as (module,):
-        yield module
 
 
 def test_quantize_keeps_each_vector_within_e4m3_precision():
@@ -70,14 +59,14 @@ CASES = [  # B, H, K, D, S, lengths, spans (None: the kernel's choice)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_fp8_decode_matches_float64_over_the_dequantized_cache_and_stores_like_quantize(kernel, case, dtype):
+def test_fp8_decode_matches_float64_over_the_dequantized_cache_and_stores_like_quantize(decode_kernel, case, dtype):
     B, H, K, D, S, lengths, spans = case
     g = torch.Generator().manual_seed(B * S + 1)
     q, k_new, v_new = (torch.randn(B, n, D, generator=g).to(dtype) for n in (H, K, K))
     (k8, ks), (v8, vs) = (quantize_fp8(3 * torch.randn(B, S, K, D, generator=g)) for _ in range(2))
     lens = torch.tensor(lengths, dtype=torch.int32)
     want, stored = _reference(q, k_new, v_new, k8, v8, ks, vs, lens)
-    got = kernel.decode_attention_triton(q, k_new, v_new, k8, v8, lens, splits=spans, k_scale_BSK=ks,
+    got = decode_kernel.decode_attention_triton(q, k_new, v_new, k8, v8, lens, splits=spans, k_scale_BSK=ks,
                                          v_scale_BSK=vs)  # fmt: skip
     assert got.dtype == dtype and got.shape == (B, H, D)
     # fp32 math over values of ~3 (rel. ~5e-6); bf16: q and the output rounded (2 ulps of values up to ~5)
@@ -104,11 +93,11 @@ def _model():
     return randomized(tiny_config(n_head=4, n_kv_head=2), seed=3).eval().fuse_projections_()
 
 
-def test_a_model_decodes_through_an_fp8_cache_close_to_the_full_one(kernel, monkeypatch):
+def test_a_model_decodes_through_an_fp8_cache_close_to_the_full_one(decode_kernel, monkeypatch):
     import ghostvis_core.attention as attention
 
     monkeypatch.setattr(attention, "_triton_decode_attention_fp8",
-                        lambda q, k, v, kc, vc, lens, ks, vs: kernel.decode_attention_triton(
+                        lambda q, k, v, kc, vc, lens, ks, vs: decode_kernel.decode_attention_triton(
                             q[:, 0], k[:, 0], v[:, 0], kc, vc, lens, k_scale_BSK=ks, v_scale_BSK=vs)[:, None])
     model = _model()
     ids = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(1))

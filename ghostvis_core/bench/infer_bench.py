@@ -204,7 +204,8 @@ def run_infer_bench(
         "dtype": str(m.lm_head.weight.dtype).removeprefix("torch."), "cuda_graphs": engine.cuda_graphs,
         "compiled": bool(loaded.plan is not None and loaded.plan.compiled),
         "num_prompts": num_prompts, "input_len": input_len, "output_len": output_len, "batch_size": batch_size,
-        "kv_cache_dtype": kv_cache_dtype, **summarize(done, elapsed, input_len), "scheduler": scheduler_timing, "batch1": None, "compare": None,
+        "kv_cache_dtype": kv_cache_dtype, **summarize(done, elapsed, input_len), "scheduler": scheduler_timing,
+        "batch1": None, "compare": None,
     }  # fmt: skip
     if dev.type == "cuda":
         result["batch1"] = batch1_bandwidth(loaded, engine, prompts, output_len, cache_len)

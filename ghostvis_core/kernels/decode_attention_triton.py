@@ -49,6 +49,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ghostvis_core import kv_cache
+
 BLOCK_N = 16  # cached tokens per loop iteration (module docstring: measured)
 NUM_WARPS = 2
 NUM_STAGES = 2
@@ -56,8 +58,8 @@ FP8_BLOCK_N = 64  # over an fp8 cache (module docstring: measured)
 FP8_NUM_WARPS = 2
 PROGRAMS_PER_SM = 32
 MAX_SPLITS = 64  # the last program reads every span's (D,) partial in turn: a bound on that serial tail
-FP8_MAX = tl.constexpr(448.0)  # kv_cache.FP8_MAX
-FP8_MIN_AMAX = tl.constexpr(1e-6)  # kv_cache.FP8_MIN_AMAX
+FP8_MAX = tl.constexpr(kv_cache.FP8_MAX)
+FP8_MIN_AMAX = tl.constexpr(kv_cache.FP8_MIN_AMAX)
 
 
 @triton.jit
