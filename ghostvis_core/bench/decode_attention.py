@@ -70,16 +70,19 @@ def triton_configs(device, defaults_only: bool = False) -> list[dict]:
 
 
 def sweep_rows(batch: int, cached: int, slots: int, heads: int, kv_heads: int, head_dim: int, device,
-               defaults_only: bool = False, fp8: bool = False) -> list[dict]:  # fmt: skip
+               defaults_only: bool = False, fp8: bool = False, forms: bool = False) -> list[dict]:  # fmt: skip
     """Every Triton setting (triton_configs) and every flash-attn split count on one shape; fastest first.
-    fp8: also the kernel's defaults over the same cache quantized to e4m3 (kernel "triton_fp8")."""
+    fp8: also the kernel's defaults over the same cache quantized to e4m3 (kernel "triton_fp8").
+    forms: each of those rows also with the kernel's 2-D form (one query head per KV head) turned off, so its
+    gain is timed in the same process."""
     from ghostvis_core.kernels.decode_attention_triton import decode_attention_triton
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     q, k_new, v_new, k_cache, v_cache, lens = _inputs(batch, cached, slots, heads, kv_heads, head_dim, device, dtype)
     nbytes = batch * kv_heads * (cached + 1) * head_dim * 2 * k_cache.element_size()
     rows = []
-    for cfg in triton_configs(device, defaults_only or fp8):
+    off = [{}, {"flat": False}] if forms and heads == kv_heads else [{}]
+    for cfg in [c | o for c in triton_configs(device, defaults_only or fp8) for o in off]:
         kw = {k: v for k, v in cfg.items() if k != "splits"}
         ms = _time_ms(functools.partial(decode_attention_triton, q, k_new, v_new, k_cache, v_cache, lens,
                                         cfg.get("splits"), **kw), device)  # fmt: skip
@@ -92,7 +95,7 @@ def sweep_rows(batch: int, cached: int, slots: int, heads: int, kv_heads: int, h
         fp8_cfgs = triton_configs(device, defaults_only=True)
         if not defaults_only and device.type == "cuda":
             fp8_cfgs = [dict(block_n=b, num_warps=w) for b, w in itertools.product(BLOCK_N, NUM_WARPS[:2])]
-        for cfg in fp8_cfgs:
+        for cfg in [c | o for c in fp8_cfgs for o in off]:
             ms = _time_ms(functools.partial(decode_attention_triton, q, k_new, v_new, k8, v8, lens, None,
                                             k_scale_BSK=ks, v_scale_BSK=vs, **cfg), device)  # fmt: skip
             rows.append({"kernel": "triton_fp8", **cfg, "ms": ms, "bytes": fp8_bytes})
@@ -125,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--defaults-only", action="store_true",
                    help="only the kernel's own tile, with and without programmatic dependent launch")
     p.add_argument("--fp8", action="store_true", help="add the kernel's defaults over an fp8 e4m3 cache")
+    p.add_argument("--forms", action="store_true",
+                   help="also time the kernel with its 2-D form (one query head per KV head) turned off")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     cfg = get_preset(a.preset)
@@ -140,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     for spec in a.rows:
         batch, cached = (int(x) for x in spec.split(":"))
         rows = sweep_rows(batch, cached, a.slots, cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head, device,
-                          a.defaults_only, a.fp8)
+                          a.defaults_only, a.fp8, a.forms)
         shape = {"batch": batch, "cached": cached, "slots": a.slots, "rows": rows}
         if a.json:
             print(json.dumps(shape), flush=True)

@@ -35,9 +35,17 @@ one fp32 scale per token and KV head. The scales fold into the math instead of a
 s_j = (q . k8_j) * ks_j * D**-0.5 and acc += sum_j (p_j * vs_j) v8_j. The new token is quantized as
 kv_cache.quantize_fp8 does (amax over D, round-to-nearest divisions) and folded in from its stored fp8 value,
 so this step sees exactly what later steps will read. Its tile was swept on the H200 (`--fp8` below): 64 slots
-under 2 warps, 88.9 against 106.6 us for bf16 at batch 256 (256 cached), 25.9 against 27.1 us at batch 64;
-16-slot tiles, the bf16 kernel's, ran at 178 and 39.8 us, and 4 warps slower still. At 1.95 TB/s of its
-bytes the fp8 kernel is still well below the copy rate, where the bf16 one reaches 3.2 TB/s.
+under 2 warps; 16-slot tiles, the bf16 kernel's, ran 2x slower, and 4 warps slower still.
+
+The 2-D form (FLAT, the default when G == 1, as in d20 with 10 heads over 10 KV heads): with one query head
+per KV head the (BLOCK_G, BLOCK, D) products are computed as (BLOCK, D) ones in the loaded tile's own layout,
+s = sum_D k * q and acc += sum_BLOCK p v, with no 3-D broadcast for the compiler to lay out. On the H200
+(`--forms` below, same call), 3-D -> 2-D: bf16 at batch 256 106.2 -> 103.4 us (3.26 TB/s), batch 512 201.9 ->
+189.8 us (3.55 TB/s), batch 1 4.35 -> 4.12 us, batch 64 27.1 -> 28.5 us (its one loss); fp8 at batch 256
+88.5 -> 71.2 us (2.44 TB/s of its bytes), batch 512 169.7 -> 128.6 us, batch 64 25.5 -> 20.7 us. So over fp8
+the kernel now runs 1.45x (batch 256) and 1.48x (batch 512) faster than over bf16. Casting the fp8 tile to
+bf16 right after its load, before the fp32 cast, was timed in the same call and lost at every batch (91.5 us
+at batch 256 in the 2-D form), so it is not done.
 
 Layouts: q (B, H, D); k_new, v_new (B, K, D); caches (B, S, K, D) with unit stride on D; cache_seqlens int32
 (B,). D a power of two (a head dim of 64, 128, ...).
@@ -104,7 +112,7 @@ def _decode_split_kernel(
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_yb, stride_yh,
     S, scale,
     SPLITS: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-    DIRECT: tl.constexpr, PDL: tl.constexpr, FP8: tl.constexpr,
+    DIRECT: tl.constexpr, PDL: tl.constexpr, FP8: tl.constexpr, FLAT: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     kh = tl.program_id(1).to(tl.int64)
@@ -123,6 +131,7 @@ def _decode_split_kernel(
     heads = kh * G + g
     q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=g_ok[:, None], other=0.0)
     q = q.to(tl.float32) * scale  # (BLOCK_G, D)
+    q1 = _sum(q, 0)  # (D,): the one head when FLAT
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     denom = tl.full([BLOCK_G], 0.0, tl.float32)  # tl.full, not tl.zeros: see _sum
     acc = tl.full([BLOCK_G, D], 0.0, tl.float32)
@@ -135,7 +144,10 @@ def _decode_split_kernel(
         n_ok = n < end
         offs = n[:, None].to(tl.int64) * stride_cs + d[None, :]
         k = tl.load(cache_row + offs, mask=n_ok[:, None], other=0.0).to(tl.float32)  # (BLOCK, D)
-        s = _sum(q[:, None, :] * k[None, :, :], 2)  # (BLOCK_G, BLOCK)
+        if FLAT:  # one query head per KV head: 2-D math in the tile's own layout (module docstring)
+            s = _sum(k * q1[None, :], 1)[None, :]  # (1, BLOCK)
+        else:
+            s = _sum(q[:, None, :] * k[None, :, :], 2)  # (BLOCK_G, BLOCK)
         if FP8:
             s = s * tl.load(kscale_row + n * stride_ss, mask=n_ok, other=0.0)[None, :]
         s = tl.where(n_ok[None, :], s, float("-inf"))
@@ -148,7 +160,10 @@ def _decode_split_kernel(
             pv = p * tl.load(vscale_row + n * stride_ss, mask=n_ok, other=0.0)[None, :]
         else:
             pv = p
-        acc = acc * alpha[:, None] + _sum(pv[:, :, None] * v[None, :, :], 1)
+        if FLAT:
+            acc = acc * alpha[:, None] + _sum(_sum(pv, 0)[:, None] * v, 0)[None, :]
+        else:
+            acc = acc * alpha[:, None] + _sum(pv[:, :, None] * v[None, :, :], 1)
         m = m_new
     if (new_slot >= start) & (new_slot < start + split_len):
         kn = tl.load(KN + b * stride_kb + kh * stride_kh + d)
@@ -237,13 +252,15 @@ def _tickets(device: torch.device, batch: int, kv_heads: int) -> torch.Tensor:
 def decode_attention_triton(q_BHD, k_new_BKD, v_new_BKD, k_cache_BSKD, v_cache_BSKD, cache_seqlens_B,
                             splits: int | None = None, *, block_n: int | None = None, num_warps: int | None = None,
                             num_stages: int = NUM_STAGES, pdl: bool = False, k_scale_BSK=None,
-                            v_scale_BSK=None) -> torch.Tensor:  # fmt: skip
+                            v_scale_BSK=None,
+                            flat: bool | None = None) -> torch.Tensor:  # fmt: skip
     """Write each row's new K/V at its slot and attend to slots [0, len_b] (module docstring); (B, H, D).
     k_scale_BSK, v_scale_BSK: the fp32 scales of fp8 e4m3 caches (both or neither).
     block_n, num_warps, num_stages: the split kernel's tile and launch settings (None: BLOCK_N, NUM_WARPS, or
     FP8_BLOCK_N, FP8_NUM_WARPS over an fp8 cache).
     pdl: launch with programmatic dependent launch (Hopper and later, CUDA), overlapping this kernel's launch
-    with the tail of the one before, as the compiled step's own kernels do when it is on (batch_engine)."""
+    with the tail of the one before, as the compiled step's own kernels do when it is on (batch_engine).
+    flat: the 2-D form (module docstring); None: on when there is one query head per KV head."""
     B, H, D = q_BHD.shape
     S, K = k_cache_BSKD.shape[1], k_cache_BSKD.shape[2]
     G = H // K
@@ -251,6 +268,8 @@ def decode_attention_triton(q_BHD, k_new_BKD, v_new_BKD, k_cache_BSKD, v_cache_B
     assert all(t.stride(-1) == 1 for t in (q_BHD, k_new_BKD, v_new_BKD, k_cache_BSKD)), "unit stride on D"
     assert v_cache_BSKD.stride() == k_cache_BSKD.stride()
     fp8 = k_scale_BSK is not None
+    flat = (G == 1) if flat is None else flat
+    assert not flat or G == 1, "the 2-D form holds one query head per KV head"
     block_n = block_n or (FP8_BLOCK_N if fp8 else BLOCK_N)
     num_warps = num_warps or (FP8_NUM_WARPS if fp8 else NUM_WARPS)
     assert fp8 == (v_scale_BSK is not None) == (k_cache_BSKD.dtype == torch.float8_e4m3fn), "fp8 cache and scales"
@@ -276,6 +295,7 @@ def decode_attention_triton(q_BHD, k_new_BKD, v_new_BKD, k_cache_BSKD, v_cache_B
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), y.stride(0), y.stride(1),
         S, D**-0.5,
         SPLITS=splits, G=G, BLOCK_G=triton.next_power_of_2(G), D=D, BLOCK=block_n, DIRECT=splits == 1, PDL=pdl, FP8=fp8,
+        FLAT=flat,
         num_warps=num_warps, num_stages=num_stages, **launch,
     )  # fmt: skip
     return y
