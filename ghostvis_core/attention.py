@@ -301,6 +301,7 @@ def attention_with_kvcache(
     cache_batch_idx: torch.Tensor | None = None,
     k_scale_BSK: torch.Tensor | None = None,
     v_scale_BSK: torch.Tensor | None = None,
+    fresh_ctx: AttentionContext | None = None,
 ) -> torch.Tensor:
     """Append k/v of each row b at its slots [len_b, len_b + T) and attend causally to slots [0, len_b + T).
 
@@ -310,6 +311,11 @@ def attention_with_kvcache(
     k_scale_BSK, v_scale_BSK: an fp8 e4m3 cache's per-token scales (kv_cache.py). The Triton decode kernel reads
     such a cache directly; the SDPA path stores quantize_fp8 of the new k/v and attends over the dequantized
     rows (a copy of the cache in q's dtype: right for prefill, slow for a decode loop).
+
+    fresh_ctx: every row is empty (len_b = 0, KVCache.fresh) and over an fp8 cache: k/v are stored quantized,
+    and the rows attend causally over the new k/v themselves through this dense-case context (the plan's
+    backend), the cache unread. Right-padded prompts are served too: a real token never attends to the pads
+    after it.
 
     cache_seqlens: int32 (B,) per-row lengths on the device (an int means every row has that length). Shapes
     never depend on the lengths, so a decode step is capturable in a CUDA graph: flash_attn reads cache_seqlens
@@ -323,6 +329,7 @@ def attention_with_kvcache(
     if isinstance(cache_seqlens, int):
         cache_seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q_BTHD.device)
     fp8 = k_scale_BSK is not None
+    assert fresh_ctx is None or (fp8 and fresh_ctx.case == "dense"), "fresh rows of an fp8 cache only"
     if fp8 and backend not in ("triton", "sdpa_efficient", "sdpa_math"):  # kv_cache.fp8_cache_backends routes
         raise ValueError(f"an fp8 KV cache cannot be served by {backend}")
     if backend == "flash_attn":
@@ -351,6 +358,8 @@ def attention_with_kvcache(
         (k8, ks), (v8, vs) = quantize_fp8(k_BTKD), quantize_fp8(v_BTKD)
         k_cache_BSKD.view(torch.uint8)[rows, slots], k_scale_BSK[rows, slots] = k8.view(torch.uint8), ks
         v_cache_BSKD.view(torch.uint8)[rows, slots], v_scale_BSK[rows, slots] = v8.view(torch.uint8), vs
+        if fresh_ctx is not None:
+            return attention(q_BTHD, k_BTKD, v_BTKD, fresh_ctx)
     else:
         k_cache_BSKD[rows, slots] = k_BTKD
         v_cache_BSKD[rows, slots] = v_BTKD

@@ -222,7 +222,7 @@ class Engine:
                 group.append(j)
         for j, (b, p) in enumerate(admitted):
             if isinstance(p, torch.Tensor):
-                out[j] = self.prefill(batch.cache.row(b), p)[0]
+                out[j] = self.prefill(batch.cache.row(b, fresh=True), p)[0]
         return torch.stack(out)
 
     # -- the scheduler --------------------------------------------------------------------------------------

@@ -228,7 +228,7 @@ class Attention(nn.Module):
             dt = cache.dtype  # no-op casts unless the activations' dtype is not the plan's (no autocast)
             y = attention_with_kvcache(
                 q.to(dt), k.to(dt), v.to(dt), k_cache, v_cache, cache.cache_seqlens, cache.backend(T),
-                cache.batch_idx, k_scale, v_scale,
+                cache.batch_idx, k_scale, v_scale, ctx,
             ).to(x_BTC.dtype)
         return self.o_proj(y.reshape(B, T, self.n_head * self.head_dim))
 
@@ -524,8 +524,12 @@ class GPT(nn.Module):
         self._check_device(x.device)
         pos = cache.cache_seqlens[:, None].to(torch.long) + torch.arange(T, device=x.device)
         cos, sin = rope_cos_sin(pos, self.inv_freq)
+        # Fresh rows of an fp8 cache attend over their own new K/V through the plan's dense case (KVCache.fresh):
+        # flash-attn cannot read fp8, and the SDPA path would attend over a dequantized copy of every slot.
+        fresh = cache.fresh and cache.storage == "fp8"
+        ctx = self._build_ctx(self.plan, None, B, T, x.device) if fresh else None
         for i, block in enumerate(self.model.layers):
-            x = block(x, cos, sin, None, cache, i)
+            x = block(x, cos, sin, ctx, cache, i)
         cache.cache_seqlens += T
         if last_index is not None:
             x = x[torch.arange(B, device=x.device), last_index.to(torch.long)][:, None]

@@ -3,6 +3,7 @@ an fp8 cache (Triton interpreter) against a float64 reference over the dequantiz
 the same values, and models decoding through an fp8 cache: close to the full-precision cache, batched equal to
 one by one, and refused where no decode kernel can read it."""
 
+import dataclasses
 import math
 
 import pytest
@@ -125,6 +126,40 @@ def test_a_model_decodes_through_an_fp8_cache_close_to_the_full_one(decode_kerne
     for x, scale in (("k", "k_scale"), ("v", "v_scale")):
         want, got = (dequantize_fp8(getattr(c, x), getattr(c, scale), torch.float64) for c in (sdpa_fp8, triton_fp8))
         torch.testing.assert_close(got, want, rtol=2**-4, atol=1e-6)
+
+
+def test_a_fresh_fp8_prefill_attends_over_its_own_keys_and_stores_them_quantized():
+    """Fresh rows (KVCache.rows, right-padded prompts) of an fp8 cache: the prefill's logits are the full-precision
+    cache's, since it attends over the new K/V themselves, and the cache then holds quantize_fp8 of those K/V."""
+    model = _model()
+    g = torch.Generator().manual_seed(2)
+    lens = [9, 5, 7]
+    ids = torch.randint(0, V, (3, 9), generator=g)
+    rows = torch.tensor([3, 0, 2], dtype=torch.int32)
+    full = model.new_kv_cache(4, 16)
+    fp8 = model.new_kv_cache(4, 16, kv_cache_dtype="fp8")
+    last = torch.tensor(lens) - 1
+    with torch.no_grad():
+        want = model.forward_with_cache(ids, full.rows(rows), last_index=last)
+        got = model.forward_with_cache(ids, fp8.rows(rows), last_index=last)
+        # the same rows as a view not marked fresh: attending over the dequantized cache moves the logits
+        stale_view = dataclasses.replace(model.new_kv_cache(4, 16, kv_cache_dtype="fp8").rows(rows), fresh=False)
+        stale = model.forward_with_cache(ids, stale_view, last_index=last)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert (stale - want).abs().max() > 1e-3  # so the check above can tell the two paths apart
+    r = rows.long()
+    for x, scale in (("k", "k_scale"), ("v", "v_scale")):
+        q8, qs = quantize_fp8(getattr(full, x)[:, r, :9])
+        # layer 0's K/V come from the embeddings alone: stored exactly as quantize_fp8 makes them
+        assert torch.equal(getattr(fp8, x)[0, r, :9].view(torch.uint8), q8[0].view(torch.uint8))
+        torch.testing.assert_close(getattr(fp8, scale)[0, r, :9], qs[0], rtol=0, atol=0)
+        # later layers' inputs differ in the last fp32 bits (attention summed in another order), so a value
+        # near a rounding boundary may land one e4m3 step (2^-4 relative) apart
+        torch.testing.assert_close(dequantize_fp8(getattr(fp8, x)[:, r, :9], getattr(fp8, scale)[:, r, :9],
+                                                  torch.float64), dequantize_fp8(q8, qs, torch.float64),
+                                   rtol=2**-4, atol=1e-6)  # fmt: skip
+    untouched = torch.tensor([1])
+    assert (fp8.k[:, untouched].view(torch.uint8) == 0).all() and (fp8.k_scale[:, untouched] == 1).all()
 
 
 def test_fp8_cache_generation_batched_equals_one_by_one():
