@@ -17,12 +17,13 @@ Per-token scales need no calibration and keep each head's vector at e4m3's relat
 bits, a rounding error of at most 2^-4 of each element, usually far less of a dot product); the scales add 4
 bytes per 128-byte head vector of D = 128. The cache holds about twice the tokens of bf16 in the same memory and
 a decode step reads about half the bytes. The Triton decode kernel quantizes the new token and reads the cache in
-fp8; every other path (prefill, CPU decode) quantizes on write and attends over the dequantized rows
-(attention.attention_with_kvcache).
+fp8. A prefill of fresh rows (KVCache.fresh) attends over its own new K/V through the plan's dense backend and
+stores them quantized; every other path (a prefill onto cached tokens, CPU decode) quantizes on write and attends
+over the dequantized rows (attention.attention_with_kvcache).
 
-Measured on an H200 (docs/BENCHMARKS.md): the attention kernel 1.2x faster than over bf16 at batch 256, the
-whole `ghostvis bench` run over 1,000 prompts 1.02x, and the time to first token longer (178 against 111 ms
-mean), since prefill takes the SDPA path instead of flash-attn. So fp8 is for memory (rows and context) first.
+Measured on an H200 (docs/BENCHMARKS.md): the attention kernel 1.45x faster than over bf16 at batch 256 and
+1.48x at batch 512; the whole `ghostvis bench` run over 1,000 prompts 1.11x the bf16 cache's at batch 256 (76.1k
+against 68.6k output tok/s, same call); the time to first token still longer (161 against 103 ms mean).
 """
 
 from __future__ import annotations

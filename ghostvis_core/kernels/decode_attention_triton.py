@@ -37,15 +37,15 @@ kv_cache.quantize_fp8 does (amax over D, round-to-nearest divisions) and folded 
 so this step sees exactly what later steps will read. Its tile was swept on the H200 (`--fp8` below): 64 slots
 under 2 warps; 16-slot tiles, the bf16 kernel's, ran 2x slower, and 4 warps slower still.
 
-The 2-D form (FLAT, the default when G == 1, as in d20 with 10 heads over 10 KV heads): with one query head
-per KV head the (BLOCK_G, BLOCK, D) products are computed as (BLOCK, D) ones in the loaded tile's own layout,
-s = sum_D k * q and acc += sum_BLOCK p v, with no 3-D broadcast for the compiler to lay out. On the H200
-(`--forms` below, same call), 3-D -> 2-D: bf16 at batch 256 106.2 -> 103.4 us (3.26 TB/s), batch 512 201.9 ->
-189.8 us (3.55 TB/s), batch 1 4.35 -> 4.12 us, batch 64 27.1 -> 28.5 us (its one loss); fp8 at batch 256
-88.5 -> 71.2 us (2.44 TB/s of its bytes), batch 512 169.7 -> 128.6 us, batch 64 25.5 -> 20.7 us. So over fp8
-the kernel now runs 1.45x (batch 256) and 1.48x (batch 512) faster than over bf16. Casting the fp8 tile to
-bf16 right after its load, before the fp32 cast, was timed in the same call and lost at every batch (91.5 us
-at batch 256 in the 2-D form), so it is not done.
+The 2-D form (FLAT, the default when G == 1, as in d20 with 10 heads over 10 KV heads): with one query head per KV
+head the (BLOCK_G, BLOCK, D) products are computed as (BLOCK, D) ones in the loaded tile's own layout, s = sum_D k
+* q and acc += sum_BLOCK p v, with no 3-D broadcast for the compiler to lay out. On the H200 (`python -m
+ghostvis_core.bench.decode_attention --defaults-only --fp8 --forms`, one call), 3-D -> 2-D: bf16 at batch 256
+106.2 -> 103.4 us (3.26 TB/s), batch 512 201.9 -> 189.8 us (3.55 TB/s), batch 1 4.35 -> 4.12 us, batch 64 27.1 ->
+28.5 us (its one loss); fp8 at batch 256 88.5 -> 71.2 us (2.44 TB/s of its bytes), batch 512 169.7 -> 128.6 us,
+batch 64 25.5 -> 20.7 us. So over fp8 the kernel now runs 1.45x (batch 256) and 1.48x (batch 512) faster than over
+bf16. Casting the fp8 tile to bf16 right after its load, before the fp32 cast, was timed in the same call and lost
+at every batch (91.5 us at batch 256 in the 2-D form), so it is not done.
 
 Layouts: q (B, H, D); k_new, v_new (B, K, D); caches (B, S, K, D) with unit stride on D; cache_seqlens int32
 (B,). D a power of two (a head dim of 64, 128, ...).
