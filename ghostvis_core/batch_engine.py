@@ -180,8 +180,10 @@ class Engine:
         """Fill an empty one-row cache (view) with a prompt; returns the last position's logits (1, V).
 
         prompt: token ids, or embeddings (1, T, C) (a VLM prompt: image features spliced into the text).
+        The row is emptied here, so the view is fresh (KVCache.fresh).
         """
         cache.cache_seqlens.zero_()
+        cache = replace(cache, fresh=True)
         if isinstance(prompt, torch.Tensor):
             logits = self.model.forward_with_cache(None, cache, inputs_embeds=prompt, last_only=True)
         else:
@@ -222,7 +224,7 @@ class Engine:
                 group.append(j)
         for j, (b, p) in enumerate(admitted):
             if isinstance(p, torch.Tensor):
-                out[j] = self.prefill(batch.cache.row(b, fresh=True), p)[0]
+                out[j] = self.prefill(batch.cache.row(b), p)[0]
         return torch.stack(out)
 
     # -- the scheduler --------------------------------------------------------------------------------------

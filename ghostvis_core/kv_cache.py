@@ -118,10 +118,10 @@ class KVCache:
     """int32 (n,): the rows of k/v this view writes and reads (a batched prefill into some rows of a running
     batch, see `rows`); None: rows 0..batch_size-1."""
     fresh: bool = False
-    """Every row of this view starts empty (`rows`, `row(b, fresh=True)`: a prefill of new prompts), so its
-    tokens attend only to each other. Over fp8 storage that prefill attends over its own new K/V through the
-    plan's dense causal backend (flash-attn where the plan has it) and only stores them quantized, instead of
-    attending over the dequantized cache (GPT.forward_with_cache)."""
+    """Every row of this view starts empty (`rows`, and the row Engine.prefill empties: a prefill of new
+    prompts), so its tokens attend only to each other. Over fp8 storage that prefill attends over its own new K/V
+    through the plan's dense causal backend (flash-attn where the plan has it) and only stores them quantized,
+    instead of attending over the dequantized cache (GPT.forward_with_cache)."""
 
     def __post_init__(self) -> None:
         shape = (self.n_layer, self.batch_size, self.max_len, self.n_kv_head, self.head_dim)
@@ -161,13 +161,12 @@ class KVCache:
         """The longest row's length (a host sync: for checks and tests, never in the decode loop)."""
         return int(self.cache_seqlens.max().item())
 
-    def row(self, b: int, fresh: bool = False) -> KVCache:
-        """A one-row view sharing storage: a prefill into it fills row b of this cache (continuous batching).
-        fresh: the caller has emptied the row (its length is 0) and prefills a new prompt into it."""
+    def row(self, b: int) -> KVCache:
+        """A one-row view sharing storage: a prefill into it fills row b of this cache (continuous batching)."""
         return KVCache(
             self.n_layer, self.n_kv_head, self.head_dim, 1, self.max_len, self.device, self.decode_backend,
             self.prefill_backend, self.dtype, self.storage, self.k[:, b : b + 1], self.v[:, b : b + 1],
-            self.cache_seqlens[b : b + 1], *self._scale_rows(slice(b, b + 1)), fresh=fresh,
+            self.cache_seqlens[b : b + 1], *self._scale_rows(slice(b, b + 1)),
         )  # fmt: skip
 
     def _scale_rows(self, rows: slice) -> tuple[torch.Tensor | None, torch.Tensor | None]:
