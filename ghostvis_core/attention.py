@@ -352,12 +352,9 @@ def attention_with_kvcache(
         rows = cache_batch_idx.to(torch.long)[:, None].expand(B, T)
     slots = q_pos.clamp(max=S - 1)
     if fp8:
-        from ghostvis_core.kv_cache import dequantize_fp8, quantize_fp8
+        from ghostvis_core.kv_cache import dequantize_fp8, store_fp8
 
-        # scattered and gathered as bytes: indexing kernels do not all take float8 dtypes
-        (k8, ks), (v8, vs) = quantize_fp8(k_BTKD), quantize_fp8(v_BTKD)
-        k_cache_BSKD.view(torch.uint8)[rows, slots], k_scale_BSK[rows, slots] = k8.view(torch.uint8), ks
-        v_cache_BSKD.view(torch.uint8)[rows, slots], v_scale_BSK[rows, slots] = v8.view(torch.uint8), vs
+        store_fp8(k_BTKD, v_BTKD, k_cache_BSKD, v_cache_BSKD, k_scale_BSK, v_scale_BSK, rows[:, 0], lens)
         if fresh_ctx is not None:
             return attention(q_BTHD, k_BTKD, v_BTKD, fresh_ctx)
     else:

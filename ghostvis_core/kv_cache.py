@@ -59,6 +59,37 @@ def dequantize_fp8(x8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     return (x8.float() * scale[..., None]).to(dtype)
 
 
+def store_fp8(k_BTKD: torch.Tensor, v_BTKD: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              k_scale: torch.Tensor, v_scale: torch.Tensor, rows_B: torch.Tensor, starts_B: torch.Tensor) -> None:
+    """Store quantize_fp8 of each query row b's new k/v (B, T, K, D) at cache row rows_B[b], slots
+    [starts_B[b], starts_B[b] + T) clamped to S - 1, and their scales (the one place an fp8 cache is written
+    outside the decode kernel). On CUDA one Triton kernel does it (kernels/kv_store_fp8_triton.py); on CPU
+    the same operations in PyTorch, with the scatter done on bytes (indexing kernels do not all take float8)."""
+    if k_BTKD.is_cuda:
+        torch.ops.ghostvis.kv_store_fp8(k_BTKD, v_BTKD, k_cache, v_cache, k_scale, v_scale, rows_B, starts_B)
+        return
+    B, T = k_BTKD.shape[:2]
+    slots = (starts_B.long()[:, None] + torch.arange(T, device=k_BTKD.device)).clamp(max=k_cache.shape[1] - 1)
+    rows = rows_B.long()[:, None].expand(B, T)
+    (k8, ks), (v8, vs) = quantize_fp8(k_BTKD), quantize_fp8(v_BTKD)
+    k_cache.view(torch.uint8)[rows, slots], k_scale[rows, slots] = k8.view(torch.uint8), ks
+    v_cache.view(torch.uint8)[rows, slots], v_scale[rows, slots] = v8.view(torch.uint8), vs
+
+
+@torch.library.custom_op("ghostvis::kv_store_fp8", mutates_args=("k_cache", "v_cache", "k_scale", "v_scale"))
+def _kv_store_fp8(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  k_scale: torch.Tensor, v_scale: torch.Tensor, rows: torch.Tensor, starts: torch.Tensor) -> None:
+    """The Triton store as an op torch.compile keeps in its graph (declared as writing the cache in place)."""
+    from ghostvis_core.kernels.kv_store_fp8_triton import kv_store_fp8_triton
+
+    kv_store_fp8_triton(k, v, k_cache, v_cache, k_scale, v_scale, rows, starts)
+
+
+@_kv_store_fp8.register_fake
+def _(k, v, k_cache, v_cache, k_scale, v_scale, rows, starts) -> None:
+    return None
+
+
 def _check_kv_cache_name(kv_cache_dtype: str) -> None:
     if kv_cache_dtype not in KV_CACHE_DTYPES:
         raise ConfigError(f"--kv-cache-dtype {kv_cache_dtype!r}: expected one of {', '.join(KV_CACHE_DTYPES)}")

@@ -11,7 +11,15 @@ import torch
 from test_gpt import V, randomized, tiny_config
 
 from ghostvis_core.errors import ConfigError
-from ghostvis_core.kv_cache import FP8, FP8_MAX, KVCache, check_kv_cache_dtype, dequantize_fp8, quantize_fp8
+from ghostvis_core.kv_cache import (
+    FP8,
+    FP8_MAX,
+    FP8_MIN_AMAX,
+    KVCache,
+    check_kv_cache_dtype,
+    dequantize_fp8,
+    quantize_fp8,
+)
 
 
 def test_quantize_keeps_each_vector_within_e4m3_precision():
@@ -64,6 +72,7 @@ def test_fp8_decode_matches_float64_over_the_dequantized_cache_and_stores_like_q
     B, H, K, D, S, lengths, spans = case
     g = torch.Generator().manual_seed(B * S + 1)
     q, k_new, v_new = (torch.randn(B, n, D, generator=g).to(dtype) for n in (H, K, K))
+    v_new[0, 0, :2] = torch.tensor([-0.0, -1e-7])  # negatives stored as -0.0 (byte 0x80), as torch stores them
     (k8, ks), (v8, vs) = (quantize_fp8(3 * torch.randn(B, S, K, D, generator=g)) for _ in range(2))
     lens = torch.tensor(lengths, dtype=torch.int32)
     want, stored = _reference(q, k_new, v_new, k8, v8, ks, vs, lens)
@@ -77,6 +86,68 @@ def test_fp8_decode_matches_float64_over_the_dequantized_cache_and_stores_like_q
     for got_t, want_t in zip((k8, v8, ks, vs), stored, strict=True):
         assert torch.equal(got_t.view(torch.uint8) if got_t.dtype == FP8 else got_t,
                            want_t.view(torch.uint8) if want_t.dtype == FP8 else want_t)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_triton_fp8_store_writes_what_quantize_fp8_writes_and_nothing_else(dtype):
+    """The prefill's one-kernel store (kernels/kv_store_fp8_triton.py, interpreted on the CPU) against
+    kv_cache.store_fp8's PyTorch path: the same e4m3 bytes and fp32 scales at each query row's cache row and
+    slots, bit for bit, from k/v that are strided views of one fused projection (as GPT's are); a T that is no
+    multiple of the kernel's token block; every other slot untouched."""
+    pytest.importorskip("triton")
+    from helpers import triton_interpreted
+
+    from ghostvis_core.kv_cache import store_fp8
+
+    B, T, K, D, R, S = 3, 21, 2, 64, 5, 40
+    g = torch.Generator().manual_seed(7)
+    kvq = (3 * torch.randn(B, T, 3, K, D, generator=g)).to(dtype)
+    k_new, v_new = kvq[:, :, 0], kvq[:, :, 1]  # strides of a fused projection: not contiguous over K
+    k_new[0, 4, 1] = 0.0  # an all-zero vector takes the FP8_MIN_AMAX scale
+    # negatives that round to zero are stored as -0.0 (byte 0x80), as torch's cast stores them
+    v_new[1, 2, 0, :3] = torch.tensor([-0.0, -1e-7, 1e-7])
+    rows = torch.tensor([4, 0, 2], dtype=torch.long)
+    starts = torch.tensor([0, 5, 19], dtype=torch.long)  # the last row ends on the last slot
+    (k8, ks), (v8, vs) = (quantize_fp8(torch.randn(R, S, K, D, generator=g)) for _ in range(2))
+    want = [t.clone() for t in (k8, v8, ks, vs)]
+    store_fp8(k_new, v_new, *want, rows, starts)
+    got = [t.clone() for t in (k8, v8, ks, vs)]
+    with triton_interpreted("ghostvis_core.kernels.decode_attention_triton",
+                            "ghostvis_core.kernels.kv_store_fp8_triton") as (_, store):  # fmt: skip
+        store.kv_store_fp8_triton(k_new, v_new, *got, rows, starts)
+    for got_t, want_t, old in zip(got, want, (k8, v8, ks, vs), strict=True):
+        as_bits = (lambda t: t.view(torch.uint8)) if old.dtype == FP8 else (lambda t: t)
+        assert torch.equal(as_bits(got_t), as_bits(want_t))
+        assert not torch.equal(as_bits(got_t), as_bits(old))  # the store wrote something
+    # the written slots hold quantize_fp8 of the new values, and rows 1 and 3 are untouched
+    k8_want, ks_want = quantize_fp8(k_new)
+    assert torch.equal(got[0][2, 19:40].view(torch.uint8), k8_want[2].view(torch.uint8))
+    assert torch.equal(got[2][4, :T], ks_want[0])
+    assert ks_want[0, 4, 1] == torch.tensor(FP8_MIN_AMAX, dtype=torch.float32) / FP8_MAX
+    for r in (1, 3):
+        assert torch.equal(got[0][r].view(torch.uint8), k8[r].view(torch.uint8)) and torch.equal(got[3][r], vs[r])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_fp8_store_on_cuda_writes_the_cpu_store_bytes():
+    """kv_cache.store_fp8 on CUDA (the compiled Triton kernel, through its custom op) against its PyTorch path
+    on the CPU: the same bytes and scales, bf16 inputs of prefill size (B 8, T 130, 10 KV heads of 128)."""
+    from ghostvis_core.kv_cache import store_fp8
+
+    B, T, K, D, R, S = 8, 130, 10, 128, 12, 300
+    g = torch.Generator().manual_seed(3)
+    kv = (3 * torch.randn(B, T, 2, K, D, generator=g)).bfloat16()
+    rows = torch.randperm(R, generator=g)[:B]
+    starts = torch.randint(0, S - T, (B,), generator=g)
+    caches = [t for _ in range(2) for t in quantize_fp8(torch.randn(R, S, K, D, generator=g))]
+    k8, ks, v8, vs = (t.clone() for t in caches)
+    store_fp8(kv[:, :, 0], kv[:, :, 1], k8, v8, ks, vs, rows, starts)
+    on_gpu = [t.cuda() for t in (caches[0], caches[2], caches[1], caches[3])]
+    store_fp8(kv[:, :, 0].cuda(), kv[:, :, 1].cuda(), *on_gpu, rows.cuda(), starts.cuda())
+    for got, want in zip(on_gpu, (k8, v8, ks, vs), strict=True):
+        as_bits = (lambda t: t.view(torch.uint8)) if want.dtype == FP8 else (lambda t: t)
+        assert torch.equal(as_bits(got.cpu()), as_bits(want))
 
 
 def test_fp8_cache_halves_the_bytes_and_refuses_an_unknown_storage():

@@ -88,11 +88,14 @@ def _round_e4m3(y):
     then exact. (The Triton CPU interpreter's fp32 -> e4m3 cast drops a carry into the exponent, 124.7 -> 64,
     so the CPU tests could not check the kernel's stored values against torch's cast without this.)
     The grid step at |y| in [2^e, 2^(e+1)) is 2^(e-3) (3 mantissa bits), and 2^-9 below e4m3's smallest
-    normal 2^-6; adding and taking away 1.5 * 2^23 rounds y / step to an integer, ties to even."""
-    e = tl.maximum(((y.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
+    normal 2^-6; adding and taking away 1.5 * 2^23 rounds |y| / step to an integer, ties to even. The sign goes
+    back on last, so a negative y that rounds to zero stays -0.0, as torch's cast gives (byte 0x80, not 0x00)."""
+    bits = y.to(tl.int32, bitcast=True)
+    e = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)
     step = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)
     inv_step = ((127 - (e - 3)) << 23).to(tl.float32, bitcast=True)
-    return ((y * inv_step + 12582912.0) - 12582912.0) * step
+    r = ((tl.abs(y) * inv_step + 12582912.0) - 12582912.0) * step
+    return tl.where(bits < 0, -r, r)
 
 
 @triton.jit
