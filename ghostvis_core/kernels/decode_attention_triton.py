@@ -25,7 +25,9 @@ Tiles, measured on an H200 (d20 decode shapes: 10 heads of 128, 384 slots, bf16;
 ghostvis_core.bench.decode_attention`, docs/BENCHMARKS.md): 16 slots per iteration under 2 warps beat 64 under 4
 at every batch, and more, shorter spans win until about 32 programs per SM: batch 64 with 200 cached, 54.3 ->
 27.9 us (2.4 TB/s); batch 256 with 256 cached, 195 -> 102 us (3.3 TB/s); flash_attn_with_kvcache 35.5 and 140 us.
-Many small programs keep more loads in flight than a few pipelined ones.
+Many small programs keep more loads in flight than a few pipelined ones. In the 2-D form (below) one warp per
+program then beat two over both caches, 19-26% at every batch (2-D form, one call, docs/BENCHMARKS.md): bf16 at batch 256 103.9 -> 83.9 us
+(4.0 TB/s), batch 512 191.4 -> 158.1 us; fp8 (64 slots) at batch 256 71.6 -> 56.5 us, batch 512 130.2 -> 111.1 us.
 
 Why not flash_attn_with_kvcache at decode: it runs its prefill tiles (64 query rows) for a single query row.
 Here the G query heads of a KV head share each K/V load, with no tensor-core tile to fill.
@@ -34,8 +36,8 @@ fp8 caches (kv_cache.py, kv_cache_dtype="fp8"): the caches hold float8 e4m3 and 
 one fp32 scale per token and KV head. The scales fold into the math instead of a dequantized tile:
 s_j = (q . k8_j) * ks_j * D**-0.5 and acc += sum_j (p_j * vs_j) v8_j. The new token is quantized as
 kv_cache.quantize_fp8 does (amax over D, round-to-nearest divisions) and folded in from its stored fp8 value,
-so this step sees exactly what later steps will read. Its tile was swept on the H200 (`--fp8` below): 64 slots
-under 2 warps; 16-slot tiles, the bf16 kernel's, ran 2x slower, and 4 warps slower still.
+so this step sees exactly what later steps will read. Its tile was swept on the H200 (`--fp8` below): 64 slots;
+16-slot tiles, the bf16 kernel's, ran 2x slower, and 4 warps slower still; one warp, as for bf16 (above).
 
 The 2-D form (FLAT, the default when G == 1, as in d20 with 10 heads over 10 KV heads): with one query head per KV
 head the (BLOCK_G, BLOCK, D) products are computed as (BLOCK, D) ones in the loaded tile's own layout, s = sum_D k
@@ -60,10 +62,11 @@ import triton.language as tl
 from ghostvis_core import kv_cache
 
 BLOCK_N = 16  # cached tokens per loop iteration (module docstring: measured)
-NUM_WARPS = 2
+NUM_WARPS = 2  # the 3-D form (module docstring: measured)
 NUM_STAGES = 2
 FP8_BLOCK_N = 64  # over an fp8 cache (module docstring: measured)
 FP8_NUM_WARPS = 2
+FLAT_NUM_WARPS = 1  # the 2-D form, over either cache (module docstring: measured)
 PROGRAMS_PER_SM = 32
 MAX_SPLITS = 64  # the last program reads every span's (D,) partial in turn: a bound on that serial tail
 FP8_MAX = tl.constexpr(kv_cache.FP8_MAX)
@@ -259,8 +262,8 @@ def decode_attention_triton(q_BHD, k_new_BKD, v_new_BKD, k_cache_BSKD, v_cache_B
                             flat: bool | None = None) -> torch.Tensor:  # fmt: skip
     """Write each row's new K/V at its slot and attend to slots [0, len_b] (module docstring); (B, H, D).
     k_scale_BSK, v_scale_BSK: the fp32 scales of fp8 e4m3 caches (both or neither).
-    block_n, num_warps, num_stages: the split kernel's tile and launch settings (None: BLOCK_N, NUM_WARPS, or
-    FP8_BLOCK_N, FP8_NUM_WARPS over an fp8 cache).
+    block_n, num_warps, num_stages: the split kernel's tile and launch settings (None: BLOCK_N, or FP8_BLOCK_N
+    over an fp8 cache; FLAT_NUM_WARPS in the 2-D form, else NUM_WARPS, or FP8_NUM_WARPS over an fp8 cache).
     pdl: launch with programmatic dependent launch (Hopper and later, CUDA), overlapping this kernel's launch
     with the tail of the one before, as the compiled step's own kernels do when it is on (batch_engine).
     flat: the 2-D form (module docstring); None: on when there is one query head per KV head."""
@@ -274,7 +277,7 @@ def decode_attention_triton(q_BHD, k_new_BKD, v_new_BKD, k_cache_BSKD, v_cache_B
     flat = (G == 1) if flat is None else flat
     assert not flat or G == 1, "the 2-D form holds one query head per KV head"
     block_n = block_n or (FP8_BLOCK_N if fp8 else BLOCK_N)
-    num_warps = num_warps or (FP8_NUM_WARPS if fp8 else NUM_WARPS)
+    num_warps = num_warps or (FLAT_NUM_WARPS if flat else FP8_NUM_WARPS if fp8 else NUM_WARPS)
     assert fp8 == (v_scale_BSK is not None) == (k_cache_BSKD.dtype == torch.float8_e4m3fn), "fp8 cache and scales"
     if fp8:
         assert v_scale_BSK.stride() == k_scale_BSK.stride()
