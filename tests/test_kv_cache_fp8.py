@@ -145,9 +145,11 @@ def test_the_fp8_store_on_cuda_writes_the_cpu_store_bytes():
     store_fp8(kv[:, :, 0], kv[:, :, 1], k8, v8, ks, vs, rows, starts)
     on_gpu = [t.cuda() for t in (caches[0], caches[2], caches[1], caches[3])]
     store_fp8(kv[:, :, 0].cuda(), kv[:, :, 1].cuda(), *on_gpu, rows.cuda(), starts.cuda())
-    for got, want in zip(on_gpu, (k8, v8, ks, vs), strict=True):
+    for name, got, want in zip(("k", "v", "k_scale", "v_scale"), on_gpu, (k8, v8, ks, vs), strict=True):
         as_bits = (lambda t: t.view(torch.uint8)) if want.dtype == FP8 else (lambda t: t)
-        assert torch.equal(as_bits(got.cpu()), as_bits(want))
+        bad = (as_bits(got.cpu()) != as_bits(want)).nonzero()
+        assert not len(bad), (f"{name}: {len(bad)} of {want.numel()} differ, first at {bad[0].tolist()}: "
+                              f"{as_bits(got.cpu())[tuple(bad[0])]} against {as_bits(want)[tuple(bad[0])]}")  # fmt: skip
 
 
 def test_fp8_cache_halves_the_bytes_and_refuses_an_unknown_storage():
