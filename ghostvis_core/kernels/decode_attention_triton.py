@@ -98,7 +98,9 @@ def _round_e4m3(y):
     step = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)
     inv_step = ((127 - (e - 3)) << 23).to(tl.float32, bitcast=True)
     r = ((tl.abs(y) * inv_step + 12582912.0) - 12582912.0) * step
-    return tl.where(bits < 0, -r, r)
+    # the sign bit ORed in as an integer: a float negation or select of a zero may be folded away when compiled
+    # (-0.0 == 0.0), which left +0.0 on the H200 where the interpreter gave -0.0
+    return (r.to(tl.int32, bitcast=True) | ((bits >> 31) << 31)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
