@@ -350,7 +350,6 @@ def attention_with_kvcache(
         rows = torch.arange(B, device=q_BTHD.device)[:, None].expand(B, T)
     else:
         rows = cache_batch_idx.to(torch.long)[:, None].expand(B, T)
-    slots = q_pos.clamp(max=S - 1)
     if fp8:
         from ghostvis_core.kv_cache import dequantize_fp8, store_fp8
 
@@ -358,6 +357,7 @@ def attention_with_kvcache(
         if fresh_ctx is not None:
             return attention(q_BTHD, k_BTKD, v_BTKD, fresh_ctx)
     else:
+        slots = q_pos.clamp(max=S - 1)  # (store_fp8 clamps its own)
         k_cache_BSKD[rows, slots] = k_BTKD
         v_cache_BSKD[rows, slots] = v_BTKD
     if cache_batch_idx is not None:  # attend to those rows only (a gather: prefill, not the decode loop)
