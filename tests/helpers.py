@@ -402,3 +402,31 @@ def one_process_and_two_ranks(tmp_path, recipe: str, single, multi, env) -> tupl
     )
     assert two.returncode == 0, two.stderr[-3000:]
     return read_metrics(single.run_dir / "metrics.jsonl"), read_metrics(multi.run_dir / "metrics.jsonl"), two.stderr
+
+
+def greedy_divergence(model, prompts: Sequence[Sequence[int]], got: Sequence[Sequence[int]],
+                      want: Sequence[Sequence[int]]) -> list[dict]:  # fmt: skip
+    """Where two greedy runs of `model` part: for each prompt whose tokens differ, the first differing position,
+    both tokens there, and the top-2 margin of the float32 logits after the shared prefix (a float32 copy of
+    model, run eagerly), with the logit gap between the two picks. A gap near 0 is a near-tie that bf16 rounding
+    can flip; a gap of the size of typical logit spreads means one run picked a wrong token."""
+    import copy
+
+    ref = copy.deepcopy(model).float()
+    device = next(ref.parameters()).device
+    report = []
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        if list(a) == list(b):
+            continue
+        k = next((j for j, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+        if k is None:  # one is a prefix of the other: a length difference, no token to compare
+            report.append({"prompt": i, "lengths": (len(a), len(b))})
+            continue
+        ids = torch.tensor([list(prompts[i]) + list(a[:k])], device=device)
+        with torch.no_grad():
+            logits = ref(ids)[0, -1].double()
+        top = logits.topk(2)
+        report.append({"prompt": i, "at": k, "got": a[k], "want": b[k],
+                       "fp32_top2_margin": float(top.values[0] - top.values[1]),
+                       "fp32_gap_got_minus_want": float(logits[a[k]] - logits[b[k]])})  # fmt: skip
+    return report

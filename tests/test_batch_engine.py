@@ -37,6 +37,28 @@ def _one_by_one(engine, prompts, sampling, max_tokens):
     return out
 
 
+def test_greedy_divergence_reports_the_first_differing_pick_and_its_fp32_margin(model):
+    """The report the GPU graph test prints when two greedy runs part: here a run is edited to take the
+    runner-up at position 3, so the report must name that position and give gap == margin > 0."""
+    from helpers import greedy_divergence
+
+    prompts = _prompts(2)
+    got = [c.token_ids for c in Engine(model).generate_many(prompts, GREEDY, 8)]
+    ids = torch.tensor([prompts[1] + got[1][:3]])
+    with torch.no_grad():
+        logits = model(ids)[0, -1].double()
+    top = logits.topk(2)
+    want = [list(got[0]), got[1][:3] + [int(top.indices[1])] + got[1][4:]]
+    assert int(top.indices[0]) == got[1][3]  # greedy picked the top logit
+    assert greedy_divergence(model, prompts, got, got) == []
+    [row] = greedy_divergence(model, prompts, got, want)
+    assert (row["prompt"], row["at"], row["got"], row["want"]) == (1, 3, got[1][3], int(top.indices[1]))
+    margin = float(top.values[0] - top.values[1])
+    assert row["fp32_top2_margin"] == pytest.approx(margin, rel=1e-5) and margin > 0
+    assert row["fp32_gap_got_minus_want"] == pytest.approx(margin, rel=1e-5)
+    assert greedy_divergence(model, prompts, got, [got[0], got[1][:5]]) == [{"prompt": 1, "lengths": (8, 5)}]
+
+
 def test_greedy_with_cache_equals_recompute(model):
     engine = Engine(model)
     for prompt in _prompts(3):
