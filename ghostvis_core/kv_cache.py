@@ -21,9 +21,9 @@ fp8. A prefill of fresh rows (KVCache.fresh) attends over its own new K/V throug
 stores them quantized; every other path (a prefill onto cached tokens, CPU decode) quantizes on write and attends
 over the dequantized rows (attention.attention_with_kvcache).
 
-Measured on an H200 (docs/BENCHMARKS.md): the attention kernel 1.45x faster than over bf16 at batch 256 and
-1.48x at batch 512; the whole `ghostvis bench` run over 1,000 prompts 1.11x the bf16 cache's at batch 256 (76.1k
-against 68.6k output tok/s, same call); the time to first token still longer (161 against 103 ms mean).
+Measured on an H200 (docs/BENCHMARKS.md, 2026-12-04): the decode kernel over fp8 took 56.2 / 108.9 us against
+82.7 / 155.0 us over bf16 at batch 256 / 512; the whole `ghostvis bench` run over 1,000 prompts at batch 512 gave
+107.0k against 85.7k output tok/s (1.25x), with the time to first token 208 against 190 ms mean.
 """
 
 from __future__ import annotations
