@@ -409,11 +409,19 @@ def greedy_divergence(model, prompts: Sequence[Sequence[int]], got: Sequence[Seq
     """Where two greedy runs of `model` part: for each prompt whose tokens differ, the first differing position,
     both tokens there, and the top-2 margin of the float32 logits after the shared prefix (a float32 copy of
     model, run eagerly), with the logit gap between the two picks. A gap near 0 is a near-tie that bf16 rounding
-    can flip; a gap of the size of typical logit spreads means one run picked a wrong token."""
-    import copy
+    can flip; a gap of the size of typical logit spreads means one run picked a wrong token.
 
-    ref = copy.deepcopy(model).float()
-    device = next(ref.parameters()).device
+    The reference is a new GPT under its own float32 plan, loaded from model's state dict: `.float()` on a copy
+    would leave a served model's fused q|k|v and gate|up tensors (GPT.fuse_projections_) in their dtype, and
+    its plan's attention backends (flash-attn) were chosen for bf16."""
+    from ghostvis_core.engine import inference_plan
+    from ghostvis_core.gpt import GPT
+
+    device = next(model.parameters()).device
+    with torch.device(device):
+        ref = GPT(model.config, inference_plan(model.config, device.type, "float32", compile=False))
+    ref.load_state_dict(model.state_dict())
+    ref.eval()
     report = []
     for i, (a, b) in enumerate(zip(got, want, strict=True)):
         if list(a) == list(b):

@@ -3,6 +3,8 @@ stop tokens and strings, streaming, and a prefill from prompt embeddings."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from test_gpt import V, randomized, tiny_config
@@ -57,6 +59,24 @@ def test_greedy_divergence_reports_the_first_differing_pick_and_its_fp32_margin(
     assert row["fp32_top2_margin"] == pytest.approx(margin, rel=1e-5) and margin > 0
     assert row["fp32_gap_got_minus_want"] == pytest.approx(margin, rel=1e-5)
     assert greedy_divergence(model, prompts, got, [got[0], got[1][:5]]) == [{"prompt": 1, "lengths": (8, 5)}]
+
+
+def test_greedy_divergence_takes_a_served_bf16_model():
+    """The GPU test hands it a served model: bf16, q|k|v and gate|up fused (engine.cast_parameters_). Its float32
+    reference must still run (a `.float()` copy kept the fused tensors in bf16 and failed in F.linear) and leave
+    the served model as it was."""
+    from helpers import greedy_divergence
+
+    from ghostvis_core.bench.infer_bench import random_model
+
+    served = random_model("tiny", "cpu", "bfloat16", compile=False).model
+    prompts = _prompts(2)
+    got = [c.token_ids for c in Engine(served).generate_many(prompts, GREEDY, 6)]
+    want = [list(got[0]), got[1][:2] + [(got[1][2] + 1) % V] + got[1][3:]]
+    [row] = greedy_divergence(served, prompts, got, want)
+    assert (row["prompt"], row["at"], row["got"], row["want"]) == (1, 2, got[1][2], want[1][2])
+    assert row["fp32_top2_margin"] >= 0 and math.isfinite(row["fp32_gap_got_minus_want"])
+    assert next(served.parameters()).dtype == torch.bfloat16
 
 
 def test_greedy_with_cache_equals_recompute(model):
