@@ -234,10 +234,10 @@ def _triton_decode_attention(
     from ghostvis_core.kernels.decode_attention_triton import decode_attention_triton
 
     return decode_attention_triton(q[:, 0], k[:, 0], v[:, 0], k_cache, v_cache, cache_seqlens,
-                                   pdl=_inductor_pdl(q.device))[:, None]  # fmt: skip
+                                   pdl=inductor_pdl(q.device))[:, None]  # fmt: skip
 
 
-def _inductor_pdl(device: torch.device) -> bool:
+def inductor_pdl(device: torch.device) -> bool:
     """Whether the compiled step around this call launches its kernels with programmatic dependent launch
     (batch_engine.decode_inductor_options, on Hopper and later): the decode kernel then does too, so each of
     its two kernel boundaries overlaps a launch like the step's other ones."""
@@ -262,7 +262,7 @@ def _triton_decode_attention_fp8(
     from ghostvis_core.kernels.decode_attention_triton import decode_attention_triton
 
     return decode_attention_triton(q[:, 0], k[:, 0], v[:, 0], k_cache, v_cache, cache_seqlens,
-                                   pdl=_inductor_pdl(q.device), k_scale_BSK=k_scale, v_scale_BSK=v_scale)[:, None]
+                                   pdl=inductor_pdl(q.device), k_scale_BSK=k_scale, v_scale_BSK=v_scale)[:, None]
 
 
 @_triton_decode_attention_fp8.register_fake

@@ -217,8 +217,12 @@ class BackendPlan:
     """Whether the block linears train in float8: backend none | tensorwise | rowwise."""
     activation_checkpointing: Choice = None  # type: ignore[assignment]
     """Which blocks recompute their activations in backward: backend none | full | selective."""
+    decode_layers: Choice = None  # type: ignore[assignment]
+    """How a small-batch decode step runs its layers: triton (fused kernels) | torch (decode_layers.py)."""
 
     def __post_init__(self):
+        if self.decode_layers is None:
+            object.__setattr__(self, "decode_layers", Choice("torch", "PyTorch layers", "not planned"))
         if self.fp8 is None:
             object.__setattr__(self, "fp8", Choice("none", "off", "not requested"))
         if self.activation_checkpointing is None:
@@ -537,6 +541,7 @@ def plan_run(env: EnvFacts, facts: RunFacts) -> BackendPlan:
             f"(torch {env.torch_version}, CUDA build {env.torch_cuda or 'none'}). "
             "Fix: install a CUDA build of torch on a GPU machine, or use the CPU"
         )
+    from ghostvis_core.decode_layers import choose_decode_layers
     from ghostvis_core.training_choices import choose_activation_checkpointing, choose_fp8
 
     ctx = attention_context(env, facts)
@@ -555,6 +560,7 @@ def plan_run(env: EnvFacts, facts: RunFacts) -> BackendPlan:
         inference=_choose_inference(ctx, facts.inference),
         fp8=choose_fp8(env, facts),
         activation_checkpointing=choose_activation_checkpointing(facts),
+        decode_layers=choose_decode_layers(env, facts),
     )
 
 
@@ -583,6 +589,8 @@ def format_banner(plan: BackendPlan) -> str:
     if plan.facts.purpose != "inference":
         lines.append(f"Optimizer: {plan.optimizer.label} ({plan.optimizer.reason})")
     lines.append(f"Inference: {plan.inference.label} ({plan.inference.reason})")
+    if plan.facts.purpose == "inference":
+        lines.append(f"Decode layers: {plan.decode_layers.label} ({plan.decode_layers.reason})")
     if plan.fp8.backend != "none":
         lines.append(f"fp8: {plan.fp8.label} ({plan.fp8.reason})")
     if plan.activation_checkpointing.backend != "none":

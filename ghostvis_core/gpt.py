@@ -31,6 +31,7 @@ from ghostvis_core.attention import (
 from ghostvis_core.backends import BackendPlan
 from ghostvis_core.config import GPTConfig
 from ghostvis_core.constants import IGNORE_INDEX
+from ghostvis_core.decode_layers import fused_decode_logits, runs_fused
 from ghostvis_core.errors import ConfigError
 from ghostvis_core.kernels.dispatch import rms_norm_fn, swiglu_fn
 from ghostvis_core.kv_cache import KVCache, check_kv_cache_dtype, fp8_cache_backends
@@ -522,6 +523,8 @@ class GPT(nn.Module):
         x = self.model.embed_tokens(input_ids_BT) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
         self._check_device(x.device)
+        if runs_fused(self, cache, T):  # a small-batch decode step: the fused kernels (decode_layers.py)
+            return fused_decode_logits(self, x, cache)
         pos = cache.cache_seqlens[:, None].to(torch.long) + torch.arange(T, device=x.device)
         cos, sin = rope_cos_sin(pos, self.inv_freq)
         # Fresh rows of an fp8 cache attend over their own new K/V through the plan's dense case (KVCache.fresh):

@@ -274,7 +274,7 @@ def test_plan_to_dict_roundtrip_keys():
     d = plan_backends(make_env("t4")).to_dict()
     assert set(d) == {
         "device_type", "dtype", "compiled", "world_size", "attention", "rms_norm", "swiglu", "optimizer", "inference",
-        "fp8", "activation_checkpointing",
+        "fp8", "activation_checkpointing", "decode_layers",
     }
     assert set(d["attention"]) == set(ATTENTION_CASES)
     assert d["attention"]["dense"]["label"] == "SDPA/efficient"

@@ -2,7 +2,7 @@
 
     python -m ghostvis_core.bench.decode_step [--preset d20] [--batch 1 64] [--cached 200] [--slots 384]
         [--attn auto flash_attn] [--unfused] [--pdl default|on|off ...] [--kv-cache-dtype auto fp8]
-        [--census] [--json]
+        [--layers plan torch] [--sweep-fused] [--census] [--json]
 
 Random weights, the plan's dtype (bf16 on CUDA). Each row builds the engine's static batch of --slots cache
 slots per row with --cached tokens already cached, then replays the decode step (compiled and CUDA-graph
@@ -11,7 +11,11 @@ decode attention request (auto: the plan's choice). --unfused adds rows with the
 kept apart (the pre-fusion step). --pdl times the step generated with programmatic dependent launch (Hopper
 and later) as the engine sets it, forced on, or forced off, in the order given. --kv-cache-dtype times the
 step over each cache storage (fp8: e4m3 with per-token scales, kv_cache.py). --census adds a profiler kernel
-count and the largest kernels of the compiled step run without its graph. On the CPU it runs eagerly (a smoke run: no graph, no compile).
+count and the largest kernels of the compiled step run without its graph. --layers times the step's layers as the
+plan runs them (the fused small-batch kernels of decode_layers.py up to its batch limit) and forced to the
+PyTorch layers. --sweep-fused times the fused step with each projection's kernel tile varied in turn
+(kernels/decode_linear_triton.CONFIG_OVERRIDES), the others at their defaults. On the CPU it runs eagerly (a
+smoke run: no graph, no compile).
 """
 
 from __future__ import annotations
@@ -40,17 +44,21 @@ def _set_fused(model, on: bool, saved: list) -> None:
 
 
 def time_step(model, batch_size: int, slots: int, cached: int, census: bool, pdl: bool | None = None,
-              kv_cache_dtype: str = "auto") -> dict:
+              kv_cache_dtype: str = "auto", engine=None) -> dict:
     """ms per replayed decode step of a (batch_size, slots) batch holding `cached` tokens per row; pdl: the
-    step generated with programmatic dependent launch on or off (None: the engine's default)."""
+    step generated with programmatic dependent launch on or off (None: the engine's default). engine: reuse
+    that engine's compiled step (a fresh batch and graph), else compile a new one."""
     from ghostvis_core.batch_engine import Engine
 
-    torch._dynamo.reset()  # each row compiles its own step
-    engine = Engine(model, inductor_options=None if pdl is None else {"triton.enable_pdl": pdl},
-                    kv_cache_dtype=kv_cache_dtype)
+    if engine is None:
+        torch._dynamo.reset()  # each row compiles its own step
+        engine = Engine(model, inductor_options=None if pdl is None else {"triton.enable_pdl": pdl},
+                        kv_cache_dtype=kv_cache_dtype)
+    engine._batches.clear()
     batch = engine.batch(batch_size, slots)
     device = batch.tokens.device
-    row: dict = {"batch": batch_size, "decode": model.plan.attention["decode"].label}
+    row: dict = {"batch": batch_size, "decode": model.plan.attention["decode"].label,
+                 "layers": model.plan.decode_layers.backend}
     with torch.no_grad():
         batch.cache.cache_seqlens.fill_(cached)
         step = engine.step_fn(batch, "greedy")
@@ -98,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="programmatic dependent launch in the step: the engine's setting, on, off")
     p.add_argument("--kv-cache-dtype", nargs="+", choices=["auto", "fp8"], default=["auto"],
                    help="KV cache storage of each row (in the order given)")
+    p.add_argument("--layers", nargs="+", choices=["plan", "torch"], default=["plan"],
+                   help="the step's layers as planned (fused kernels at small batches) or forced to PyTorch")
+    p.add_argument("--sweep-fused", action="store_true", help="vary each fused projection's tile in turn")
     p.add_argument("--census", action="store_true", help="profile the kernels of each step (CUDA)")
     p.add_argument("--device", default=None, help="cuda | cpu (default: this machine's GPU, else CPU)")
     p.add_argument("--json", action="store_true")
@@ -117,23 +128,72 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _rows(args) -> list[dict]:
+    import dataclasses
+
+    from ghostvis_core.backends import Choice
+
     rows = []
     for attn in args.attn:
         model = random_model(args.preset, args.device, "auto", attn=attn).model
+        planned = model.plan
         saved: list = []
-        for fused in (True, False) if args.unfused else (True,):
+        for fused, layers in itertools.product((True, False) if args.unfused else (True,), args.layers):
             _set_fused(model, fused, saved)
+            model.plan = planned if layers == "plan" else dataclasses.replace(
+                planned, decode_layers=Choice("torch", "PyTorch layers", "--layers torch"))
             for kv, pdl, batch_size in itertools.product(args.kv_cache_dtype, args.pdl, args.batch):
                 on = {"default": None, "on": True, "off": False}[pdl]
                 row = {"attn": attn, "fused": fused, "pdl": pdl, "kv_cache_dtype": kv,
                        **time_step(model, batch_size, args.slots, args.cached, args.census, on, kv)}  # fmt: skip
                 rows.append(row)
-                if not args.json:
-                    print(f"{attn:>10} fused={fused!s:5} pdl={pdl:7} kv={kv:4} B={batch_size:4d}  {row['ms_per_step']:8.3f} "
-                          f"ms/step {row['tokens_per_s']:10,.0f} tok/s  ({row['decode']})", flush=True)  # fmt: skip
-                    for name, ms, count in row.get("largest", []):
-                        print(f"    {ms:8.3f} ms  x{count:4.0f}  {name}")
+                _print(args, row)
+        model.plan = planned
+        if args.sweep_fused:
+            rows += sweep_fused(model, args)
         del model
+    return rows
+
+
+def _print(args, row: dict, note: str = "") -> None:
+    if args.json:
+        return
+    print(f"{row['attn']:>10} fused={row['fused']!s:5} layers={row['layers']:6} pdl={row['pdl']:7} "
+          f"kv={row['kv_cache_dtype']:4} B={row['batch']:4d}  {row['ms_per_step']:8.3f} ms/step "
+          f"{row['tokens_per_s']:10,.0f} tok/s  ({row['decode']}){note}", flush=True)  # fmt: skip
+    for name, ms, count in row.get("largest", []):
+        print(f"    {ms:8.3f} ms  x{count:4.0f}  {name}")
+
+
+SWEEP = {  # epilogue -> (BLOCK_N, BLOCK_K, num_warps) tried for it
+    "rope": [(b, k, w) for b in (2, 4, 8) for k in (256, 512) for w in (2, 4)],
+    "residual": [(b, k, w) for b in (4, 8, 16) for k in (256, 512, 1024) for w in (2, 4)],
+    "swiglu": [(b, k, w) for b in (2, 4, 8) for k in (256, 512) for w in (2, 4)],
+    "plain": [(b, k, w) for b in (8, 16, 32, 64) for k in (256, 512) for w in (4, 8)],
+}
+
+
+def sweep_fused(model, args) -> list[dict]:
+    """The fused step of the first --batch size, one projection's tile varied at a time (the rest default)."""
+    from ghostvis_core.batch_engine import Engine
+    from ghostvis_core.kernels import decode_linear_triton as kernels
+
+    c = model.config
+    H, K, D, C, F = c.n_head, c.n_kv_head, c.head_dim, c.n_embd, c.mlp_hidden
+    shapes = [("rope", (H + 2 * K) * D, C), ("residual", C, H * D), ("swiglu", F, C), ("residual", C, F),
+              ("plain", c.vocab_size, C)]  # fmt: skip
+    torch._dynamo.reset()
+    engine = Engine(model, kv_cache_dtype=args.kv_cache_dtype[0])
+    batch_size, rows = args.batch[0], []
+    for epilogue, n_out, k in shapes:
+        for config in SWEEP[epilogue]:
+            kernels.CONFIG_OVERRIDES.clear()
+            kernels.CONFIG_OVERRIDES[epilogue, n_out, k] = config
+            row = {"attn": "sweep", "fused": True, "pdl": "default", "kv_cache_dtype": args.kv_cache_dtype[0],
+                   "shape": [epilogue, n_out, k], "config": list(config),
+                   **time_step(model, batch_size, args.slots, args.cached, False, engine=engine)}  # fmt: skip
+            rows.append(row)
+            _print(args, row, f"  {epilogue} {n_out}x{k} tile {config}")
+    kernels.CONFIG_OVERRIDES.clear()
     return rows
 
 
