@@ -37,6 +37,9 @@ Fp8Request = Literal["none", "tensorwise", "rowwise"]
 """fp8 training of the block linears (torchao float8 recipes); none keeps every GEMM in the compute dtype."""
 ActivationCheckpointing = Literal["none", "full", "selective"]
 """Recompute block activations in backward: none, every block, or every other block (gpt.py)."""
+DecodeLayersRequest = Literal["auto", "triton", "torch"]
+"""A small-batch decode step's layers: the fused Triton kernels (decode_layers.py), the PyTorch layers, or the
+plan's choice (auto: torch, measured no slower)."""
 Dtype = Literal["bfloat16", "float16", "float32"]
 DeviceType = Literal["cuda", "cpu"]
 
@@ -48,6 +51,7 @@ NORM_BACKENDS: tuple[str, ...] = get_args(NormBackend)
 SWIGLU_BACKENDS: tuple[str, ...] = get_args(SwigluBackend)
 OPTIMIZER_REQUESTS: tuple[str, ...] = get_args(OptimizerRequest)
 INFERENCE_REQUESTS: tuple[str, ...] = get_args(InferenceRequest)
+DECODE_LAYERS_REQUESTS: tuple[str, ...] = get_args(DecodeLayersRequest)
 DTYPES: tuple[str, ...] = get_args(Dtype)
 FP8_REQUESTS: tuple[str, ...] = get_args(Fp8Request)
 ACTIVATION_CHECKPOINTING: tuple[str, ...] = get_args(ActivationCheckpointing)

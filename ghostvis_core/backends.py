@@ -24,6 +24,7 @@ from ghostvis_core.backend_names import (
     ATTENTION_CASES,
     ATTN_REQUEST_TO_BACKEND,
     ATTN_REQUESTS,
+    DECODE_LAYERS_REQUESTS,
     DTYPES,
     FP8_REQUESTS,
     INFERENCE_REQUESTS,
@@ -103,6 +104,8 @@ class RunFacts:
     """Parameters are sharded with FSDP2 (fp8 then all-gathers the weights in float8 where the recipe allows)."""
     purpose: str = "train"
     """"train" or "inference": what the banner reports (an inference run has no optimizer to name)."""
+    decode_layers: str = "auto"
+    """Small-batch decode layers request (backend_names.DecodeLayersRequest)."""
 
     def __post_init__(self):
         if self.attn not in ATTN_REQUESTS:
@@ -113,6 +116,8 @@ class RunFacts:
             raise ConfigError(f"optimizer backend={self.optimizer!r} is not one of {list(OPTIMIZER_REQUESTS)}")
         if self.inference not in INFERENCE_REQUESTS:
             raise ConfigError(f"inference backend={self.inference!r} is not one of {list(INFERENCE_REQUESTS)}")
+        if self.decode_layers not in DECODE_LAYERS_REQUESTS:
+            raise ConfigError(f"decode_layers={self.decode_layers!r} is not one of {list(DECODE_LAYERS_REQUESTS)}")
         if self.device_type not in ("cuda", "cpu"):
             raise ConfigError(f"device_type={self.device_type!r} is not one of ['cuda', 'cpu']")
         if self.dtype not in DTYPES:

@@ -1,6 +1,7 @@
 """The fused small-batch decode step: when it runs (the plan's `decode_layers` choice) and what it computes.
 
-A decode step of at most FUSED_MAX_BATCH rows runs each decoder layer as five kernels instead of the ~11 the
+Requested (decode_layers="triton"; auto keeps the PyTorch layers, which measured as fast), a decode step of
+at most FUSED_MAX_BATCH rows runs each decoder layer as five kernels instead of the ~11 the
 compiled PyTorch layer takes (kernels/decode_linear_triton.py has the kernels and their rounding):
 
     qkv = rope(rmsnorm(x) @ W_qkv^T);   y = decode attention (the plan's decode backend, writes the cache)
@@ -20,25 +21,40 @@ import torch
 
 from ghostvis_core.backends import Choice, RunFacts
 from ghostvis_core.env import EnvFacts
+from ghostvis_core.errors import BackendUnavailableError
 from ghostvis_core.hardware_limits import arch_unavailable, package_unavailable
 
 FUSED_MAX_BATCH = 8
-"""Largest decode batch whose layers run as the fused kernels (measured: docs/BENCHMARKS.md)."""
+"""Largest decode batch whose layers run as the fused kernels when they are requested: above it every
+projection is a GEMM that cuBLAS or inductor runs well (each fused program re-reads its weights per row)."""
 
 
 def choose_decode_layers(env: EnvFacts, facts: RunFacts) -> Choice:
-    """The plan's choice for a small-batch decode step's layers: triton (the fused kernels) or torch."""
+    """The plan's choice for a small-batch decode step's layers: triton (the fused kernels) or torch.
+
+    auto keeps the compiled PyTorch layers: on an H100 (2026-12-07, d20 bf16, `decode_step --layers torch
+    triton`) the fused step took 0.760 ms at batch 1 against the PyTorch layers' 0.759 ms, and 1.133 / 1.829 /
+    2.913 ms at batch 2 / 4 / 8 where the PyTorch step is faster (docs/BENCHMARKS.md). triton is the explicit
+    request that measurements and later kernel work take; it raises where the kernels cannot run."""
+    request = facts.decode_layers
+    if request == "torch":
+        return Choice("torch", "PyTorch layers", "requested")
+    if request == "auto":
+        return Choice("torch", "PyTorch layers", "the fused decode kernels measured no faster (docs/BENCHMARKS.md)")
+    why = None
     if facts.purpose != "inference":
-        return Choice("torch", "PyTorch layers", "a training run's sampling keeps the model's own layers")
-    if facts.device_type != "cuda":
-        return Choice("torch", "PyTorch layers", "the fused decode kernels are Triton kernels for CUDA GPUs")
-    if not facts.use_fused_kernels:
-        return Choice("torch", "PyTorch layers", "use_fused_kernels=False")
-    why = arch_unavailable("triton", env.capability) or package_unavailable(env, "triton", "triton")
+        why = "a training run's sampling keeps the model's own (unfused) projections"
+    elif facts.device_type != "cuda":
+        why = "they are Triton kernels for CUDA GPUs"
+    elif not facts.use_fused_kernels:
+        why = "use_fused_kernels=False"
+    else:
+        cannot = arch_unavailable("triton", env.capability) or package_unavailable(env, "triton", "triton")
+        why = None if cannot is None else cannot.message
     if why is not None:
-        return Choice("torch", "PyTorch layers", f"the fused decode kernels cannot run here: {why.message}")
-    return Choice("triton", f"Triton fused decode layers (batch <= {FUSED_MAX_BATCH})",
-                  "5 kernels per layer instead of ~11 at batch 1, weights prefetched into L2 under PDL")
+        raise BackendUnavailableError(f"decode_layers=triton was requested but the fused decode kernels cannot "
+                                      f"run: {why}. Fix: leave decode_layers at auto")  # fmt: skip
+    return Choice("triton", f"Triton fused decode layers (batch <= {FUSED_MAX_BATCH})", "requested")
 
 
 @torch.library.custom_op("ghostvis::decode_linear", mutates_args=())

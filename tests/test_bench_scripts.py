@@ -58,6 +58,8 @@ def test_decode_step_probe_times_each_variant_on_cpu(capsys):
     assert all(r["ms_per_step"] > 0 and r["tokens_per_s"] > 0 and r["decode"] == "SDPA/math" for r in rows)
     assert decode_step.main(["--preset", "tiny", "--attn", "flash_attn", "--device", "cpu"]) == 2
     assert "flash_attn" in capsys.readouterr().err
+    assert decode_step.main(["--preset", "tiny", "--layers", "triton", "--device", "cpu"]) == 2
+    assert "decode_layers=triton was requested" in capsys.readouterr().err
 
 
 def test_decode_attention_sweep_runs_the_kernel_on_cpu(capsys):

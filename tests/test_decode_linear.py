@@ -121,25 +121,33 @@ def test_a_model_decodes_through_the_fused_layers_as_through_its_own(kernels, mo
     torch.testing.assert_close(caches[1].v, caches[0].v, rtol=1e-4, atol=1e-5)
 
 
-def test_the_fused_step_is_planned_only_for_small_inference_batches_on_cuda():
+def test_the_fused_step_runs_only_when_requested_and_only_for_small_inference_batches_on_cuda():
     from helpers import make_env
 
     from ghostvis_core import decode_layers
     from ghostvis_core.backends import RunFacts, format_banner, plan_run
+    from ghostvis_core.errors import BackendUnavailableError, ConfigError
 
     def choice(env, **kw):
         facts = dict(device_type="cuda", dtype="bfloat16", purpose="inference") | kw
         return plan_run(env, RunFacts(facts.pop("device_type"), facts.pop("dtype"), **facts)).decode_layers
 
     h100 = make_env("h100")
-    assert choice(h100).backend == "triton"
+    assert choice(h100).backend == "torch" and "measured no faster" in choice(h100).reason  # auto
+    assert choice(h100, decode_layers="torch").backend == "torch"
+    assert choice(h100, decode_layers="triton").backend == "triton"
     assert "Decode layers: Triton fused decode layers" in format_banner(
-        plan_run(h100, RunFacts("cuda", "bfloat16", purpose="inference")))
-    assert choice(h100, purpose="train").backend == "torch"  # sampling in training: separate projections
-    assert choice(h100, use_fused_kernels=False).reason == "use_fused_kernels=False"
-    without = choice(make_env("h100", triton=None))
-    assert without.backend == "torch" and "triton is not installed" in without.reason
-    assert choice(make_env("cpu"), device_type="cpu", dtype="float32").backend == "torch"
+        plan_run(h100, RunFacts("cuda", "bfloat16", purpose="inference", decode_layers="triton")))
+    for env, kw, why in [
+        (h100, dict(purpose="train"), "unfused"),  # sampling in training: separate projections
+        (h100, dict(use_fused_kernels=False), "use_fused_kernels=False"),
+        (make_env("h100", triton=None), {}, "triton is not installed"),
+        (make_env("cpu"), dict(device_type="cpu", dtype="float32"), "CUDA GPUs"),
+    ]:
+        with pytest.raises(BackendUnavailableError, match=why):
+            choice(env, decode_layers="triton", **kw)
+    with pytest.raises(ConfigError, match="decode_layers='fused' is not one of"):
+        RunFacts("cuda", "bfloat16", decode_layers="fused")
 
     model = randomized(tiny_config(), seed=1).eval().fuse_projections_()
     model.plan = dataclasses.replace(model.plan, decode_layers=decode_layers.Choice("triton", "fused", "test"))

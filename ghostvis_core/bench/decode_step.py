@@ -2,7 +2,7 @@
 
     python -m ghostvis_core.bench.decode_step [--preset d20] [--batch 1 64] [--cached 200] [--slots 384]
         [--attn auto flash_attn] [--unfused] [--pdl default|on|off ...] [--kv-cache-dtype auto fp8]
-        [--layers plan torch] [--sweep-fused] [--census] [--json]
+        [--layers plan torch triton] [--sweep-fused] [--census] [--json]
 
 Random weights, the plan's dtype (bf16 on CUDA). Each row builds the engine's static batch of --slots cache
 slots per row with --cached tokens already cached, then replays the decode step (compiled and CUDA-graph
@@ -12,8 +12,8 @@ kept apart (the pre-fusion step). --pdl times the step generated with programmat
 and later) as the engine sets it, forced on, or forced off, in the order given. --kv-cache-dtype times the
 step over each cache storage (fp8: e4m3 with per-token scales, kv_cache.py). --census adds a profiler kernel
 count and the largest kernels of the compiled step run without its graph. --layers times the step's layers as the
-plan runs them (the fused small-batch kernels of decode_layers.py up to its batch limit) and forced to the
-PyTorch layers. --sweep-fused times the fused step with each projection's kernel tile varied in turn
+plan runs them, as the PyTorch layers, and as the fused small-batch kernels of decode_layers.py (up to its
+batch limit; the PyTorch layers above it). --sweep-fused times the fused step with each projection's kernel tile varied in turn
 (kernels/decode_linear_triton.CONFIG_OVERRIDES), the others at their defaults. On the CPU it runs eagerly (a
 smoke run: no graph, no compile).
 """
@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="programmatic dependent launch in the step: the engine's setting, on, off")
     p.add_argument("--kv-cache-dtype", nargs="+", choices=["auto", "fp8"], default=["auto"],
                    help="KV cache storage of each row (in the order given)")
-    p.add_argument("--layers", nargs="+", choices=["plan", "torch"], default=["plan"],
-                   help="the step's layers as planned (fused kernels at small batches) or forced to PyTorch")
+    p.add_argument("--layers", nargs="+", choices=["plan", "torch", "triton"], default=["plan"],
+                   help="the step's layers as planned, the PyTorch layers, or the fused Triton kernels")
     p.add_argument("--sweep-fused", action="store_true", help="vary each fused projection's tile in turn")
     p.add_argument("--census", action="store_true", help="profile the kernels of each step (CUDA)")
     p.add_argument("--device", default=None, help="cuda | cpu (default: this machine's GPU, else CPU)")
@@ -127,11 +127,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _rows(args) -> list[dict]:
+def layers_plan(planned, layers: str):
+    """The plan with its decode layers as `layers` names them (plan: unchanged); raises where they can't run."""
     import dataclasses
 
-    from ghostvis_core.backends import Choice
+    from ghostvis_core.decode_layers import choose_decode_layers
+    from ghostvis_core.env import probe_env
 
+    if layers == "plan":
+        return planned
+    facts = dataclasses.replace(planned.facts, decode_layers=layers)
+    return dataclasses.replace(planned, facts=facts, decode_layers=choose_decode_layers(probe_env(), facts))
+
+
+def _rows(args) -> list[dict]:
     rows = []
     for attn in args.attn:
         model = random_model(args.preset, args.device, "auto", attn=attn).model
@@ -139,17 +148,17 @@ def _rows(args) -> list[dict]:
         saved: list = []
         for fused, layers in itertools.product((True, False) if args.unfused else (True,), args.layers):
             _set_fused(model, fused, saved)
-            model.plan = planned if layers == "plan" else dataclasses.replace(
-                planned, decode_layers=Choice("torch", "PyTorch layers", "--layers torch"))
+            model.plan = layers_plan(planned, layers)
             for kv, pdl, batch_size in itertools.product(args.kv_cache_dtype, args.pdl, args.batch):
                 on = {"default": None, "on": True, "off": False}[pdl]
                 row = {"attn": attn, "fused": fused, "pdl": pdl, "kv_cache_dtype": kv,
                        **time_step(model, batch_size, args.slots, args.cached, args.census, on, kv)}  # fmt: skip
                 rows.append(row)
                 _print(args, row)
-        model.plan = planned
         if args.sweep_fused:
+            model.plan = layers_plan(planned, "triton")
             rows += sweep_fused(model, args)
+        model.plan = planned
         del model
     return rows
 
@@ -164,11 +173,11 @@ def _print(args, row: dict, note: str = "") -> None:
         print(f"    {ms:8.3f} ms  x{count:4.0f}  {name}")
 
 
-SWEEP = {  # epilogue -> (BLOCK_N, BLOCK_K, num_warps) tried for it
-    "rope": [(b, k, w) for b in (2, 4, 8) for k in (256, 512) for w in (2, 4)],
-    "residual": [(b, k, w) for b in (4, 8, 16) for k in (256, 512, 1024) for w in (2, 4)],
-    "swiglu": [(b, k, w) for b in (2, 4, 8) for k in (256, 512) for w in (2, 4)],
-    "plain": [(b, k, w) for b in (8, 16, 32, 64) for k in (256, 512) for w in (4, 8)],
+SWEEP = {  # epilogue -> (BLOCK_N, BLOCK_K, num_warps) tried for it, around default_config's choice
+    "rope": [(b, k, w) for b in (1, 2) for k in (512, 1024, 2048) for w in (1, 2)],
+    "residual": [(b, k, w) for b in (2, 4) for k in (1024, 2048) for w in (1, 2)],
+    "swiglu": [(b, k, w) for b in (1, 2) for k in (512, 1024, 2048) for w in (1, 2)],
+    "plain": [(b, k, w) for b in (8, 16, 64) for k in (512, 1024) for w in (2, 4)],
 }
 
 

@@ -170,9 +170,13 @@ def default_config(n_out: int, k: int, epilogue: str) -> tuple[int, int, int]:
     ghostvis_core.bench.decode_step --sweep-fused`, docs/BENCHMARKS.md)."""
     if (epilogue, n_out, k) in CONFIG_OVERRIDES:
         return CONFIG_OVERRIDES[epilogue, n_out, k]
-    two = epilogue in ("rope", "swiglu")
-    block_n = 4 if two else 8
-    return block_n, min(512, triton.next_power_of_2(k)), 4
+    # d20 at batch 1 on an H100 (sweep of 2026-12-05): fewer warps and longer K chunks keep more of each
+    # program's bytes in flight; two-row-set epilogues (rope, swiglu) hold two accumulators, so half the rows
+    if epilogue in ("rope", "swiglu"):
+        return 2, min(512, triton.next_power_of_2(k)), 2
+    if epilogue == "residual":
+        return 4, min(1024, triton.next_power_of_2(k)), 2
+    return 8, min(512, triton.next_power_of_2(k)), 4
 
 
 def decode_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, *, epilogue: str = "plain",
