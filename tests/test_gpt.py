@@ -136,7 +136,9 @@ def test_position_ids_of_one_document_match_dense():
 
 
 def test_loss_matches_fp32_cross_entropy_across_chunks(monkeypatch):
-    monkeypatch.setattr(gpt_mod, "CE_CHUNK_ROWS", 7)  # 2 x 20 rows -> 6 chunks, last one partial
+    from ghostvis_core import linear_cross_entropy as ce_mod
+
+    monkeypatch.setattr(ce_mod, "CE_CHUNK_ROWS", 7)  # 2 x 20 rows -> 6 chunks, last one partial
     model = randomized(tiny_config(tie_embeddings=True))
     ids = torch.randint(0, V, (2, 20))
     tgt = torch.randint(0, V, (2, 20))

@@ -331,7 +331,7 @@ def _norm_ms(config: GPTConfig, plan: BackendPlan, B: int) -> tuple[float, float
 
 
 def _loss_ms(config: GPTConfig, B: int) -> tuple[float, float]:
-    from ghostvis_core.gpt import linear_cross_entropy
+    from ghostvis_core.linear_cross_entropy import linear_cross_entropy
 
     N, C, V = B * config.sequence_len, config.n_embd, config.vocab_size
     h = torch.randn(N, C, device="cuda", requires_grad=True)
