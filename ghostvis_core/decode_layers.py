@@ -32,10 +32,11 @@ projection is a GEMM that cuBLAS or inductor runs well (each fused program re-re
 def choose_decode_layers(env: EnvFacts, facts: RunFacts) -> Choice:
     """The plan's choice for a small-batch decode step's layers: triton (the fused kernels) or torch.
 
-    auto keeps the compiled PyTorch layers: on an H100 (2026-12-07, d20 bf16, `decode_step --layers torch
-    triton`) the fused step took 0.760 ms at batch 1 against the PyTorch layers' 0.759 ms, and 1.133 / 1.829 /
-    2.913 ms at batch 2 / 4 / 8 where the PyTorch step is faster (docs/BENCHMARKS.md). triton is the explicit
-    request that measurements and later kernel work take; it raises where the kernels cannot run."""
+    auto keeps the compiled PyTorch layers. On an H100 (2026-12-07, d20 bf16, `decode_step --layers torch
+    triton`, ms per graphed step at batch 1 / 2 / 4 / 8) the fused step took 0.760 / 1.133 / 1.829 / 2.902
+    against the PyTorch layers' 0.759 / 0.933 / 1.011 / 1.013: a tie at one row, and slower above it, where
+    each fused program re-reads its weights for every row (docs/BENCHMARKS.md). triton is the explicit request
+    that measurements and later kernel work take; it raises where the kernels cannot run."""
     request = facts.decode_layers
     if request == "torch":
         return Choice("torch", "PyTorch layers", "requested")
