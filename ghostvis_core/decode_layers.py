@@ -41,7 +41,9 @@ def choose_decode_layers(env: EnvFacts, facts: RunFacts) -> Choice:
     if request == "torch":
         return Choice("torch", "PyTorch layers", "requested")
     if request == "auto":
-        return Choice("torch", "PyTorch layers", "the fused decode kernels measured no faster (docs/BENCHMARKS.md)")
+        if facts.device_type != "cuda":
+            return Choice("torch", "PyTorch layers", "the fused decode kernels are Triton kernels for CUDA GPUs")
+        return Choice("torch", "PyTorch layers", "the fused decode kernels measured no faster, docs/BENCHMARKS.md")
     why = None
     if facts.purpose != "inference":
         why = "a training run's sampling keeps the model's own (unfused) projections"

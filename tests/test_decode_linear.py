@@ -146,6 +146,8 @@ def test_the_fused_step_runs_only_when_requested_and_only_for_small_inference_ba
     ]:
         with pytest.raises(BackendUnavailableError, match=why):
             choice(env, decode_layers="triton", **kw)
+    cpu = choice(make_env("cpu"), device_type="cpu", dtype="float32")
+    assert cpu.backend == "torch" and "for CUDA GPUs" in cpu.reason
     with pytest.raises(ConfigError, match="decode_layers='fused' is not one of"):
         RunFacts("cuda", "bfloat16", decode_layers="fused")
 
