@@ -1,8 +1,7 @@
 """Small-batch decode projections as Triton GEMVs, each fused with its neighbours in a decoder layer.
 
 At batch 1 every projection of a decode step is a GEMV: each weight is read once for one row of activations,
-and the compiled step spends its time on the number of kernels (about 11 per d20 layer, docs/BENCHMARKS.md),
-not on bytes. Here a layer is five kernels:
+and the compiled step runs about 11 kernels per d20 layer. Here a layer is five kernels:
 
     qkv = rope(rmsnorm(x) @ W_qkv^T)                         RMSNorm in the prologue, RoPE on the q, k rows
     y   = decode attention                                    (decode_attention_triton: stores k, v)
@@ -12,9 +11,15 @@ not on bytes. Here a layer is five kernels:
 
 and the head is one more: logits = rmsnorm(x) @ W_head^T.
 
+Measured on an H100 (d20, bf16, docs/BENCHMARKS.md, 2026-12-07), the fused step ties the compiled PyTorch
+layers at batch 1 (0.760 against 0.759 ms) and loses above it (2.902 against 1.013 ms at batch 8): half the
+kernels, but each moves its bytes more slowly than cuBLAS's GEMV. So the plan runs it only when asked
+(decode_layers.py).
+
 A program owns BLOCK_N output rows (two such sets for RoPE and SwiGLU) of one batch row m and reads its weight
 rows in BLOCK_K-wide chunks, accumulating in fp32. Grid (M, row blocks), m fastest: the M programs of one block
-of weight rows run side by side, so the weight comes from DRAM once and from L2 for the other batch rows.
+of weight rows run side by side, so that the weight comes from DRAM once and from L2 for the other batch rows;
+even so the step grows with M (above), as each program still reads its rows from L2 once per batch row.
 
 Weight prefetch under programmatic dependent launch (PDL, Hopper and later): a program's weight rows do not
 depend on the kernel before it, only x does. So it first asks L2 for its rows (cp.async.bulk.prefetch.L2, one
