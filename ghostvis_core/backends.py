@@ -3,13 +3,14 @@
 `plan_run(env, facts)` turns `EnvFacts` (env.py: the machine) and `RunFacts` (the run: device, compute dtype,
 compiled or not, world size, and the user's requests) into one `BackendPlan`: the attention backend per case
 (dense causal, packed documents, decode with a KV cache, non-causal), RMSNorm, SwiGLU, the optimizer and the
-inference engine, and for training fp8 and activation checkpointing (their rules: training_choices.py; which
-engine `ghostvis infer/bench --backend` runs, native or vLLM, is engine_choice.py's). Every
+inference engine, the small-batch decode layers (decode_layers.py), and for training fp8 and activation
+checkpointing (their rules: training_choices.py; which engine `ghostvis infer/bench --backend` runs, native or vLLM, is engine_choice.py's). Every
 pick is a `Choice` with a human label and a one-line reason. `auto` falls back and says
 why; an explicit request this machine cannot meet raises `BackendUnavailableError` with the reason and the fix.
 A process builds its plan once (`training_run_facts` / `inference_run_facts` give the facts) and passes it to
 the model, the optimizer, the engine and the benchmarks; `ghostvis doctor` calls the same functions.
-Hardware limits come from hardware_limits.py; request names from backend_names.py.
+Hardware limits come from hardware_limits.py; request names from backend_names.py; the startup banner that
+reports a plan from plan_banner.py.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ from ghostvis_core.hardware_limits import (
     package_unavailable,
 )
 from ghostvis_core.hardware_limits import arch_unavailable as _arch_unavailable
-from ghostvis_core.log import first_time, get_logger
 
 __all__ = [
     "ATTENTION_CASES",
@@ -47,9 +47,7 @@ __all__ = [
     "Choice",
     "RunFacts",
     "attention_unavailable",
-    "format_banner",
     "inference_run_facts",
-    "log_plan",
     "plan_backends",
     "plan_run",
     "training_run_facts",
@@ -573,45 +571,3 @@ def plan_backends(env: EnvFacts, *, device_type: str | None = None, dtype: str =
     """plan_run with the facts given as keywords (RunFacts fields; device default: this machine's GPU, else
     CPU). For tests and tools that look at one choice; a run builds its facts with training_run_facts."""
     return plan_run(env, RunFacts(device_type or default_device_type(env), dtype, **requests))
-
-
-def format_banner(plan: BackendPlan) -> str:
-    """The startup log: which backend serves each case and why (facts only, no speedup claims)."""
-    attn = "; ".join(
-        f"{case} {c.label}" + (f" ({c.reason})" if c.reason else "") for case, c in plan.attention.items()
-    )
-    lines = ["=== GhostVis backends ===", f"Attention: {attn}"]
-    if plan.rms_norm.backend == plan.swiglu.backend and plan.rms_norm.reason == plan.swiglu.reason:
-        what = {"triton": "Triton fused kernels", "torch": "PyTorch (F.rms_norm, silu(gate) * up)"}.get(
-            plan.rms_norm.backend, plan.rms_norm.label
-        )
-        lines.append(f"RMSNorm, SwiGLU: {what} ({plan.rms_norm.reason})")
-    else:
-        lines.append(
-            f"RMSNorm: {plan.rms_norm.label} ({plan.rms_norm.reason}); "
-            f"SwiGLU: {plan.swiglu.label} ({plan.swiglu.reason})"
-        )
-    if plan.facts.purpose != "inference":
-        lines.append(f"Optimizer: {plan.optimizer.label} ({plan.optimizer.reason})")
-    lines.append(f"Inference: {plan.inference.label} ({plan.inference.reason})")
-    if plan.facts.purpose == "inference":
-        lines.append(f"Decode layers: {plan.decode_layers.label} ({plan.decode_layers.reason})")
-    if plan.fp8.backend != "none":
-        lines.append(f"fp8: {plan.fp8.label} ({plan.fp8.reason})")
-    if plan.activation_checkpointing.backend != "none":
-        ac = plan.activation_checkpointing
-        lines.append(f"Activation checkpointing: {ac.label} ({ac.reason})")
-    f = plan.facts
-    compiled = "torch.compile" if f.compiled else "eager"
-    lines.append(f"Run: {f.device_type}, {f.dtype}, {compiled}, {f.world_size} process(es)")
-    return "\n".join(lines)
-
-
-def log_plan(plan: BackendPlan) -> None:
-    """Log the banner through the ghostvis logger, once per process (a run has one plan; a later one is not
-    logged)."""
-    if not first_time("backend plan banner"):
-        return
-    logger = get_logger()
-    for line in format_banner(plan).splitlines():
-        logger.info(line)

@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 
 from ghostvis_core.backend_names import DTYPES
-from ghostvis_core.backends import BackendPlan, inference_run_facts, log_plan, plan_run
+from ghostvis_core.backends import BackendPlan, inference_run_facts, plan_run
 from ghostvis_core.env import probe_env
 from ghostvis_core.errors import CheckpointError, ConfigError
 from ghostvis_core.log import get_logger
 from ghostvis_core.models import language_model, text_config
 from ghostvis_core.paths import runs_dir
+from ghostvis_core.plan_banner import log_plan
 from ghostvis_core.tokenizer import Tokenizer
 
 

@@ -7,10 +7,11 @@ import pytest
 import torch
 from conftest import make_env
 
-from ghostvis_core.backends import RunFacts, format_banner, plan_run
+from ghostvis_core.backends import RunFacts, plan_run
 from ghostvis_core.config import GPTConfig
 from ghostvis_core.errors import ConfigError
 from ghostvis_core.gpt import GPT, checkpointed_layers
+from ghostvis_core.plan_banner import format_banner
 
 CFG = GPTConfig(n_layer=3, n_head=2, n_kv_head=1, n_embd=32, vocab_size=64, sequence_len=16, mlp_hidden=64)
 

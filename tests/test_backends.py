@@ -6,10 +6,11 @@ import pytest
 from helpers import FA2_UNDEFINED_SYMBOL, make_env
 
 from ghostvis_core import backends
-from ghostvis_core.backends import ATTENTION_CASES, BackendPlan, format_banner, plan_backends
+from ghostvis_core.backends import ATTENTION_CASES, BackendPlan, plan_backends
 from ghostvis_core.doctor_checks import run_checks
 from ghostvis_core.errors import BackendUnavailableError, ConfigError
 from ghostvis_core.log import reset_log_once
+from ghostvis_core.plan_banner import format_banner, log_plan
 
 
 def _attn(plan: BackendPlan) -> dict[str, str]:
@@ -263,8 +264,8 @@ def test_log_plan_logs_the_banner_once_per_process(caplog, monkeypatch):
     eager = plan_backends(make_env("cpu"), dtype="float32", norm="torch")
     assert eager.rms_norm.reason == "requested"
     with caplog.at_level(logging.INFO, logger="ghostvis"):
-        backends.log_plan(eager)
-        backends.log_plan(plan_backends(make_env("h100")))
+        log_plan(eager)
+        log_plan(plan_backends(make_env("h100")))
     messages = [r.message for r in caplog.records]
     assert messages.count("=== GhostVis backends ===") == 1
     assert messages[-1] == "Run: cpu, float32, eager, 1 process(es)"

@@ -125,8 +125,9 @@ def test_the_fused_step_runs_only_when_requested_and_only_for_small_inference_ba
     from helpers import make_env
 
     from ghostvis_core import decode_layers
-    from ghostvis_core.backends import RunFacts, format_banner, plan_run
+    from ghostvis_core.backends import RunFacts, plan_run
     from ghostvis_core.errors import BackendUnavailableError, ConfigError
+    from ghostvis_core.plan_banner import format_banner
 
     def choice(env, **kw):
         facts = dict(device_type="cuda", dtype="bfloat16", purpose="inference") | kw

@@ -13,10 +13,11 @@ from conftest import make_env
 from helpers import _pkg
 from plans import cpu_plan
 
-from ghostvis_core.backends import RunFacts, format_banner, plan_run
+from ghostvis_core.backends import RunFacts, plan_run
 from ghostvis_core.config import GPTConfig
 from ghostvis_core.errors import BackendUnavailableError, ConfigError
 from ghostvis_core.gpt import GPT
+from ghostvis_core.plan_banner import format_banner
 
 
 def _with_torchao(env, version: str | None = "0.18.0"):

@@ -3,9 +3,10 @@
 import pytest
 from conftest import make_env
 
-from ghostvis_core.backends import default_device_type, format_banner
+from ghostvis_core.backends import default_device_type
 from ghostvis_core.doctor_checks import run_checks
 from ghostvis_core.model_configs import get_preset
+from ghostvis_core.plan_banner import format_banner
 from ghostvis_core.train.config import TrainConfig
 from ghostvis_core.train.run_plan import plan_for_training
 

@@ -48,9 +48,9 @@ def build_model_and_optimizer(cfg: TrainConfig, model_config: ModelConfig, info:
 
     Weights are the seeded init; restore() loads a checkpoint's into the wrapped model afterwards.
     """
-    from ghostvis_core.backends import log_plan
     from ghostvis_core.env import probe_env
     from ghostvis_core.optim import build_optimizer
+    from ghostvis_core.plan_banner import log_plan
     from ghostvis_core.train.run_plan import plan_for_training
 
     device = info.device
