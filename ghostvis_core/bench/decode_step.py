@@ -147,6 +147,8 @@ def _rows(args) -> list[dict]:
         planned = model.plan
         saved: list = []
         for fused, layers in itertools.product((True, False) if args.unfused else (True,), args.layers):
+            if layers == "triton" and not fused:
+                continue  # the fused kernels read the fused q|k|v and gate|up weights: that row would be torch's
             _set_fused(model, fused, saved)
             model.plan = layers_plan(planned, layers)
             for kv, pdl, batch_size in itertools.product(args.kv_cache_dtype, args.pdl, args.batch):
