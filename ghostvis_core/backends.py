@@ -4,9 +4,9 @@
 compiled or not, world size, and the user's requests) into one `BackendPlan`: the attention backend per case
 (dense causal, packed documents, decode with a KV cache, non-causal), RMSNorm, SwiGLU, the optimizer and the
 inference engine, the small-batch decode layers (decode_layers.py), and for training fp8 and activation
-checkpointing (their rules: training_choices.py; which engine `ghostvis infer/bench --backend` runs, native or vLLM, is engine_choice.py's). Every
-pick is a `Choice` with a human label and a one-line reason. `auto` falls back and says
-why; an explicit request this machine cannot meet raises `BackendUnavailableError` with the reason and the fix.
+checkpointing (their rules: training_choices.py; which engine `ghostvis infer/bench --backend` runs, native or
+vLLM, is engine_choice.py's). Every pick is a `Choice` with a human label and a one-line reason. `auto` falls
+back and says why; an explicit request this machine cannot meet raises `BackendUnavailableError` with the reason and the fix.
 A process builds its plan once (`training_run_facts` / `inference_run_facts` give the facts) and passes it to
 the model, the optimizer, the engine and the benchmarks; `ghostvis doctor` calls the same functions.
 Hardware limits come from hardware_limits.py; request names from backend_names.py; the startup banner that

@@ -44,7 +44,6 @@ def choose_decode_layers(env: EnvFacts, facts: RunFacts) -> Choice:
         if facts.device_type != "cuda":
             return Choice("torch", "PyTorch layers", "the fused decode kernels are Triton kernels for CUDA GPUs")
         return Choice("torch", "PyTorch layers", "the fused decode kernels measured no faster, docs/BENCHMARKS.md")
-    why = None
     if facts.purpose != "inference":
         why = "a training run's sampling keeps the model's own (unfused) projections"
     elif facts.device_type != "cuda":
@@ -58,6 +57,19 @@ def choose_decode_layers(env: EnvFacts, facts: RunFacts) -> Choice:
         raise BackendUnavailableError(f"decode_layers=triton was requested but the fused decode kernels cannot "
                                       f"run: {why}. Fix: leave decode_layers at auto")  # fmt: skip
     return Choice("triton", f"Triton fused decode layers (batch <= {FUSED_MAX_BATCH})", "requested")
+
+
+def with_decode_layers(plan, request: str):
+    """`plan` with its decode layers chosen again for `request` (DecodeLayersRequest; "plan": unchanged), as
+    plan_run would choose them on this machine; raises where the request cannot run."""
+    import dataclasses
+
+    from ghostvis_core.env import probe_env
+
+    if request == "plan":
+        return plan
+    facts = dataclasses.replace(plan.facts, decode_layers=request)
+    return dataclasses.replace(plan, facts=facts, decode_layers=choose_decode_layers(probe_env(), facts))
 
 
 @torch.library.custom_op("ghostvis::decode_linear", mutates_args=())
@@ -84,9 +96,8 @@ def runs_fused(model, cache, new_tokens: int) -> bool:
     """Whether this forward of `new_tokens` per row over `cache` takes the fused step: a decode step (one token,
     no row view, not a prefill) of at most FUSED_MAX_BATCH rows, under a plan that chose it, with every layer's
     projections fused and the cache in the activations' dtype or fp8."""
-    choice = getattr(model.plan, "decode_layers", None)
     return (
-        choice is not None and choice.backend == "triton" and new_tokens == 1 and not cache.fresh
+        model.plan.decode_layers.backend == "triton" and new_tokens == 1 and not cache.fresh
         and cache.batch_idx is None and cache.cache_seqlens.shape[0] <= FUSED_MAX_BATCH
         and all(b.self_attn.qkv_weight is not None and b.mlp.gate_up_weight is not None for b in model.model.layers)
     )  # fmt: skip

@@ -59,11 +59,11 @@ def test_each_epilogue_on_cuda_matches_float64_and_prefetch_changes_no_bit(epilo
 
 
 def test_a_bf16_model_decodes_through_the_fused_layers_as_through_its_own():
-    from ghostvis_core.bench.decode_step import layers_plan
     from ghostvis_core.bench.infer_bench import random_model
+    from ghostvis_core.decode_layers import with_decode_layers
 
     model = random_model("d12", "cuda", "auto", compile=False).model
-    fused_plan, own_plan = layers_plan(model.plan, "triton"), layers_plan(model.plan, "torch")
+    fused_plan, own_plan = with_decode_layers(model.plan, "triton"), with_decode_layers(model.plan, "torch")
     assert fused_plan.decode_layers.backend == "triton", fused_plan.decode_layers
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (4, 40), generator=g).cuda()

@@ -11,10 +11,10 @@ decode attention request (auto: the plan's choice). --unfused adds rows with the
 kept apart (the pre-fusion step). --pdl times the step generated with programmatic dependent launch (Hopper
 and later) as the engine sets it, forced on, or forced off, in the order given. --kv-cache-dtype times the
 step over each cache storage (fp8: e4m3 with per-token scales, kv_cache.py). --census adds a profiler kernel
-count and the largest kernels of the compiled step run without its graph. --layers times the step's layers as the
-plan runs them, as the PyTorch layers, and as the fused small-batch kernels of decode_layers.py (up to its
-batch limit; the PyTorch layers above it). --sweep-fused times the fused step with each projection's kernel tile varied in turn
-(kernels/decode_linear_triton.CONFIG_OVERRIDES), the others at their defaults. On the CPU it runs eagerly (a
+count and the largest kernels of the compiled step run without its graph. --layers times the step's layers as
+the plan runs them, as the PyTorch layers, and as the fused small-batch kernels of decode_layers.py (up to its
+batch limit; the PyTorch layers above it). --sweep-fused times the fused step with each projection's kernel
+tile varied in turn (kernels/decode_linear_triton.CONFIG_OVERRIDES), the others at their defaults. On the CPU it runs eagerly (a
 smoke run: no graph, no compile).
 """
 
@@ -127,20 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def layers_plan(planned, layers: str):
-    """The plan with its decode layers as `layers` names them (plan: unchanged); raises where they can't run."""
-    import dataclasses
-
-    from ghostvis_core.decode_layers import choose_decode_layers
-    from ghostvis_core.env import probe_env
-
-    if layers == "plan":
-        return planned
-    facts = dataclasses.replace(planned.facts, decode_layers=layers)
-    return dataclasses.replace(planned, facts=facts, decode_layers=choose_decode_layers(probe_env(), facts))
-
-
 def _rows(args) -> list[dict]:
+    from ghostvis_core.decode_layers import with_decode_layers
+
     rows = []
     for attn in args.attn:
         model = random_model(args.preset, args.device, "auto", attn=attn).model
@@ -150,7 +139,7 @@ def _rows(args) -> list[dict]:
             if layers == "triton" and not fused:
                 continue  # the fused kernels read the fused q|k|v and gate|up weights: that row would be torch's
             _set_fused(model, fused, saved)
-            model.plan = layers_plan(planned, layers)
+            model.plan = with_decode_layers(planned, layers)
             for kv, pdl, batch_size in itertools.product(args.kv_cache_dtype, args.pdl, args.batch):
                 on = {"default": None, "on": True, "off": False}[pdl]
                 row = {"attn": attn, "fused": fused, "pdl": pdl, "kv_cache_dtype": kv,
@@ -158,7 +147,7 @@ def _rows(args) -> list[dict]:
                 rows.append(row)
                 _print(args, row)
         if args.sweep_fused:
-            model.plan = layers_plan(planned, "triton")
+            model.plan = with_decode_layers(planned, "triton")
             rows += sweep_fused(model, args)
         model.plan = planned
         del model
