@@ -54,17 +54,37 @@ NEWTON_SCHULZ: tuple[tuple[float, float, float], ...] = ((3.4445, -4.775, 2.0315
 """torch.optim.Muon's default quintic, repeated for its default 5 steps."""
 
 
+ORTHOGONALIZE_FORMS = ("baddbmm", "pointwise")
+"""How one iteration's products are spelled (same math, different kernels; bench/muon_bench.py times them):
+  baddbmm    B = baddbmm(A, A, A, beta=b, alpha=c);  X = baddbmm(X, B, X, beta=a)   (the sums in the GEMM's
+             fp32 epilogue, each product rounded once)
+  pointwise  B = b A + c (A @ A);  X = a X + B @ X   (plain bmm, then the elementwise sums, fused by the compiler,
+             over products already rounded to bf16: one more rounding per iteration)
+Folding the sums into the Gram side instead, B = A (c A + b I), was tried and dropped: rounding c A + b I to
+bf16 loses the diagonal (|b| is up to 22.5), 6.6e-2 from float64 where these two measure 2.8e-2 and 4.2e-2
+(tests/test_optim_muon.py's (64, 96) case)."""
+DEFAULT_ORTHOGONALIZE_FORM = "baddbmm"
+
+
 def orthogonalize(X: torch.Tensor, coefficients: Sequence[tuple[float, float, float]], safety: float = 1.0,
-                  eps: float = 1e-7) -> torch.Tensor:
-    """The odd polynomial iteration above on a batch (K, M, N) in X's dtype; returns (K, M, N)."""
+                  eps: float = 1e-7, form: str | None = None) -> torch.Tensor:
+    """The odd polynomial iteration above on a batch (K, M, N) in X's dtype; returns (K, M, N). form: one of
+    ORTHOGONALIZE_FORMS (None: DEFAULT_ORTHOGONALIZE_FORM, read at call time)."""
+    form = form or DEFAULT_ORTHOGONALIZE_FORM
+    if form not in ORTHOGONALIZE_FORMS:
+        raise ValueError(f"orthogonalize form {form!r}: expected one of {', '.join(ORTHOGONALIZE_FORMS)}")
     transposed = X.shape[-2] > X.shape[-1]
     if transposed:
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * safety).clamp(min=eps)
     for a, b, c in coefficients:
         A = X @ X.mT
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-        X = torch.baddbmm(X, B, X, beta=a)
+        if form == "baddbmm":
+            B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+            X = torch.baddbmm(X, B, X, beta=a)
+        else:
+            B = b * A + c * (A @ A)
+            X = a * X + B @ X
     return X.mT if transposed else X
 
 

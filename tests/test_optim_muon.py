@@ -16,6 +16,7 @@ from ghostvis_core.config import GPTConfig, OptimizerConfig
 from ghostvis_core.gpt import GPT
 from ghostvis_core.muon import (
     NEWTON_SCHULZ,
+    ORTHOGONALIZE_FORMS,
     POLAR_EXPRESS,
     POLAR_EXPRESS_SAFETY,
     BatchedMuon,
@@ -37,8 +38,9 @@ def _reference_update_f64(G: torch.Tensor, coefficients, safety: float) -> torch
     return X.T if G.shape[0] > G.shape[1] else X
 
 
+@pytest.mark.parametrize("form", ORTHOGONALIZE_FORMS)
 @pytest.mark.parametrize("shape", [(64, 96), (96, 64), (48, 48)])
-def test_polar_express_matches_float64_and_is_orthogonal(shape):
+def test_polar_express_matches_float64_and_is_orthogonal(shape, form):
     # matrices with a known spectrum, 1e-2 .. 1 of the largest singular value (random square matrices reach far
     # smaller ones, below the range the table was fit for)
     torch.manual_seed(0)
@@ -46,13 +48,14 @@ def test_polar_express_matches_float64_and_is_orthogonal(shape):
     U = torch.linalg.qr(torch.randn(6, shape[0], k)).Q
     V = torch.linalg.qr(torch.randn(6, shape[1], k)).Q
     G = U @ torch.diag_embed(torch.logspace(-2, 0, k).expand(6, k)) @ V.mT
-    ours = orthogonalize(G.bfloat16(), POLAR_EXPRESS, POLAR_EXPRESS_SAFETY).double()
+    ours = orthogonalize(G.bfloat16(), POLAR_EXPRESS, POLAR_EXPRESS_SAFETY, form=form).double()
     ref = torch.stack([_reference_update_f64(g, POLAR_EXPRESS, POLAR_EXPRESS_SAFETY) for g in G])
     rel = ((ours - ref).norm(dim=(-2, -1)) / ref.norm(dim=(-2, -1))).max().item()
     sv_ours, sv_ref = torch.linalg.svdvals(ours), torch.linalg.svdvals(ref)
-    print(f"{shape}: bf16 vs float64 relative error {rel:.2e}; singular values bf16 "
+    print(f"{shape} {form}: bf16 vs float64 relative error {rel:.2e}; singular values bf16 "
           f"[{sv_ours.min():.3f}, {sv_ours.max():.3f}], float64 [{sv_ref.min():.3f}, {sv_ref.max():.3f}]")
-    # 5 iterations of bf16 GEMMs (8 mantissa bits) with a first coefficient of 8.2: measured 2.5-3.1e-2
+    # 5 iterations of bf16 GEMMs (8 mantissa bits) with a first coefficient of 8.2: measured 2.5-3.1e-2 for the
+    # baddbmm form, 3.6-4.2e-2 for the pointwise one (one more bf16 rounding per iteration)
     assert rel < 5e-2
     # Polar Express's band for the 5-step table: singular values in about [0.85, 1.15] (float64 measured
     # [0.859, 1.141] over spectra down to 1e-3 of the largest; bf16 rounding widens it a little)
@@ -61,6 +64,11 @@ def test_polar_express_matches_float64_and_is_orthogonal(shape):
     # the Newton-Schulz quintic leaves a wider band at the same cost
     sv_ns = torch.linalg.svdvals(torch.stack([_reference_update_f64(g, NEWTON_SCHULZ, 1.0) for g in G]))
     assert sv_ns.min() < sv_ref.min()
+
+
+def test_an_unknown_orthogonalize_form_is_refused_by_name():
+    with pytest.raises(ValueError, match="form 'gram'.*baddbmm, pointwise"):
+        orthogonalize(torch.randn(2, 8, 8), POLAR_EXPRESS, form="gram")
 
 
 def test_full_step_matches_float64_reference():

@@ -78,20 +78,12 @@ def time_step(model, batch_size: int, slots: int, cached: int, census: bool, pdl
 
 
 def _census(engine, batch, cached: int) -> dict:
-    from torch.profiler import ProfilerActivity, profile
+    from ghostvis_core.bench.timing import kernel_census
 
     batch.cache.cache_seqlens.fill_(cached)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(10):
-            engine._step_impl(batch, "greedy")
-        torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
-    top = sorted(events, key=lambda e: -e.device_time_total)[:10]
-    return {
-        "kernels_per_step": sum(e.count for e in events) / 10,
-        "gpu_ms_per_step": sum(e.device_time_total for e in events) / 10 / 1e3,
-        "largest": [(e.key[:90], e.device_time_total / 10 / 1e3, e.count / 10) for e in top],
-    }
+    census = kernel_census(lambda: engine._step_impl(batch, "greedy"), runs=10, top=10)
+    return {"kernels_per_step": census["kernels_per_run"], "gpu_ms_per_step": census["gpu_ms_per_run"],
+            "gpu_ms_by_category": census["gpu_ms_by_category"], "largest": census["largest"]}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@
     python -m ghostvis_core.bench.nanochat_compare [--nanochat-root .gpu/nanochat] [--out FILE.json]
     python -m ghostvis_core.bench.nanochat_compare --fit d26:8,16,24 --fit d20:32,48   (activation checkpointing)
     python -m ghostvis_core.bench.nanochat_compare --tiny                               (CPU smoke run)
+    python -m ghostvis_core.bench.nanochat_compare --only nanochat_fp8 ghostvis_fp8_adamw --profile
 
 Rows, each measured in this process one after another (same B, T, vocab, width; torch.compile; warm-up steps,
 then timed steps; random tokens):
@@ -12,6 +13,7 @@ then timed steps; random tokens):
   ghostvis_bf16   GhostVis `GPT`, the trainer's default configuration (Muon + AdamW, blocks compiled)
   ghostvis_fp8    the same with --fp8 tensorwise (torchao)
   ghostvis_adamw  GhostVis `GPT` with fused AdamW only (how much Muon costs)
+  ghostvis_fp8_adamw  the same with --fp8 tensorwise (what fp8 gains the forward and backward alone)
 nanochat's source is not part of GhostVis: point --nanochat-root at a checkout whose `nanochat/` package holds its
 gpt.py, optim.py, fp8.py, flash_attention.py, common.py (the nanochat rows are skipped, saying so, without it).
 
@@ -20,6 +22,9 @@ MFU: each model's own FLOPs-per-token formula (nanochat `estimate_flops`, GhostV
 
 --fit PRESET:B1,B2,...: for each activation_checkpointing mode (none, selective, full) and batch size, one short
 run of the default GhostVis configuration at T=--seq-len: fits (tok/s, peak GiB) or out of memory.
+
+--profile: after each row's timed steps, 2 more under torch.profiler: GPU ms per step by kernel kind (bf16 and
+fp8 GEMMs, attention, Triton, other) and the largest kernels, in the JSON under the row's "census".
 """
 
 from __future__ import annotations
@@ -50,8 +55,9 @@ def _free(device: torch.device, compiled: bool = True) -> None:
 
 
 def time_steps(step: Callable[[], torch.Tensor], device: torch.device, tokens: int, warmup: int,
-               steps: int) -> dict:
-    """Run `warmup` steps (compilation), then time `steps` back to back; tok/s, step ms, peak GiB, last loss."""
+               steps: int, profile: bool = False) -> dict:
+    """Run `warmup` steps (compilation), then time `steps` back to back; tok/s, step ms, peak GiB, last loss;
+    profile: then profile 2 more steps (bench.timing.kernel_census: GPU ms per kernel kind, largest kernels)."""
     for _ in range(warmup):
         loss = step()
     sync(device)
@@ -63,8 +69,13 @@ def time_steps(step: Callable[[], torch.Tensor], device: torch.device, tokens: i
     sync(device)
     step_s = (time.perf_counter() - t0) / steps
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return {"step_ms": 1000 * step_s, "tok_per_s": tokens / step_s, "peak_gib": peak,
-            "final_loss": float(loss.detach().float().item())}
+    out = {"step_ms": 1000 * step_s, "tok_per_s": tokens / step_s, "peak_gib": peak,
+           "final_loss": float(loss.detach().float().item())}
+    if profile and device.type == "cuda":
+        from ghostvis_core.bench.timing import kernel_census
+
+        out["census"] = kernel_census(step, runs=2, top=15)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -84,7 +95,7 @@ def load_nanochat(root: Path):
 
 
 def nanochat_row(modules, shape: dict, device: torch.device, fp8: bool, compile: bool, warmup: int,
-                 steps: int) -> dict:
+                 steps: int, profile: bool = False) -> dict:
     """nanochat's GPT + MuonAdamW as its base_train builds them (meta init, to_empty, init_weights)."""
     gpt_mod, fp8_mod = modules
     config = gpt_mod.GPTConfig(sequence_len=shape["T"], vocab_size=shape["V"], n_layer=shape["L"],
@@ -107,7 +118,7 @@ def nanochat_row(modules, shape: dict, device: torch.device, fp8: bool, compile:
     step_model = torch.compile(model, dynamic=False) if compile else model
     x, y = _tokens(shape, device)
     step = _train_step(lambda: step_model(x, y), optimizer, model.zero_grad)
-    out = time_steps(step, device, x.numel(), warmup, steps)
+    out = time_steps(step, device, x.numel(), warmup, steps, profile)
     out.update(flops_per_token=flops, what=f"nanochat GPT + MuonAdamW{f', fp8 on {converted} linears' if fp8 else ''}")
     return out  # the model, its compiled wrapper and the optimizer go with this frame
 
@@ -117,7 +128,8 @@ def nanochat_row(modules, shape: dict, device: torch.device, fp8: bool, compile:
 
 
 def ghostvis_row(shape: dict, device: torch.device, optimizer: str, fp8: str, compile: bool, warmup: int, steps: int,
-                 preset: str = "d20", batch: int | None = None, activation_checkpointing: str = "none") -> dict:
+                 preset: str = "d20", batch: int | None = None, activation_checkpointing: str = "none",
+                 profile: bool = False) -> dict:
     """GhostVis GPT, planned, converted, compiled and optimised by the functions the trainer calls."""
     from ghostvis_core.backends import plan_run, training_run_facts
     from ghostvis_core.config import OptimizerConfig
@@ -151,7 +163,7 @@ def ghostvis_row(shape: dict, device: torch.device, optimizer: str, fp8: str, co
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             return model(x, y)
 
-    out = time_steps(_train_step(loss, opt, opt.zero_grad), device, x.numel(), warmup, steps)
+    out = time_steps(_train_step(loss, opt, opt.zero_grad), device, x.numel(), warmup, steps, profile)
     out.update(flops_per_token=model.flops_per_token(shape["T"]), what=description
                + (f"; fp8 {plan.fp8.label} on {len(converted)} linears" if converted else "")
                + (f"; activation checkpointing {plan.activation_checkpointing.label}"
@@ -198,24 +210,26 @@ def run_compare(args) -> dict:
     plans: list[tuple[str, Callable[[], dict]]] = []
     if modules is not None:
         plans.append(("nanochat_bf16", lambda: nanochat_row(modules, shape, device, False, compile, args.warmup,
-                                                            args.steps)))
+                                                            args.steps, args.profile)))
         plans.append(("nanochat_fp8", lambda: nanochat_row(modules, shape, device, True, compile, args.warmup,
-                                                           args.steps)))
+                                                           args.steps, args.profile)))
     else:
         result["skipped"]["nanochat_bf16"] = result["skipped"]["nanochat_fp8"] = why
     custom = "custom"
     plans += [
         ("ghostvis_bf16", lambda: ghostvis_row(shape, device, "auto", "none", compile, args.warmup, args.steps,
-                                               custom)),
+                                               custom, profile=args.profile)),
         ("ghostvis_fp8", lambda: ghostvis_row(shape, device, "auto", "tensorwise", compile, args.warmup,
-                                              args.steps, custom)),
+                                              args.steps, custom, profile=args.profile)),
         ("ghostvis_adamw", lambda: ghostvis_row(shape, device, "adamw", "none", compile, args.warmup, args.steps,
-                                                custom)),
+                                                custom, profile=args.profile)),
+        ("ghostvis_fp8_adamw", lambda: ghostvis_row(shape, device, "adamw", "tensorwise", compile, args.warmup,
+                                                    args.steps, custom, profile=args.profile)),
     ]
     for row, measure in plans:
         if args.only is not None and row not in args.only:
             continue
-        if row.endswith("_fp8") and not cuda:  # nanochat's base_train also turns --fp8 off without CUDA
+        if "_fp8" in row and not cuda:  # nanochat's base_train also turns --fp8 off without CUDA
             result["skipped"][row] = "fp8 needs a CUDA GPU (the plan refuses it on the CPU)"
             continue
         try:
@@ -231,7 +245,8 @@ def run_compare(args) -> dict:
     rows = result["rows"]
     ratios = {}
     for ours, theirs in (("ghostvis_bf16", "nanochat_bf16"), ("ghostvis_fp8", "nanochat_fp8"),
-                         ("ghostvis_bf16", "ghostvis_adamw"), ("ghostvis_fp8", "ghostvis_bf16")):
+                         ("ghostvis_bf16", "ghostvis_adamw"), ("ghostvis_fp8", "ghostvis_bf16"),
+                         ("ghostvis_fp8_adamw", "ghostvis_adamw")):
         if ours in rows and theirs in rows:
             ratios[f"{ours}/{theirs}"] = rows[ours]["tok_per_s"] / rows[theirs]["tok_per_s"]
     result["ratios"] = ratios
@@ -302,6 +317,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--only", nargs="*", default=None, help="rows to run (default: all; none with --fit alone)")
     p.add_argument("--fit", action="append", default=[], help="PRESET:B1,B2,... activation-checkpointing sweep")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, profile 2 steps of each row: GPU ms per kernel kind, largest kernels (CUDA)")
     p.add_argument("--tiny", action="store_true", help="tiny shapes, 1 warm-up + 2 steps, no compile (CPU smoke)")
     p.add_argument("--out", default=None, help="JSON file (default: $OUT/nanochat_compare.json when OUT is set)")
     args = p.parse_args(argv)

@@ -135,3 +135,40 @@ class CudaSpan:
     def ms(self) -> float:
         """Elapsed GPU milliseconds (both events must have completed)."""
         return self._start.elapsed_time(self._end)
+
+
+def kernel_category(name: str) -> str:
+    """A CUDA kernel's kind from its name: gemm_fp8, gemm (bf16/fp32 cuBLAS/CUTLASS), attention, triton (inductor's
+    fused elementwise and reductions, our Triton kernels), or other (aten elementwise, foreach, copies)."""
+    n = name.lower()
+    if any(k in n for k in ("flash", "fmha", "attention", "cudnn")):
+        return "attention"
+    if any(k in n for k in ("gemm", "xmma", "cutlass", "cublas", "sm90_", "sm80_")):
+        return "gemm_fp8" if any(k in n for k in ("e4m3", "e5m2", "f8", "fp8")) else "gemm"
+    if n.startswith("triton") or "_triton_" in n or n.startswith("_"):
+        return "triton"
+    return "other"
+
+
+def kernel_census(fn: Callable[[], object], runs: int, top: int = 12) -> dict:
+    """Profile `runs` calls of `fn` (CUDA): kernels and GPU ms per call, GPU ms per kernel_category per call, and
+    the `top` kernels by GPU time (name, ms per call, launches per call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(runs):
+            fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    categories: dict[str, float] = {}
+    for e in events:
+        kind = kernel_category(e.key)
+        categories[kind] = categories.get(kind, 0.0) + e.device_time_total / runs / 1e3
+    largest = sorted(events, key=lambda e: -e.device_time_total)[:top]
+    return {
+        "kernels_per_run": sum(e.count for e in events) / runs,
+        "gpu_ms_per_run": sum(e.device_time_total for e in events) / runs / 1e3,
+        "gpu_ms_by_category": {k: round(v, 3) for k, v in sorted(categories.items(), key=lambda kv: -kv[1])},
+        "largest": [(e.key[:90], round(e.device_time_total / runs / 1e3, 4), e.count / runs) for e in largest],
+    }
