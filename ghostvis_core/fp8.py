@@ -68,12 +68,27 @@ def convert_to_fp8(model: nn.Module, choice: Choice, *, fsdp: bool = False) -> l
     return converted
 
 
+LM_HEAD_FP8 = False
+"""Whether a tensorwise fp8 run also trains lm_head in float8: the chunked loss's three GEMMs per chunk with
+torch._scaled_mm (linear_cross_entropy, head_fp8), as nanochat converts its lm_head. Read at call time (the
+bench's ghostvis_fp8_head row turns it on); off until it is measured faster on the d20 step with loss parity."""
+
+
+def lm_head_in_fp8(choice: Choice, n_embd: int, vocab_size: int) -> bool:
+    """The one place that decides whether the loss head runs in float8 (see LM_HEAD_FP8)."""
+    return (LM_HEAD_FP8 and choice.backend == "tensorwise"
+            and n_embd % FP8_DIM_MULTIPLE == 0 and vocab_size % FP8_DIM_MULTIPLE == 0)
+
+
 def describe_fp8(model: nn.Module, choice: Choice) -> str:
     """One log line: which linears train in float8 and which were skipped for their size."""
     if choice.backend == "none":
         return "fp8: off (" + choice.reason + ")"
     converted, skipped = select_fp8_linears(model)
     line = f"fp8: {choice.label} on {len(converted)} block linears"
+    config = getattr(model, "config", None)
+    if config is not None and lm_head_in_fp8(choice, config.n_embd, config.vocab_size):
+        line += " and lm_head (the chunked loss's GEMMs)"
     if skipped:
         line += f"; {len(skipped)} skipped (a dim not divisible by {FP8_DIM_MULTIPLE}: {skipped[0]}, ...)"
     return line

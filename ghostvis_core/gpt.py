@@ -31,6 +31,7 @@ from ghostvis_core.backends import BackendPlan
 from ghostvis_core.config import GPTConfig
 from ghostvis_core.decode_layers import fused_decode_logits, runs_fused
 from ghostvis_core.errors import ConfigError
+from ghostvis_core.fp8 import lm_head_in_fp8
 from ghostvis_core.kernels.dispatch import rms_norm_fn, swiglu_fn
 from ghostvis_core.kv_cache import KVCache, check_kv_cache_dtype, fp8_cache_backends
 from ghostvis_core.linear_cross_entropy import linear_cross_entropy
@@ -362,8 +363,9 @@ class GPT(nn.Module):
         h = self.model.norm(x)
         if targets is None:
             return self.lm_head(h).float()
+        head_fp8 = lm_head_in_fp8(self.plan.fp8, self.config.n_embd, self.config.vocab_size)
         return self._loss_fn(
-            h.reshape(B * T, -1), self.lm_head.weight, targets.reshape(B * T), loss_reduction
+            h.reshape(B * T, -1), self.lm_head.weight, targets.reshape(B * T), loss_reduction, head_fp8
         )
 
     def _dense_rope(self, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

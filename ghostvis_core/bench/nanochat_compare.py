@@ -14,6 +14,7 @@ then timed steps; random tokens):
   ghostvis_fp8    the same with --fp8 tensorwise (torchao)
   ghostvis_adamw  GhostVis `GPT` with fused AdamW only (how much Muon costs)
   ghostvis_fp8_adamw  the same with --fp8 tensorwise (what fp8 gains the forward and backward alone)
+  ghostvis_fp8_head   ghostvis_fp8 with lm_head in float8 too (fp8.LM_HEAD_FP8 on for the row), as nanochat_fp8
 nanochat's source is not part of GhostVis: point --nanochat-root at a checkout whose `nanochat/` package holds its
 gpt.py, optim.py, fp8.py, flash_attention.py, common.py (the nanochat rows are skipped, saying so, without it).
 
@@ -129,12 +130,25 @@ def nanochat_row(modules, shape: dict, device: torch.device, fp8: bool, compile:
 
 def ghostvis_row(shape: dict, device: torch.device, optimizer: str, fp8: str, compile: bool, warmup: int, steps: int,
                  preset: str = "d20", batch: int | None = None, activation_checkpointing: str = "none",
-                 profile: bool = False) -> dict:
-    """GhostVis GPT, planned, converted, compiled and optimised by the functions the trainer calls."""
+                 profile: bool = False, head_fp8: bool = False) -> dict:
+    """GhostVis GPT, planned, converted, compiled and optimised by the functions the trainer calls;
+    head_fp8: fp8.LM_HEAD_FP8 on while the row runs."""
+    from ghostvis_core import fp8 as fp8_module
+
+    saved, fp8_module.LM_HEAD_FP8 = fp8_module.LM_HEAD_FP8, head_fp8 or fp8_module.LM_HEAD_FP8
+    try:
+        return _ghostvis_row(shape, device, optimizer, fp8, compile, warmup, steps, preset, batch,
+                             activation_checkpointing, profile)
+    finally:
+        fp8_module.LM_HEAD_FP8 = saved
+
+
+def _ghostvis_row(shape, device, optimizer, fp8, compile, warmup, steps, preset, batch, activation_checkpointing,
+                  profile) -> dict:
     from ghostvis_core.backends import plan_run, training_run_facts
     from ghostvis_core.config import OptimizerConfig
     from ghostvis_core.env import probe_env
-    from ghostvis_core.fp8 import convert_to_fp8
+    from ghostvis_core.fp8 import convert_to_fp8, lm_head_in_fp8
     from ghostvis_core.gpt import GPT
     from ghostvis_core.model_configs import get_preset
     from ghostvis_core.optim import build_optimizer
@@ -166,6 +180,7 @@ def ghostvis_row(shape: dict, device: torch.device, optimizer: str, fp8: str, co
     out = time_steps(_train_step(loss, opt, opt.zero_grad), device, x.numel(), warmup, steps, profile)
     out.update(flops_per_token=model.flops_per_token(shape["T"]), what=description
                + (f"; fp8 {plan.fp8.label} on {len(converted)} linears" if converted else "")
+               + ("; lm_head fp8" if lm_head_in_fp8(plan.fp8, config.n_embd, config.vocab_size) else "")
                + (f"; activation checkpointing {plan.activation_checkpointing.label}"
                   if activation_checkpointing != "none" else ""))
     return out
@@ -225,6 +240,8 @@ def run_compare(args) -> dict:
                                                 custom, profile=args.profile)),
         ("ghostvis_fp8_adamw", lambda: ghostvis_row(shape, device, "adamw", "tensorwise", compile, args.warmup,
                                                     args.steps, custom, profile=args.profile)),
+        ("ghostvis_fp8_head", lambda: ghostvis_row(shape, device, "auto", "tensorwise", compile, args.warmup,
+                                                   args.steps, custom, profile=args.profile, head_fp8=True)),
     ]
     for row, measure in plans:
         if args.only is not None and row not in args.only:
@@ -246,7 +263,8 @@ def run_compare(args) -> dict:
     ratios = {}
     for ours, theirs in (("ghostvis_bf16", "nanochat_bf16"), ("ghostvis_fp8", "nanochat_fp8"),
                          ("ghostvis_bf16", "ghostvis_adamw"), ("ghostvis_fp8", "ghostvis_bf16"),
-                         ("ghostvis_fp8_adamw", "ghostvis_adamw")):
+                         ("ghostvis_fp8_adamw", "ghostvis_adamw"), ("ghostvis_fp8_head", "nanochat_fp8"),
+                         ("ghostvis_fp8_head", "ghostvis_fp8")):
         if ours in rows and theirs in rows:
             ratios[f"{ours}/{theirs}"] = rows[ours]["tok_per_s"] / rows[theirs]["tok_per_s"]
     result["ratios"] = ratios
