@@ -40,6 +40,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ghostvis_core.errors import BackendUnavailableError
+
 # (a, b, c) per iteration.
 POLAR_EXPRESS: tuple[tuple[float, float, float], ...] = (
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
@@ -54,12 +56,15 @@ NEWTON_SCHULZ: tuple[tuple[float, float, float], ...] = ((3.4445, -4.775, 2.0315
 """torch.optim.Muon's default quintic, repeated for its default 5 steps."""
 
 
-ORTHOGONALIZE_FORMS = ("baddbmm", "pointwise")
+ORTHOGONALIZE_FORMS = ("baddbmm", "pointwise", "symmetric")
 """How one iteration's products are spelled (same math, different kernels; bench/muon_bench.py times them):
   baddbmm    B = baddbmm(A, A, A, beta=b, alpha=c);  X = baddbmm(X, B, X, beta=a)   (the sums in the GEMM's
              fp32 epilogue, each product rounded once)
   pointwise  B = b A + c (A @ A);  X = a X + B @ X   (plain bmm, then the elementwise sums, fused by the compiler,
              over products already rounded to bf16: one more rounding per iteration)
+  symmetric  A = X X^T and B = c A A^T + b A in kernels/gram_triton.py, which computes only the upper tiles of
+             these symmetric products (about half their FLOPs) with baddbmm's fp32 epilogue; X as in baddbmm.
+             A Triton kernel: CUDA, or the CPU under TRITON_INTERPRET=1 (tests)
 Folding the sums into the Gram side instead, B = A (c A + b I), was tried and dropped: rounding c A + b I to
 bf16 loses the diagonal (|b| is up to 22.5), 6.6e-2 from float64 where these two measure 2.8e-2 and 4.2e-2
 (tests/test_optim_muon.py's (64, 96) case)."""
@@ -73,11 +78,20 @@ def orthogonalize(X: torch.Tensor, coefficients: Sequence[tuple[float, float, fl
     form = form or DEFAULT_ORTHOGONALIZE_FORM
     if form not in ORTHOGONALIZE_FORMS:
         raise ValueError(f"orthogonalize form {form!r}: expected one of {', '.join(ORTHOGONALIZE_FORMS)}")
+    if form == "symmetric" and X.device.type != "cuda" and not _triton_interpret():
+        raise BackendUnavailableError(
+            "Muon's symmetric form runs a Triton kernel: it needs a CUDA GPU (or TRITON_INTERPRET=1 for tests); "
+            f"this is {X.device.type}. Fix: use form 'baddbmm' or 'pointwise'")
     transposed = X.shape[-2] > X.shape[-1]
     if transposed:
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * safety).clamp(min=eps)
     for a, b, c in coefficients:
+        if form == "symmetric":
+            A = _sym_gram(X.contiguous(), None, 1.0, 0.0)
+            B = _sym_gram(A, A, c, b)
+            X = torch.baddbmm(X, B, X, beta=a)
+            continue
         A = X @ X.mT
         if form == "baddbmm":
             B = torch.baddbmm(A, A, A, beta=b, alpha=c)
@@ -86,6 +100,25 @@ def orthogonalize(X: torch.Tensor, coefficients: Sequence[tuple[float, float, fl
             B = b * A + c * (A @ A)
             X = a * X + B @ X
     return X.mT if transposed else X
+
+
+def _triton_interpret() -> bool:
+    from ghostvis_core.kernels.dispatch import triton_interpret
+
+    return triton_interpret()
+
+
+@torch.library.custom_op("ghostvis::sym_gram", mutates_args=())
+def _sym_gram(X: torch.Tensor, C: torch.Tensor | None, alpha: float, beta: float) -> torch.Tensor:
+    """kernels.gram_triton.sym_gram as an op a compiled (fullgraph) Muon step keeps in its graph."""
+    from ghostvis_core.kernels.gram_triton import sym_gram
+
+    return sym_gram(X, C, alpha, beta)
+
+
+@_sym_gram.register_fake
+def _(X, C, alpha, beta):
+    return X.new_empty(X.shape[0], X.shape[1], X.shape[1])
 
 
 def update_dtype(device: torch.device) -> torch.dtype:

@@ -38,9 +38,22 @@ def _reference_update_f64(G: torch.Tensor, coefficients, safety: float) -> torch
     return X.T if G.shape[0] > G.shape[1] else X
 
 
+@pytest.fixture(scope="module")
+def interpreted_gram():
+    """kernels.gram_triton compiled for the Triton CPU interpreter (the symmetric form's kernel)."""
+    pytest.importorskip("triton")
+    from helpers import triton_interpreted
+
+    with triton_interpreted("ghostvis_core.kernels.gram_triton") as (module,):
+        yield module
+
+
 @pytest.mark.parametrize("form", ORTHOGONALIZE_FORMS)
 @pytest.mark.parametrize("shape", [(64, 96), (96, 64), (48, 48)])
-def test_polar_express_matches_float64_and_is_orthogonal(shape, form):
+def test_polar_express_matches_float64_and_is_orthogonal(shape, form, request, monkeypatch):
+    if form == "symmetric":  # its Triton kernel, interpreted (the op imports the module at each call)
+        request.getfixturevalue("interpreted_gram")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
     # matrices with a known spectrum, 1e-2 .. 1 of the largest singular value (random square matrices reach far
     # smaller ones, below the range the table was fit for)
     torch.manual_seed(0)
@@ -55,7 +68,7 @@ def test_polar_express_matches_float64_and_is_orthogonal(shape, form):
     print(f"{shape} {form}: bf16 vs float64 relative error {rel:.2e}; singular values bf16 "
           f"[{sv_ours.min():.3f}, {sv_ours.max():.3f}], float64 [{sv_ref.min():.3f}, {sv_ref.max():.3f}]")
     # 5 iterations of bf16 GEMMs (8 mantissa bits) with a first coefficient of 8.2: measured 2.5-3.1e-2 for the
-    # baddbmm form, 3.6-4.2e-2 for the pointwise one (one more bf16 rounding per iteration)
+    # baddbmm and symmetric forms, 3.6-4.2e-2 for the pointwise one (one more bf16 rounding per iteration)
     assert rel < 5e-2
     # Polar Express's band for the 5-step table: singular values in about [0.85, 1.15] (float64 measured
     # [0.859, 1.141] over spectra down to 1e-3 of the largest; bf16 rounding widens it a little)
@@ -67,8 +80,16 @@ def test_polar_express_matches_float64_and_is_orthogonal(shape, form):
 
 
 def test_an_unknown_orthogonalize_form_is_refused_by_name():
-    with pytest.raises(ValueError, match="form 'gram'.*baddbmm, pointwise"):
+    with pytest.raises(ValueError, match="form 'gram'.*baddbmm, pointwise, symmetric"):
         orthogonalize(torch.randn(2, 8, 8), POLAR_EXPRESS, form="gram")
+
+
+def test_the_symmetric_form_is_refused_on_a_cpu_without_the_interpreter(monkeypatch):
+    from ghostvis_core.errors import BackendUnavailableError
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(BackendUnavailableError, match="Triton kernel: it needs a CUDA GPU.*Fix: use form"):
+        orthogonalize(torch.randn(2, 8, 8), POLAR_EXPRESS, form="symmetric")
 
 
 def test_full_step_matches_float64_reference():
