@@ -58,16 +58,14 @@ E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 E5M2_MAX = torch.finfo(torch.float8_e5m2).max  # 57344
 
 
-def _to_e4m3(x, pad_rows: int = 0, transpose: bool = False):
-    """(x / s in e4m3, s) with s = amax|x| / 448 (tensorwise); optionally zero rows appended and transposed."""
+def _to_e4m3(x, pad_rows: int):
+    """(q, q_t, s): x / s in e4m3 with s = amax|x| / 448 (tensorwise), as (R, C) and transposed (C, R + pad_rows)
+    with zero columns appended."""
     x = x.float()
     s = (x.abs().amax() / E4M3_MAX).clamp(min=1e-30)
     q = (x / s).clamp(-E4M3_MAX, E4M3_MAX)
-    if pad_rows:
-        q = torch.nn.functional.pad(q, (0, 0, 0, pad_rows))
-    if transpose:
-        q = q.t().contiguous()
-    return q.to(torch.float8_e4m3fn), s
+    q_t = torch.nn.functional.pad(q, (0, 0, 0, pad_rows)) if pad_rows else q
+    return q.to(torch.float8_e4m3fn), q_t.t().contiguous().to(torch.float8_e4m3fn), s
 
 
 def _ce_chunk_fp8(logits_nV, t_n, pad_rows: int):
@@ -107,8 +105,7 @@ def _fp8_forward(h_NC, w_VC, t_N, scale, compute_dtype):
     """The float8 forward of _LinearCrossEntropy (module docstring): (loss sum, grad_h, fp32 grad_w)."""
     dev = h_NC.device
     cast, chunk_fn = _compiled(_to_e4m3, dev), _compiled(_ce_chunk_fp8, dev)
-    w8_VC, w_s = cast(w_VC)
-    w8_CV = w8_VC.t().contiguous()
+    w8_VC, w8_CV, w_s = cast(w_VC, 0)
     g_s = scale / E5M2_MAX
     grad_h = torch.empty_like(h_NC)
     grad_w = None
@@ -116,13 +113,12 @@ def _fp8_forward(h_NC, w_VC, t_N, scale, compute_dtype):
     for s in range(0, h_NC.shape[0], CE_CHUNK_ROWS):
         h_c = h_NC[s : s + CE_CHUNK_ROWS]
         pad = -h_c.shape[0] % FP8_DIM_MULTIPLE
-        h8_nC, h_s = cast(h_c)
+        h8_nC, h8_Cn, h_s = cast(h_c, pad)
         logits = torch._scaled_mm(h8_nC, w8_VC.t(), scale_a=h_s, scale_b=w_s, out_dtype=compute_dtype)
         loss_c, g8_nV, g8_Vn = chunk_fn(logits, t_N[s : s + CE_CHUNK_ROWS], pad)
         loss += loss_c
         grad_h[s : s + CE_CHUNK_ROWS] = torch._scaled_mm(
             g8_nV, w8_CV.t(), scale_a=g_s, scale_b=w_s, out_dtype=h_NC.dtype)
-        h8_Cn, _ = cast(h_c, pad_rows=pad, transpose=True)
         part = torch._scaled_mm(g8_Vn, h8_Cn.t(), scale_a=g_s, scale_b=h_s, out_dtype=torch.float32)
         grad_w = part if grad_w is None else grad_w.add_(part)
     return loss, grad_h, grad_w
