@@ -74,6 +74,7 @@ def run(preset: str, forms: list[str]) -> dict:
     shapes = bucket_shapes(preset)
     rows = []
     for form in forms:
+        torch._dynamo.reset()  # the forms share one lambda's code: each gets its own graphs and recompile budget
         fn = torch.compile(
             lambda X, form=form: orthogonalize(X, POLAR_EXPRESS, POLAR_EXPRESS_SAFETY, form=form),
             dynamic=False, fullgraph=True)
